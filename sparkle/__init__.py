@@ -1,0 +1,8 @@
+"""Sparkle: conv2d and GEMM, JIT-compiled, fast and checked against a float64 reference."""
+
+from .devices import Device, devices
+from .memory import cache_optimal_tile_size, detect_memory_params
+from .ops import conv2d, matmul
+
+__all__ = ["conv2d", "matmul", "devices", "Device", "detect_memory_params", "cache_optimal_tile_size"]
+__version__ = "0.1.0"

@@ -1,0 +1,94 @@
+"""The Numba CPU backend: plans a call (micro-kernel, tiles, parallel split) and runs it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+
+from ..api import Conv2dSpec
+from ..memory import cache_optimal_tile_size
+from .conv2d import fused_conv2d_driver
+from .microkernel import lanes_for
+from .packing import pack_bias, pack_weights, panel_count
+
+# Micro-kernel shapes the backend may choose: (rows, vectors of columns). 6 x 2 vectors
+# uses 12 accumulator registers of the 16 ymm registers of AVX2.
+MICROKERNELS = ((6, 2), (4, 3))
+DEFAULT_MICROKERNEL = (6, 2)
+
+
+@dataclass(frozen=True)
+class CpuPlan:
+    mr: int
+    nv: int
+    nr: int
+    kc: int
+    mc: int
+    nc: int
+    channel_chunks: int
+    threads: int
+
+
+def plan_conv2d(spec, microkernel=None, tiles=None, threads=None):
+    """Choose the micro-kernel, tile sizes and parallel split for a conv2d spec."""
+    mr, nv = microkernel or DEFAULT_MICROKERNEL
+    if (mr, nv) not in MICROKERNELS:
+        raise ValueError(f"microkernel must be one of {MICROKERNELS}, got {(mr, nv)}")
+    itemsize = spec.dtype.itemsize
+    nr = nv * lanes_for(8 * itemsize)
+    tiles = tiles or cache_optimal_tile_size(mr, nr, itemsize)
+    threads = threads or numba.get_num_threads()
+    pixels = spec.out_h * spec.out_w
+    pixel_jobs = spec.batch * spec.groups * panel_count(pixels, tiles.nc)
+    panels = panel_count(spec.out_channels // spec.groups, mr)
+    # Split output channels too when pixel blocks alone cannot keep every thread busy.
+    wanted = 4 * threads
+    channel_chunks = min(panels, max(1, -(-wanted // max(pixel_jobs, 1)))) if pixel_jobs < wanted else 1
+    return CpuPlan(mr, nv, nr, tiles.kc, tiles.mc, tiles.nc, channel_chunks, threads)
+
+
+def _geometry(spec):
+    return (spec.batch, spec.in_channels, spec.height, spec.width, spec.out_channels, spec.kernel_h,
+            spec.kernel_w, spec.stride_h, spec.stride_w, spec.pad_top, spec.pad_left, spec.dilation_h,
+            spec.dilation_w, spec.groups, spec.out_h, spec.out_w)
+
+
+def conv2d(x, w, bias, spec, plan=None):
+    """Convolution of validated inputs; returns a new C-contiguous array of ``spec.dtype``."""
+    out = np.empty(spec.output_shape, dtype=spec.dtype)
+    if out.size == 0:
+        return out
+    plan = plan or plan_conv2d(spec)
+    x_flat = np.ascontiguousarray(x).reshape(-1)
+    w_packed = pack_weights(w, spec.groups, plan.mr)
+    bias_packed = pack_bias(bias, spec.groups, spec.out_channels, plan.mr, spec.dtype)
+    padded_pixels = panel_count(min(plan.nc, spec.out_h * spec.out_w), plan.nr) * plan.nr
+    panel_scratch = np.empty((plan.threads, plan.kc * padded_pixels), dtype=spec.dtype)
+    origin_scratch = np.empty((plan.threads, 2, padded_pixels), dtype=np.int64)
+    offset_scratch = np.empty((plan.threads, padded_pixels), dtype=np.int64)
+    tile_scratch = np.empty((plan.threads, plan.mr * plan.nr), dtype=spec.dtype)
+    driver = fused_conv2d_driver(plan.mr, plan.nv)
+    driver(x_flat, w_packed, bias_packed, out.reshape(-1), _geometry(spec), spec.has_bias,
+           spec.activation == "relu", plan.nr, plan.kc, plan.mc, plan.nc,
+           plan.channel_chunks, panel_scratch, origin_scratch, offset_scratch, tile_scratch)
+    return out
+
+
+def matmul_as_conv2d_spec(spec):
+    """(M, K) @ (K, N) is a 1x1 convolution of a (1, K, 1, N) image with (M, K, 1, 1) weights."""
+    return Conv2dSpec(batch=1, in_channels=spec.k, height=1, width=spec.n, out_channels=spec.m, kernel_h=1,
+                      kernel_w=1, stride_h=1, stride_w=1, pad_top=0, pad_bottom=0, pad_left=0, pad_right=0,
+                      dilation_h=1, dilation_w=1, groups=1, out_h=1, out_w=spec.n, dtype=spec.dtype,
+                      has_bias=False, activation=None)
+
+
+def matmul(a, b, spec, plan=None):
+    """Matrix product of validated inputs through the convolution driver's packing and micro-kernel."""
+    if spec.m == 0 or spec.n == 0 or spec.k == 0:
+        return np.zeros((spec.m, spec.n), dtype=spec.dtype)
+    conv_spec = matmul_as_conv2d_spec(spec)
+    image = b.reshape(1, spec.k, 1, spec.n)
+    weights = a.reshape(spec.m, spec.k, 1, 1)
+    return conv2d(image, weights, None, conv_spec, plan).reshape(spec.m, spec.n)

@@ -1,0 +1,123 @@
+"""Fused im2col + GEMM convolution on the CPU.
+
+out[n, k, pixel] = sum_p W[k, p] * patch[p, pixel] per group, where the patch is
+never materialized for the whole input: each job packs the patch of one block of
+output pixels, one reduction block at a time, and the micro-kernel consumes it while
+it is hot in cache. Jobs are (image, group, pixel block, channel chunk) and run in
+parallel with per-thread scratch buffers.
+"""
+
+from functools import lru_cache
+
+import numpy as np
+from numba import njit, prange
+
+from .microkernel import microkernel
+from .packing import pack_im2col_block, pixel_origins
+
+# Indices of the geometry tuple handed to the compiled driver.
+GEOMETRY_FIELDS = ("batch", "in_channels", "height", "width", "out_channels", "kernel_h", "kernel_w",
+                   "stride_h", "stride_w", "pad_top", "pad_left", "dilation_h", "dilation_w", "groups",
+                   "out_h", "out_w")
+
+
+@njit(cache=True, inline="always")
+def _in_range(offset, extent, size):
+    return 0 <= offset and offset + extent <= size
+
+
+@njit(cache=True, inline="always")
+def _tile_kernel(mr, nv, nr, depth, a, a_off, b, b_off, out, c_off, ldc, rows, cols, accumulate,
+                 bias, bias_off, use_bias, relu, tile):
+    """One mr x nr block of C; edge blocks go through a private tile.
+
+    The micro-kernel reads and writes through raw pointers, so every operand range is
+    checked here (a few compares per thousands of flops). Returns False, having touched
+    nothing, when one is out of range; raising inside a prange loop would serialize it.
+    """
+    if not (_in_range(a_off, depth * mr, a.size) and _in_range(b_off, depth * nr, b.size)
+            and _in_range(bias_off, mr, bias.size) and _in_range(c_off, (rows - 1) * ldc + cols, out.size)):
+        return False
+    if rows == mr and cols == nr:
+        microkernel(mr, nv, depth, a, a_off, b, b_off, out, c_off, ldc, accumulate, bias, bias_off, use_bias, relu)
+        return True
+    if accumulate:
+        for i in range(rows):
+            for j in range(cols):
+                tile[i * nr + j] = out[c_off + i * ldc + j]
+    microkernel(mr, nv, depth, a, a_off, b, b_off, tile, 0, nr, accumulate, bias, bias_off, use_bias, relu)
+    for i in range(rows):
+        for j in range(cols):
+            out[c_off + i * ldc + j] = tile[i * nr + j]
+    return True
+
+
+@lru_cache(maxsize=None)
+def fused_conv2d_driver(mr, nv):
+    """The compiled driver for an ``mr x nv``-vector micro-kernel.
+
+    ``mr`` and ``nv`` are closure constants, so the micro-kernel is specialized at
+    compile time, while Numba's disk cache still tells the variants apart (it hashes
+    closure contents). Shapes are runtime values: a new shape never compiles.
+    """
+
+    @njit(cache=True, parallel=True)
+    def conv2d_fused(x, w_packed, bias_packed, out, geometry, use_bias, relu, nr, kc, mc, nc, channel_chunks,
+                     panel_scratch, origin_scratch, offset_scratch, tile_scratch):
+        """Run the whole convolution. ``x`` and ``out`` are flat C-order NCHW arrays."""
+        (batch, channels, height, width, k_total, kernel_h, kernel_w, stride_h, stride_w,
+         pad_top, pad_left, dilation_h, dilation_w, groups, out_h, out_w) = geometry
+        c_group = channels // groups
+        k_group = k_total // groups
+        reduction = kernel_h * kernel_w * c_group
+        pixels = out_h * out_w
+        plane = height * width
+        panels = (k_group + mr - 1) // mr
+        pixel_blocks = (pixels + nc - 1) // nc
+        jobs = batch * groups * pixel_blocks * channel_chunks
+        threads = panel_scratch.shape[0]
+        mc_panels = max(1, mc // mr)
+        faults = np.zeros(threads, dtype=np.int64)
+        for thread in prange(threads):
+            panel = panel_scratch[thread]
+            row_origin = origin_scratch[thread, 0]
+            col_origin = origin_scratch[thread, 1]
+            offsets = offset_scratch[thread]
+            tile = tile_scratch[thread]
+            for job in range(thread, jobs, threads):
+                chunk = job % channel_chunks
+                rest = job // channel_chunks
+                block = rest % pixel_blocks
+                rest //= pixel_blocks
+                group = rest % groups
+                image = rest // groups
+                first_panel = chunk * panels // channel_chunks
+                end_panel = (chunk + 1) * panels // channel_chunks
+                first_pixel = block * nc
+                block_pixels = min(nc, pixels - first_pixel)
+                padded_pixels = (block_pixels + nr - 1) // nr * nr
+                pixel_origins(first_pixel, block_pixels, padded_pixels, out_w, stride_h, stride_w, pad_top, pad_left,
+                              row_origin, col_origin)
+                image_offset = (image * channels + group * c_group) * plane
+                for pc in range(0, reduction, kc):
+                    depth = min(kc, reduction - pc)
+                    pack_im2col_block(x, image_offset, plane, c_group, pc, depth, kernel_w, dilation_h, dilation_w,
+                                      height, width, nr, padded_pixels, row_origin, col_origin, offsets, panel)
+                    accumulate = pc > 0
+                    last = pc + depth >= reduction
+                    for ic in range(first_panel, end_panel, mc_panels):
+                        ic_end = min(ic + mc_panels, end_panel)
+                        for jp in range(padded_pixels // nr):
+                            cols = min(nr, block_pixels - jp * nr)
+                            for ip in range(ic, ic_end):
+                                rows = min(mr, k_group - ip * mr)
+                                a_off = ((group * panels + ip) * reduction + pc) * mr
+                                c_off = (image * k_total + group * k_group + ip * mr) * pixels + first_pixel + jp * nr
+                                if not _tile_kernel(mr, nv, nr, depth, w_packed, a_off, panel, jp * depth * nr, out, c_off,
+                                             pixels, rows, cols, accumulate, bias_packed,
+                                             group * panels * mr + ip * mr, use_bias and last, relu and last, tile):
+                                    faults[thread] += 1
+        if faults.sum():
+            raise IndexError("conv2d_fused: a micro-kernel operand fell outside its buffer")
+
+    return conv2d_fused

@@ -1,0 +1,48 @@
+"""Float64 oracle for conv2d and matmul: written to be obviously right, not fast.
+
+Every other path in Sparkle is tested against these functions. They follow the
+definition directly: zero-pad the input, then for every kernel tap (r, s) add the
+strided input window times that tap's weights, group by group.
+"""
+
+import numpy as np
+
+from . import api
+
+
+def conv2d(x, w, bias=None, *, stride=1, padding=0, dilation=1, groups=1, activation=None):
+    """conv2d in float64. Returns float64 whatever the input dtype."""
+    spec = api.conv2d_spec(x, w, bias, stride=stride, padding=padding, dilation=dilation,
+                           groups=groups, activation=activation)
+    x64 = np.asarray(x, dtype=np.float64)
+    w64 = np.asarray(w, dtype=np.float64)
+    padded = np.pad(x64, ((0, 0), (0, 0), (spec.pad_top, spec.pad_bottom), (spec.pad_left, spec.pad_right)))
+    out = np.zeros(spec.output_shape, dtype=np.float64)
+    c_per_group = spec.in_channels // spec.groups
+    k_per_group = spec.out_channels // spec.groups
+    for g in range(spec.groups):
+        x_group = padded[:, g * c_per_group:(g + 1) * c_per_group]
+        w_group = w64[g * k_per_group:(g + 1) * k_per_group]
+        for r in range(spec.kernel_h):
+            for s in range(spec.kernel_w):
+                top = r * spec.dilation_h
+                left = s * spec.dilation_w
+                window = x_group[:, :,
+                                 top:top + spec.stride_h * (spec.out_h - 1) + 1:spec.stride_h,
+                                 left:left + spec.stride_w * (spec.out_w - 1) + 1:spec.stride_w]
+                # window (N, Cg, OH, OW) x weights (Kg, Cg) -> (N, Kg, OH, OW)
+                out[:, g * k_per_group:(g + 1) * k_per_group] += np.einsum(
+                    "nchw,kc->nkhw", window, w_group[:, :, r, s])
+    if bias is not None:
+        out += np.asarray(bias, dtype=np.float64)[None, :, None, None]
+    if activation == "relu":
+        out = np.maximum(out, 0.0)  # np.maximum propagates NaN
+    return out
+
+
+def matmul(a, b):
+    """(M, K) @ (K, N) in float64, summing products explicitly."""
+    api.matmul_spec(a, b)
+    a64 = np.asarray(a, dtype=np.float64)
+    b64 = np.asarray(b, dtype=np.float64)
+    return np.einsum("mk,kn->mn", a64, b64)
