@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numba
@@ -31,9 +32,27 @@ class CpuPlan:
     threads: int
 
 
+def choose_microkernel(spec):
+    """The micro-kernel that wastes the least work on padding rows and columns.
+
+    Output channels of a group are padded to whole ``mr`` panels and the pixels of an
+    image to whole ``nr`` panels; both shapes issue 12 vector FMAs per step, so the one
+    with the smaller padded area is faster. Ties go to the default.
+    """
+    lanes = lanes_for(8 * spec.dtype.itemsize)
+    k_group = spec.out_channels // spec.groups
+    pixels = spec.out_h * spec.out_w
+
+    def padded_area(shape):
+        mr, nv = shape
+        return panel_count(k_group, mr) * mr * panel_count(pixels, nv * lanes) * nv * lanes
+
+    return min(MICROKERNELS, key=lambda shape: (padded_area(shape), shape != DEFAULT_MICROKERNEL))
+
+
 def plan_conv2d(spec, microkernel=None, tiles=None, threads=None):
     """Choose the micro-kernel, tile sizes and parallel split for a conv2d spec."""
-    mr, nv = microkernel or DEFAULT_MICROKERNEL
+    mr, nv = microkernel or choose_microkernel(spec)
     if (mr, nv) not in MICROKERNELS:
         raise ValueError(f"microkernel must be one of {MICROKERNELS}, got {(mr, nv)}")
     itemsize = spec.dtype.itemsize
@@ -41,12 +60,16 @@ def plan_conv2d(spec, microkernel=None, tiles=None, threads=None):
     tiles = tiles or cache_optimal_tile_size(mr, nr, itemsize)
     threads = threads or numba.get_num_threads()
     pixels = spec.out_h * spec.out_w
-    pixel_jobs = spec.batch * spec.groups * panel_count(pixels, tiles.nc)
-    panels = panel_count(spec.out_channels // spec.groups, mr)
-    # Split output channels too when pixel blocks alone cannot keep every thread busy.
-    wanted = 4 * threads
-    channel_chunks = min(panels, max(1, -(-wanted // max(pixel_jobs, 1)))) if pixel_jobs < wanted else 1
-    return CpuPlan(mr, nv, nr, tiles.kc, tiles.mc, tiles.nc, channel_chunks, threads)
+    # Blocks of equal size (whole micro-panels), not nc-sized blocks and a short remainder.
+    blocks = panel_count(pixels, tiles.nc)
+    pixel_block = min(tiles.nc, panel_count(panel_count(pixels, blocks), nr) * nr)
+    pixel_jobs = spec.batch * spec.groups * panel_count(pixels, pixel_block)
+    channel_chunks = 1
+    if pixel_jobs < 4 * threads:
+        # Split output channels too, so that every thread gets the same number of jobs.
+        panels = panel_count(spec.out_channels // spec.groups, mr)
+        channel_chunks = min(panels, threads // math.gcd(pixel_jobs, threads))
+    return CpuPlan(mr, nv, nr, tiles.kc, tiles.mc, pixel_block, channel_chunks, threads)
 
 
 def _geometry(spec):
@@ -68,11 +91,12 @@ def conv2d(x, w, bias, spec, plan=None):
     panel_scratch = np.empty((plan.threads, plan.kc * padded_pixels), dtype=spec.dtype)
     origin_scratch = np.empty((plan.threads, 2, padded_pixels), dtype=np.int64)
     offset_scratch = np.empty((plan.threads, padded_pixels), dtype=np.int64)
+    run_scratch = np.empty((plan.threads, padded_pixels // plan.nr), dtype=np.int64)
     tile_scratch = np.empty((plan.threads, plan.mr * plan.nr), dtype=spec.dtype)
     driver = fused_conv2d_driver(plan.mr, plan.nv)
     driver(x_flat, w_packed, bias_packed, out.reshape(-1), _geometry(spec), spec.has_bias,
            spec.activation == "relu", plan.nr, plan.kc, plan.mc, plan.nc,
-           plan.channel_chunks, panel_scratch, origin_scratch, offset_scratch, tile_scratch)
+           plan.channel_chunks, panel_scratch, origin_scratch, offset_scratch, run_scratch, tile_scratch)
     return out
 
 

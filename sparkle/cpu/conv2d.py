@@ -3,8 +3,8 @@
 out[n, k, pixel] = sum_p W[k, p] * patch[p, pixel] per group, where the patch is
 never materialized for the whole input: each job packs the patch of one block of
 output pixels, one reduction block at a time, and the micro-kernel consumes it while
-it is hot in cache. Jobs are (image, group, pixel block, channel chunk) and run in
-parallel with per-thread scratch buffers.
+it is hot in cache. Jobs are (image, group, pixel block, channel chunk); threads take
+them from a shared atomic counter and work in per-thread scratch buffers.
 """
 
 from functools import lru_cache
@@ -12,6 +12,7 @@ from functools import lru_cache
 import numpy as np
 from numba import njit, prange
 
+from .atomics import fetch_add
 from .microkernel import microkernel
 from .packing import pack_im2col_block, pixel_origins
 
@@ -63,7 +64,7 @@ def fused_conv2d_driver(mr, nv):
 
     @njit(cache=True, parallel=True)
     def conv2d_fused(x, w_packed, bias_packed, out, geometry, use_bias, relu, nr, kc, mc, nc, channel_chunks,
-                     panel_scratch, origin_scratch, offset_scratch, tile_scratch):
+                     panel_scratch, origin_scratch, offset_scratch, run_scratch, tile_scratch):
         """Run the whole convolution. ``x`` and ``out`` are flat C-order NCHW arrays."""
         (batch, channels, height, width, k_total, kernel_h, kernel_w, stride_h, stride_w,
          pad_top, pad_left, dilation_h, dilation_w, groups, out_h, out_w) = geometry
@@ -78,13 +79,18 @@ def fused_conv2d_driver(mr, nv):
         threads = panel_scratch.shape[0]
         mc_panels = max(1, mc // mr)
         faults = np.zeros(threads, dtype=np.int64)
+        next_job = np.zeros(1, dtype=np.int64)
         for thread in prange(threads):
             panel = panel_scratch[thread]
             row_origin = origin_scratch[thread, 0]
             col_origin = origin_scratch[thread, 1]
             offsets = offset_scratch[thread]
+            runs = run_scratch[thread]
             tile = tile_scratch[thread]
-            for job in range(thread, jobs, threads):
+            while True:
+                job = fetch_add(next_job, 0, 1)
+                if job >= jobs:
+                    break
                 chunk = job % channel_chunks
                 rest = job // channel_chunks
                 block = rest % pixel_blocks
@@ -102,7 +108,7 @@ def fused_conv2d_driver(mr, nv):
                 for pc in range(0, reduction, kc):
                     depth = min(kc, reduction - pc)
                     pack_im2col_block(x, image_offset, plane, c_group, pc, depth, kernel_w, dilation_h, dilation_w,
-                                      height, width, nr, padded_pixels, row_origin, col_origin, offsets, panel)
+                                      height, width, nr, padded_pixels, row_origin, col_origin, offsets, runs, panel)
                     accumulate = pc > 0
                     last = pc + depth >= reduction
                     for ic in range(first_panel, end_panel, mc_panels):

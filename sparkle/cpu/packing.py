@@ -56,9 +56,11 @@ def pixel_origins(first_pixel, pixel_count, padded_count, out_w, stride_h, strid
 
 
 @njit(cache=True, inline="always")
-def tap_offsets(r, s, dilation_h, dilation_w, height, width, padded_count, row_origin, col_origin, offsets):
+def tap_offsets(r, s, dilation_h, dilation_w, height, width, nr, padded_count, row_origin, col_origin,
+                offsets, runs):
     """Offset inside one input channel plane read by tap (r, s) for each pixel, -1 where
-    the tap falls in the padding."""
+    the tap falls in the padding. ``runs[jp]`` is the first offset of panel ``jp`` when
+    its ``nr`` pixels read consecutive valid elements (a plain copy), else -1."""
     for q in range(padded_count):
         row = row_origin[q] + r * dilation_h
         col = col_origin[q] + s * dilation_w
@@ -66,12 +68,19 @@ def tap_offsets(r, s, dilation_h, dilation_w, height, width, padded_count, row_o
             offsets[q] = row * width + col
         else:
             offsets[q] = -1
+    for jp in range(padded_count // nr):
+        start = offsets[jp * nr]
+        runs[jp] = start
+        for j in range(nr):
+            if start < 0 or offsets[jp * nr + j] != start + j:
+                runs[jp] = -1
+                break
 
 
 @njit(cache=True, inline="always")
 def pack_im2col_block(x, image_offset, plane, c_group, first_reduction, depth, kernel_w,
                       dilation_h, dilation_w, height, width, nr, padded_count,
-                      row_origin, col_origin, offsets, panel):
+                      row_origin, col_origin, offsets, runs, panel):
     """Pack reduction rows [first_reduction, first_reduction + depth) of the im2col patch
     into ``panel`` as (padded_count // nr) panels of (depth, nr)."""
     current_tap = -1
@@ -82,11 +91,16 @@ def pack_im2col_block(x, image_offset, plane, c_group, first_reduction, depth, k
         channel = p - tap * c_group
         if tap != current_tap:
             tap_offsets(tap // kernel_w, tap % kernel_w, dilation_h, dilation_w, height, width,
-                        padded_count, row_origin, col_origin, offsets)
+                        nr, padded_count, row_origin, col_origin, offsets, runs)
             current_tap = tap
         source = image_offset + channel * plane
         for jp in range(panels):
             destination = (jp * depth + pp) * nr
+            run = runs[jp]
+            if run >= 0:
+                for j in range(nr):
+                    panel[destination + j] = x[source + run + j]
+                continue
             for j in range(nr):
                 offset = offsets[jp * nr + j]
                 panel[destination + j] = x[source + offset] if offset >= 0 else 0.0
