@@ -10,7 +10,7 @@ The input helpers and timers here are shared with ``benchmarks/``.
 from __future__ import annotations
 
 import argparse
-import os
+import functools
 import sys
 import time
 import tracemalloc
@@ -25,16 +25,6 @@ from .workloads import RESNET50_LAYERS
 
 # Largest accepted relative L2 error of a result against the float64 reference.
 TOLERANCES = {"float32": 1e-5, "float64": 1e-12}
-
-
-def spread_openmp_threads():
-    """Have OpenMP bind one worker thread per core, unless the user set OMP_PROC_BIND.
-
-    Some VM schedulers pack unbound threads onto one vCPU, making a whole process's
-    parallel calls several times slower at random. Takes effect only if called before
-    an OpenMP runtime loads: Numba's on its first parallel call, PyTorch's on import.
-    """
-    os.environ.setdefault("OMP_PROC_BIND", "true")
 
 
 def layer_inputs(layer, batch=1, dtype=np.float32, seed=0):
@@ -61,6 +51,18 @@ def timed(fn):
 def best_time(fn, repeat):
     """Best wall time of ``repeat`` calls: the least disturbed by other work on the machine."""
     return min(timed(fn)[0] for _ in range(repeat))
+
+
+def interleaved_best(calls, repeat, burst=1):
+    """Best seconds of each named callable over ``repeat`` rounds; each round calls every
+    one ``burst`` times in a row. Round-robin spreads each one's samples over the run, so
+    a slow phase of a noisy machine cannot take all of them. Warm calls up beforehand."""
+    best = dict.fromkeys(calls, float("inf"))
+    for _ in range(repeat):
+        for name, fn in calls.items():
+            for _ in range(burst):
+                best[name] = min(best[name], timed(fn)[0])
+    return best
 
 
 def peak_extra_memory(fn):
@@ -91,15 +93,24 @@ def shape_text(shape):
     return "x".join(str(size) for size in shape)
 
 
-def run_layer(layer, batch, dtype, repeat):
-    """Warm up, time and check one layer; returns a row of the report."""
-    x, w = layer_inputs(layer, batch, dtype)
-    kwargs = layer.conv_kwargs()
-    first_s, result = timed(lambda: conv2d(x, w, **kwargs))
-    seconds = best_time(lambda: conv2d(x, w, **kwargs), repeat)
-    max_abs, rel_l2 = errors(result, reference.conv2d(x, w, **kwargs))
-    return {"layer": layer.name, "x": x.shape, "w": w.shape, "first_s": first_s, "seconds": seconds,
-            "gflops": layer_flops(layer, x, w) / seconds / 1e9, "max_abs": max_abs, "rel_l2": rel_l2}
+def run_suite(batch, dtype, repeat):
+    """Time every layer, then check every result; one report row per layer."""
+    rows, calls, checks = [], {}, []
+    for layer in RESNET50_LAYERS:
+        x, w = layer_inputs(layer, batch, dtype)
+        kwargs = layer.conv_kwargs()
+        calls[layer.name] = functools.partial(conv2d, x, w, **kwargs)
+        first_s, result = timed(calls[layer.name])  # the first call compiles
+        rows.append({"layer": layer.name, "x": x.shape, "w": w.shape, "first_s": first_s})
+        checks.append((result, functools.partial(reference.conv2d, x, w, **kwargs), layer_flops(layer, x, w)))
+    best = interleaved_best(calls, repeat)
+    # Checks come after all timings: numpy's BLAS threads, which they use, keep spinning
+    # for a while afterwards and would slow the timings that follow.
+    for row, (result, expected, flops) in zip(rows, checks):
+        row["seconds"] = best[row["layer"]]
+        row["gflops"] = flops / row["seconds"] / 1e9
+        row["max_abs"], row["rel_l2"] = errors(result, expected())
+    return rows
 
 
 def print_table(rows, tolerance):
@@ -117,7 +128,8 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m sparkle.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=1, help="images per call (default 1)")
     parser.add_argument("--dtype", choices=sorted(TOLERANCES), default="float32")
-    parser.add_argument("--repeat", type=int, default=5, help="timed calls per layer after the warm-up (best kept)")
+    parser.add_argument("--repeat", type=int, default=10,
+                        help="timed rounds over all layers after the warm-up call (best kept, default 10)")
     args = parser.parse_args(argv)
     if args.batch < 1 or args.repeat < 1:
         parser.error("--batch and --repeat must be at least 1")
@@ -126,16 +138,16 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
-    spread_openmp_threads()
     dtype, tolerance = np.dtype(args.dtype), TOLERANCES[args.dtype]
     print("Note: the first sparkle.conv2d call compiles the CPU kernels (Numba JIT; later runs load them "
           "from the on-disk cache), so it is timed separately.")
     threads = numba.get_num_threads()  # also starts Numba's thread pool, so the layer name is known
     print(f"Device: {devices()[0].name}, {threads} threads ({numba.threading_layer()}); ResNet-50 layers, "
-          f"N={args.batch}, {dtype}, best of {args.repeat} after a warm-up call; "
+          f"N={args.batch}, {dtype}; best of {args.repeat} rounds after a warm-up call; "
           f"checked against the float64 reference (rel L2 <= {tolerance:g}).")
-    rows = [run_layer(layer, args.batch, dtype, args.repeat) for layer in RESNET50_LAYERS]
-    print(f"First call ({rows[0]['layer']}, compile or cache load + run): {rows[0]['first_s'] * 1e3:.0f} ms\n")
+    rows = run_suite(args.batch, dtype, args.repeat)
+    print(f"First call ({rows[0]['layer']}, compile or cache load + run): {rows[0]['first_s'] * 1e3:.0f} ms; "
+          f"first calls of all layers: {sum(row['first_s'] for row in rows) * 1e3:.0f} ms\n")
     print_table(rows, tolerance)
     total_s = sum(row["seconds"] for row in rows)
     total_flops = sum(row["gflops"] * row["seconds"] for row in rows)

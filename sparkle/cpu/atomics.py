@@ -4,7 +4,6 @@ Threads take the next job from a shared counter instead of a fixed round-robin s
 so a thread that the OS preempts (a busy machine) delays one job, not half the call.
 """
 
-from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
