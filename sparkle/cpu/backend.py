@@ -12,7 +12,7 @@ from ..api import Conv2dSpec
 from ..memory import cache_optimal_tile_size
 from .conv2d import fused_conv2d_driver
 from .microkernel import lanes_for
-from .packing import pack_bias, pack_weights, panel_count
+from .packing import panel_count
 
 # Micro-kernel shapes the backend may choose: (rows, vectors of columns). 6 x 2 vectors
 # uses 12 accumulator registers of the 16 ymm registers of AVX2.
@@ -85,18 +85,19 @@ def conv2d(x, w, bias, spec, plan=None):
         return out
     plan = plan or plan_conv2d(spec)
     x_flat = np.ascontiguousarray(x).reshape(-1)
-    w_packed = pack_weights(w, spec.groups, plan.mr)
-    bias_packed = pack_bias(bias, spec.groups, spec.out_channels, plan.mr, spec.dtype)
+    w_flat = np.ascontiguousarray(w).reshape(-1)
+    bias_flat = np.ascontiguousarray(bias) if bias is not None else np.zeros(spec.out_channels, spec.dtype)
     padded_pixels = panel_count(min(plan.nc, spec.out_h * spec.out_w), plan.nr) * plan.nr
+    taps = spec.kernel_h * spec.kernel_w
     panel_scratch = np.empty((plan.threads, plan.kc * padded_pixels), dtype=spec.dtype)
     origin_scratch = np.empty((plan.threads, 2, padded_pixels), dtype=np.int64)
-    offset_scratch = np.empty((plan.threads, padded_pixels), dtype=np.int64)
-    run_scratch = np.empty((plan.threads, padded_pixels // plan.nr), dtype=np.int64)
+    offset_scratch = np.empty((plan.threads, taps, padded_pixels), dtype=np.int64)
+    run_scratch = np.empty((plan.threads, taps, padded_pixels // plan.nr), dtype=np.int64)
     tile_scratch = np.empty((plan.threads, plan.mr * plan.nr), dtype=spec.dtype)
     driver = fused_conv2d_driver(plan.mr, plan.nv)
-    driver(x_flat, w_packed, bias_packed, out.reshape(-1), _geometry(spec), spec.has_bias,
-           spec.activation == "relu", plan.nr, plan.kc, plan.mc, plan.nc,
-           plan.channel_chunks, panel_scratch, origin_scratch, offset_scratch, run_scratch, tile_scratch)
+    driver(x_flat, w_flat, bias_flat, out.reshape(-1), _geometry(spec), spec.has_bias,
+           spec.activation == "relu", plan.nr, plan.kc, plan.mc, plan.nc, plan.channel_chunks,
+           panel_scratch, origin_scratch, offset_scratch, run_scratch, tile_scratch)
     return out
 
 

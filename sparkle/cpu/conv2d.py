@@ -14,9 +14,9 @@ from numba import njit, prange
 
 from .atomics import fetch_add
 from .microkernel import microkernel
-from .packing import pack_im2col_block, pixel_origins
+from .packing import pack_im2col_block, pixel_origins, tap_offsets
 
-# Indices of the geometry tuple handed to the compiled driver.
+# Order of the geometry tuple handed to the compiled driver.
 GEOMETRY_FIELDS = ("batch", "in_channels", "height", "width", "out_channels", "kernel_h", "kernel_w",
                    "stride_h", "stride_w", "pad_top", "pad_left", "dilation_h", "dilation_w", "groups",
                    "out_h", "out_w")
@@ -28,25 +28,28 @@ def _in_range(offset, extent, size):
 
 
 @njit(cache=True, inline="always")
-def _tile_kernel(mr, nv, nr, depth, a, a_off, b, b_off, out, c_off, ldc, rows, cols, accumulate,
-                 bias, bias_off, use_bias, relu, tile):
+def _block_kernel(mr, nv, nr, depth, a, a_off, lda, b, b_off, out, c_off, ldc, rows, cols, accumulate,
+                  bias, bias_off, use_bias, relu, tile):
     """One mr x nr block of C; edge blocks go through a private tile.
 
     The micro-kernel reads and writes through raw pointers, so every operand range is
     checked here (a few compares per thousands of flops). Returns False, having touched
     nothing, when one is out of range; raising inside a prange loop would serialize it.
     """
-    if not (_in_range(a_off, depth * mr, a.size) and _in_range(b_off, depth * nr, b.size)
-            and _in_range(bias_off, mr, bias.size) and _in_range(c_off, (rows - 1) * ldc + cols, out.size)):
+    if not (_in_range(a_off, (rows - 1) * lda + depth, a.size) and _in_range(b_off, depth * nr, b.size)
+            and _in_range(bias_off, rows, bias.size) and _in_range(c_off, (rows - 1) * ldc + cols, out.size)
+            and rows >= 1 and cols >= 1):
         return False
     if rows == mr and cols == nr:
-        microkernel(mr, nv, depth, a, a_off, b, b_off, out, c_off, ldc, accumulate, bias, bias_off, use_bias, relu)
+        microkernel(mr, nv, depth, a, a_off, lda, rows, b, b_off, out, c_off, ldc, accumulate,
+                    bias, bias_off, use_bias, relu)
         return True
     if accumulate:
         for i in range(rows):
             for j in range(cols):
                 tile[i * nr + j] = out[c_off + i * ldc + j]
-    microkernel(mr, nv, depth, a, a_off, b, b_off, tile, 0, nr, accumulate, bias, bias_off, use_bias, relu)
+    microkernel(mr, nv, depth, a, a_off, lda, rows, b, b_off, tile, 0, nr, accumulate,
+                bias, bias_off, use_bias, relu)
     for i in range(rows):
         for j in range(cols):
             out[c_off + i * ldc + j] = tile[i * nr + j]
@@ -63,14 +66,16 @@ def fused_conv2d_driver(mr, nv):
     """
 
     @njit(cache=True, parallel=True)
-    def conv2d_fused(x, w_packed, bias_packed, out, geometry, use_bias, relu, nr, kc, mc, nc, channel_chunks,
+    def conv2d_fused(x, w, bias, out, geometry, use_bias, relu, nr, kc, mc, nc, channel_chunks,
                      panel_scratch, origin_scratch, offset_scratch, run_scratch, tile_scratch):
-        """Run the whole convolution. ``x`` and ``out`` are flat C-order NCHW arrays."""
+        """Run the whole convolution. ``x``, ``w`` and ``out`` are flat C-order arrays
+        (NCHW, KCRS, NKHW); ``bias`` has K entries (zeros when unused)."""
         (batch, channels, height, width, k_total, kernel_h, kernel_w, stride_h, stride_w,
          pad_top, pad_left, dilation_h, dilation_w, groups, out_h, out_w) = geometry
         c_group = channels // groups
         k_group = k_total // groups
-        reduction = kernel_h * kernel_w * c_group
+        taps = kernel_h * kernel_w
+        reduction = taps * c_group  # = lda, the length of one weight row
         pixels = out_h * out_w
         plane = height * width
         panels = (k_group + mr - 1) // mr
@@ -102,13 +107,15 @@ def fused_conv2d_driver(mr, nv):
                 first_pixel = block * nc
                 block_pixels = min(nc, pixels - first_pixel)
                 padded_pixels = (block_pixels + nr - 1) // nr * nr
-                pixel_origins(first_pixel, block_pixels, padded_pixels, out_w, stride_h, stride_w, pad_top, pad_left,
-                              row_origin, col_origin)
+                pixel_origins(first_pixel, block_pixels, padded_pixels, out_w, stride_h, stride_w, pad_top,
+                              pad_left, row_origin, col_origin)
+                tap_offsets(kernel_h, kernel_w, dilation_h, dilation_w, height, width, nr, padded_pixels,
+                            row_origin, col_origin, offsets, runs)
                 image_offset = (image * channels + group * c_group) * plane
                 for pc in range(0, reduction, kc):
                     depth = min(kc, reduction - pc)
-                    pack_im2col_block(x, image_offset, plane, c_group, pc, depth, kernel_w, dilation_h, dilation_w,
-                                      height, width, nr, padded_pixels, row_origin, col_origin, offsets, runs, panel)
+                    pack_im2col_block(x, image_offset, plane, taps, pc, depth, nr, padded_pixels, offsets, runs,
+                                      panel)
                     accumulate = pc > 0
                     last = pc + depth >= reduction
                     for ic in range(first_panel, end_panel, mc_panels):
@@ -117,11 +124,12 @@ def fused_conv2d_driver(mr, nv):
                             cols = min(nr, block_pixels - jp * nr)
                             for ip in range(ic, ic_end):
                                 rows = min(mr, k_group - ip * mr)
-                                a_off = ((group * panels + ip) * reduction + pc) * mr
-                                c_off = (image * k_total + group * k_group + ip * mr) * pixels + first_pixel + jp * nr
-                                if not _tile_kernel(mr, nv, nr, depth, w_packed, a_off, panel, jp * depth * nr, out, c_off,
-                                             pixels, rows, cols, accumulate, bias_packed,
-                                             group * panels * mr + ip * mr, use_bias and last, relu and last, tile):
+                                channel = group * k_group + ip * mr
+                                c_off = (image * k_total + channel) * pixels + first_pixel + jp * nr
+                                if not _block_kernel(mr, nv, nr, depth, w, channel * reduction + pc, reduction,
+                                                     panel, jp * depth * nr, out, c_off, pixels, rows, cols,
+                                                     accumulate, bias, channel, use_bias and last, relu and last,
+                                                     tile):
                                     faults[thread] += 1
         if faults.sum():
             raise IndexError("conv2d_fused: a micro-kernel operand fell outside its buffer")

@@ -1,11 +1,13 @@
 """Register-blocked GEMM micro-kernel emitted as explicit LLVM vector IR.
 
-One call computes an ``mr x (nv * lanes)`` block of C from packed panels:
+One call computes an ``mr x (nv * lanes)`` block of C:
 
-    C[i, j] (+)= sum_p A[p * mr + i] * B[p * nr + j]      for p < kc
+    C[i, j] (+)= sum_p A[i * lda + p] * B[p * nr + j]      for p < kc
 
-A is an ``mr``-row micro-panel stored k-major, B an ``nr``-column micro-panel stored
-k-major. The accumulators are ``mr * nv`` vectors of ``lanes`` elements (8 floats or
+A is read in place, ``mr`` rows of a row-major matrix (the weights as K x C*R*S, or
+matmul's left operand): each row is a sequential stream, so packing it buys nothing.
+Rows at or past ``a_rows`` repeat the last valid row (the caller discards them), so an
+edge block never reads outside A. B is an ``nr``-column micro-panel stored k-major. The accumulators are ``mr * nv`` vectors of ``lanes`` elements (8 floats or
 4 doubles: one ymm register each); every step loads ``nv`` vectors of B, broadcasts
 ``mr`` scalars of A and issues ``mr * nv`` fused multiply-adds. LLVM keeps the
 accumulators in registers because the loop body is straight-line vector code; plain
@@ -53,7 +55,7 @@ def _vector_pointer(builder, scalar_pointer, vector_type):
 
 
 @intrinsic
-def microkernel(typingctx, mr, nv, kc, a, a_off, b, b_off, c, c_off, ldc,
+def microkernel(typingctx, mr, nv, kc, a, a_off, lda, a_rows, b, b_off, c, c_off, ldc,
                 load_c, bias, bias_off, use_bias, relu):
     """See the module docstring. ``mr`` and ``nv`` must be integer literals.
 
@@ -69,20 +71,25 @@ def microkernel(typingctx, mr, nv, kc, a, a_off, b, b_off, c, c_off, ldc,
     dtype = a.dtype
     lanes = lanes_for(dtype.bitwidth)
     nr = vectors * lanes
-    sig = types.void(mr, nv, types.intp, a, types.intp, b, types.intp, c, types.intp,
+    sig = types.void(mr, nv, types.intp, a, types.intp, types.intp, types.intp, b, types.intp, c, types.intp,
                      types.intp, types.boolean, bias, types.intp, types.boolean, types.boolean)
 
     def codegen(context, builder, signature, args):
-        (_, _, kc_v, a_v, a_off_v, b_v, b_off_v, c_v, c_off_v, ldc_v,
+        (_, _, kc_v, a_v, a_off_v, lda_v, a_rows_v, b_v, b_off_v, c_v, c_off_v, ldc_v,
          load_c_v, bias_v, bias_off_v, use_bias_v, relu_v) = args
         elem_t = context.get_value_type(dtype)
         vec_t = ir.VectorType(elem_t, lanes)
         fma_name = f"llvm.fma.v{lanes}{'f32' if dtype.bitwidth == 32 else 'f64'}"
         fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec_t, [vec_t] * 3), fma_name)
         a_ptr = _data_pointer(context, builder, signature.args[3], a_v, a_off_v)
-        b_ptr = _data_pointer(context, builder, signature.args[5], b_v, b_off_v)
-        c_ptr = _data_pointer(context, builder, signature.args[7], c_v, c_off_v)
-        bias_ptr = _data_pointer(context, builder, signature.args[11], bias_v, bias_off_v)
+        b_ptr = _data_pointer(context, builder, signature.args[7], b_v, b_off_v)
+        c_ptr = _data_pointer(context, builder, signature.args[9], c_v, c_off_v)
+        bias_ptr = _data_pointer(context, builder, signature.args[13], bias_v, bias_off_v)
+        last_row = builder.sub(a_rows_v, ir.Constant(_I64, 1))
+        # Row i of the block is row min(i, a_rows - 1) of A (and of the bias).
+        row_index = [builder.select(builder.icmp_signed("<", ir.Constant(_I64, i), a_rows_v),
+                                    ir.Constant(_I64, i), last_row) for i in range(rows)]
+        a_rows_ptr = [builder.gep(a_ptr, [builder.mul(row_index[i], lda_v)]) for i in range(rows)]
         elem_align = dtype.bitwidth // 8
 
         def c_vector_pointer(i, j):
@@ -111,9 +118,8 @@ def microkernel(typingctx, mr, nv, kc, a, a_off, b, b_off, c, c_off, ldc,
                              align=elem_align)
                 for j in range(vectors)
             ]
-            a_row = builder.gep(a_ptr, [builder.mul(p, ir.Constant(_I64, rows))])
             for i in range(rows):
-                a_scalar = builder.load(builder.gep(a_row, [ir.Constant(_I64, i)]))
+                a_scalar = builder.load(builder.gep(a_rows_ptr[i], [p]))
                 a_vector = _broadcast(builder, a_scalar, vec_t)
                 for j in range(vectors):
                     acc = builder.load(accumulators[i][j])
@@ -121,7 +127,7 @@ def microkernel(typingctx, mr, nv, kc, a, a_off, b, b_off, c, c_off, ldc,
 
         with builder.if_then(use_bias_v):
             for i in range(rows):
-                bias_vector = _broadcast(builder, builder.load(builder.gep(bias_ptr, [ir.Constant(_I64, i)])), vec_t)
+                bias_vector = _broadcast(builder, builder.load(builder.gep(bias_ptr, [row_index[i]])), vec_t)
                 for j in range(vectors):
                     builder.store(builder.fadd(builder.load(accumulators[i][j]), bias_vector), accumulators[i][j])
         with builder.if_then(relu_v):

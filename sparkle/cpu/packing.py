@@ -1,106 +1,82 @@
-"""Packing of GEMM operands into the panel layouts the micro-kernel reads.
+"""Packing of the im2col patch into the panel layout the micro-kernel reads.
 
-- Weights (K, C/groups, R, S) become, per group, panels of ``mr`` output channels
-  with the reduction index p = (r * S + s) * Cg + c running slowest and the
-  ``mr`` channels fastest. Channels past the group's end are zero.
-- The im2col patch of a block of output pixels becomes panels of ``nr`` pixels,
-  reduction index slowest. It is built straight from the input; pixels outside the
-  padded input read as zero. The reduction order (r, s, c) lets the source offsets
-  of a block's pixels be computed once per kernel tap and reused for every channel.
+The weights need no packing: as a row-major K x (C/groups * R * S) matrix they are
+already what the micro-kernel streams (one sequential stream per output channel).
+The patch of a block of output pixels is packed, one reduction block at a time, into
+panels of ``nr`` pixels with the reduction index p = (c * R + r) * S + s slowest,
+matching the weights. It is read straight from the input; taps that fall in the
+padding read as zero. Source offsets depend on the tap and the pixel but not on the
+channel, so they are computed once per block of pixels and reused for every channel.
 """
 
-import numpy as np
 from numba import njit
 
-
-def panel_count(rows, mr):
-    return -(-rows // mr)
+_FAR_AWAY = -(1 << 40)  # origin of padding pixels: every tap of theirs misses the input
 
 
-def pack_weights(w, groups, mr):
-    """Pack (K, Cg, R, S) weights into (groups, panels, R*S*Cg, mr) panels."""
-    k_total, c_group, kernel_h, kernel_w = w.shape
-    k_group = k_total // groups
-    panels = panel_count(k_group, mr)
-    padded = np.zeros((groups, panels * mr, kernel_h, kernel_w, c_group), dtype=w.dtype)
-    # (K, Cg, R, S) -> (G, Kg, R, S, Cg): reduction order (r, s, c).
-    padded[:, :k_group] = w.reshape(groups, k_group, c_group, kernel_h, kernel_w).transpose(0, 1, 3, 4, 2)
-    reduction = kernel_h * kernel_w * c_group
-    packed = padded.reshape(groups, panels, mr, reduction).transpose(0, 1, 3, 2)
-    return np.ascontiguousarray(packed).reshape(-1)
-
-
-def pack_bias(bias, groups, k_total, mr, dtype):
-    """Bias padded per group to whole panels; zeros when there is no bias."""
-    k_group = k_total // groups
-    panels = panel_count(k_group, mr)
-    packed = np.zeros((groups, panels * mr), dtype=dtype)
-    if bias is not None:
-        packed[:, :k_group] = bias.reshape(groups, k_group)
-    return packed.reshape(-1)
+def panel_count(size, panel):
+    """Panels of ``panel`` elements needed to cover ``size`` elements."""
+    return -(-size // panel)
 
 
 @njit(cache=True, inline="always")
 def pixel_origins(first_pixel, pixel_count, padded_count, out_w, stride_h, stride_w, pad_top, pad_left,
                   row_origin, col_origin):
-    """Top-left input coordinate of each output pixel of a block; padding pixels get an
-    origin far outside the input so that every tap reads zero for them."""
+    """Top-left input coordinate of each output pixel of a block."""
     for q in range(padded_count):
         if q < pixel_count:
             pixel = first_pixel + q
             row_origin[q] = (pixel // out_w) * stride_h - pad_top
             col_origin[q] = (pixel % out_w) * stride_w - pad_left
         else:
-            row_origin[q] = -(1 << 40)
-            col_origin[q] = -(1 << 40)
+            row_origin[q] = _FAR_AWAY
+            col_origin[q] = _FAR_AWAY
 
 
 @njit(cache=True, inline="always")
-def tap_offsets(r, s, dilation_h, dilation_w, height, width, nr, padded_count, row_origin, col_origin,
-                offsets, runs):
-    """Offset inside one input channel plane read by tap (r, s) for each pixel, -1 where
-    the tap falls in the padding. ``runs[jp]`` is the first offset of panel ``jp`` when
-    its ``nr`` pixels read consecutive valid elements (a plain copy), else -1."""
-    for q in range(padded_count):
-        row = row_origin[q] + r * dilation_h
-        col = col_origin[q] + s * dilation_w
-        if 0 <= row < height and 0 <= col < width:
-            offsets[q] = row * width + col
-        else:
-            offsets[q] = -1
-    for jp in range(padded_count // nr):
-        start = offsets[jp * nr]
-        runs[jp] = start
-        for j in range(nr):
-            if start < 0 or offsets[jp * nr + j] != start + j:
-                runs[jp] = -1
-                break
+def tap_offsets(kernel_h, kernel_w, dilation_h, dilation_w, height, width, nr, padded_count,
+                row_origin, col_origin, offsets, runs):
+    """For every tap t = r * S + s and pixel q: ``offsets[t, q]``, the offset inside one
+    input channel plane that the tap reads, or -1 where it falls in the padding; and
+    ``runs[t, jp]``, the first offset of panel ``jp`` when its ``nr`` pixels read
+    consecutive valid elements (a plain copy), else -1."""
+    for r in range(kernel_h):
+        for s in range(kernel_w):
+            tap = r * kernel_w + s
+            for q in range(padded_count):
+                row = row_origin[q] + r * dilation_h
+                col = col_origin[q] + s * dilation_w
+                inside = (0 <= row) & (row < height) & (0 <= col) & (col < width)
+                offsets[tap, q] = row * width + col if inside else -1  # branch-free: vectorizes
+            for jp in range(padded_count // nr):
+                start = offsets[tap, jp * nr]
+                runs[tap, jp] = start
+                for j in range(nr):
+                    if start < 0 or offsets[tap, jp * nr + j] != start + j:
+                        runs[tap, jp] = -1
+                        break
 
 
 @njit(cache=True, inline="always")
-def pack_im2col_block(x, image_offset, plane, c_group, first_reduction, depth, kernel_w,
-                      dilation_h, dilation_w, height, width, nr, padded_count,
-                      row_origin, col_origin, offsets, runs, panel):
+def pack_im2col_block(x, image_offset, plane, taps, first_reduction, depth, nr, padded_count,
+                      offsets, runs, panel):
     """Pack reduction rows [first_reduction, first_reduction + depth) of the im2col patch
     into ``panel`` as (padded_count // nr) panels of (depth, nr)."""
-    current_tap = -1
     panels = padded_count // nr
     for pp in range(depth):
         p = first_reduction + pp
-        tap = p // c_group
-        channel = p - tap * c_group
-        if tap != current_tap:
-            tap_offsets(tap // kernel_w, tap % kernel_w, dilation_h, dilation_w, height, width,
-                        nr, padded_count, row_origin, col_origin, offsets, runs)
-            current_tap = tap
+        channel = p // taps
+        tap = p - channel * taps
         source = image_offset + channel * plane
         for jp in range(panels):
             destination = (jp * depth + pp) * nr
-            run = runs[jp]
+            run = runs[tap, jp]
             if run >= 0:
                 for j in range(nr):
                     panel[destination + j] = x[source + run + j]
-                continue
-            for j in range(nr):
-                offset = offsets[jp * nr + j]
-                panel[destination + j] = x[source + offset] if offset >= 0 else 0.0
+            else:
+                for j in range(nr):
+                    # Branch-free: read a valid element either way, keep it only for a real tap.
+                    offset = offsets[tap, jp * nr + j]
+                    value = x[source + max(offset, 0)]
+                    panel[destination + j] = value if offset >= 0 else 0.0
