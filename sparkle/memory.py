@@ -8,6 +8,7 @@ are used (32 KiB L1d, 512 KiB L2, 8 MiB L3).
 
 from __future__ import annotations
 
+import numbers
 import os
 import pathlib
 from dataclasses import dataclass
@@ -97,8 +98,11 @@ def cache_optimal_tile_size(mr, nr, itemsize, params=None):
     - nc: the packed B panel (kc x nc) fills at most a quarter of L2, so it stays
       in L2 beside the A block while every row block of A sweeps over it.
     """
-    if min(mr, nr, itemsize) < 1:
-        raise ValueError(f"mr, nr and itemsize must be positive, got {mr}, {nr}, {itemsize}")
+    for name, value in (("mr", mr), ("nr", nr), ("itemsize", itemsize)):
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+            raise TypeError(f"{name} must be a positive int, got {value!r}")
+        if value < 1:
+            raise ValueError(f"{name} must be positive, got {value}")
     params = params or detect_memory_params()
     kc = _round_down(params.l1d // 2 // ((mr + nr) * itemsize), 8)
     mc = _round_down(params.l2 // 2 // (kc * itemsize), mr)

@@ -78,15 +78,26 @@ def _geometry(spec):
             spec.dilation_w, spec.groups, spec.out_h, spec.out_w)
 
 
+def _read_only_flat(array):
+    """A flat C-order read-only view (a copy only when the layout needs one).
+
+    Inputs always reach the driver read-only, so writable and read-only user arrays
+    share one compiled version instead of compiling one per combination.
+    """
+    flat = np.ascontiguousarray(array).reshape(-1).view()
+    flat.flags.writeable = False
+    return flat
+
+
 def conv2d(x, w, bias, spec, plan=None):
     """Convolution of validated inputs; returns a new C-contiguous array of ``spec.dtype``."""
     out = np.empty(spec.output_shape, dtype=spec.dtype)
     if out.size == 0:
         return out
     plan = plan or plan_conv2d(spec)
-    x_flat = np.ascontiguousarray(x).reshape(-1)
-    w_flat = np.ascontiguousarray(w).reshape(-1)
-    bias_flat = np.ascontiguousarray(bias) if bias is not None else np.zeros(spec.out_channels, spec.dtype)
+    x_flat = _read_only_flat(x)
+    w_flat = _read_only_flat(w)
+    bias_flat = _read_only_flat(bias if bias is not None else np.zeros(spec.out_channels, spec.dtype))
     padded_pixels = panel_count(min(plan.nc, spec.out_h * spec.out_w), plan.nr) * plan.nr
     taps = spec.kernel_h * spec.kernel_w
     panel_scratch = np.empty((plan.threads, plan.kc * padded_pixels), dtype=spec.dtype)

@@ -1,0 +1,21 @@
+"""Shared pytest configuration for the Sparkle suite."""
+
+import os
+
+from hypothesis import settings
+
+
+def pytest_configure(config):
+    # CI reruns the tests marked this way under NUMBA_BOUNDSCHECK=1 (`pytest -m boundscheck`):
+    # small shapes that still reach every kernel code path (edge tiles, padding, groups, epilogue).
+    config.addinivalue_line(
+        "markers", "boundscheck: fast small-shape test that exercises every kernel code path; "
+                   "CI reruns these under NUMBA_BOUNDSCHECK=1")
+
+
+# Property tests are compute-bound and the first call of each kernel variant compiles for
+# seconds, so a per-example deadline only produces noise. SPARKLE_HYPOTHESIS_PROFILE=ci makes
+# the examples the same on every run (reproducible CI logs); the default explores new ones.
+settings.register_profile("sparkle", deadline=None, print_blob=True)
+settings.register_profile("ci", deadline=None, print_blob=True, derandomize=True)
+settings.load_profile(os.environ.get("SPARKLE_HYPOTHESIS_PROFILE", "sparkle"))

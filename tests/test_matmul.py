@@ -1,0 +1,154 @@
+"""sparkle.matmul against the float64 reference: dtypes, layouts, degenerate sizes, devices."""
+
+import numpy as np
+import pytest
+
+import sparkle
+from sparkle import reference
+
+from _helpers import DTYPES, LAYOUTS, Unchanged, assert_close_to_reference, make_array
+
+DEVICES = ["cpu", "reference", "auto"]
+
+
+def check_matmul(a, b, device):
+    unchanged = Unchanged(a, b)
+    c = sparkle.matmul(a, b, device=device)
+    unchanged.check()
+    assert c.shape == (a.shape[0], b.shape[1])
+    assert c.dtype == a.dtype
+    assert c.flags.c_contiguous
+    assert not np.shares_memory(c, a) and not np.shares_memory(c, b)
+    return c
+
+
+@pytest.mark.boundscheck
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mkn", [(1, 1, 1), (3, 64, 5), (37, 29, 41), (64, 300, 9), (128, 96, 200)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_matmul_matches_reference(device, dtype, mkn):
+    m, k, n = mkn
+    rng = np.random.default_rng(m + 7 * k + 31 * n)
+    a, b = make_array(rng, (m, k), dtype), make_array(rng, (k, n), dtype)
+    c = check_matmul(a, b, device)
+    assert_close_to_reference(c, reference.matmul(a, b), dtype)
+
+
+@pytest.mark.boundscheck
+@pytest.mark.parametrize("layout_b", LAYOUTS)
+@pytest.mark.parametrize("layout_a", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_matmul_any_memory_layout(dtype, layout_a, layout_b):
+    rng = np.random.default_rng(3)
+    a = make_array(rng, (19, 23), dtype, layout_a)
+    b = make_array(rng, (23, 27), dtype, layout_b)
+    c = check_matmul(a, b, "cpu")
+    assert_close_to_reference(c, reference.matmul(a, b), dtype)
+    # Layout must not change the arithmetic: same result as contiguous copies.
+    np.testing.assert_array_equal(c, sparkle.matmul(np.ascontiguousarray(a), np.ascontiguousarray(b), device="cpu"))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mkn", [(0, 4, 5), (4, 0, 5), (4, 5, 0), (0, 0, 0), (0, 3, 0)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_matmul_zero_sizes(device, dtype, mkn):
+    # An empty reduction (K = 0) is a sum of nothing: exact zeros.
+    m, k, n = mkn
+    rng = np.random.default_rng(4)
+    a, b = make_array(rng, (m, k), dtype), make_array(rng, (k, n), dtype)
+    c = check_matmul(a, b, device)
+    np.testing.assert_array_equal(c, np.zeros((m, n), dtype))
+
+
+@pytest.mark.boundscheck
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mkn", [(1, 9, 11), (9, 1, 11), (9, 11, 1), (1, 1, 50), (50, 1, 1), (1, 50, 1)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_matmul_unit_sizes(device, dtype, mkn):
+    m, k, n = mkn
+    rng = np.random.default_rng(5)
+    a, b = make_array(rng, (m, k), dtype, "F"), make_array(rng, (k, n), dtype, "negative")
+    c = check_matmul(a, b, device)
+    assert_close_to_reference(c, reference.matmul(a, b), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_matmul_outer_product_is_exact(dtype):
+    # K = 1: every output is a single product, so it is exactly a[i] * b[j] in the input dtype.
+    rng = np.random.default_rng(6)
+    a, b = make_array(rng, (13, 1), dtype), make_array(rng, (1, 17), dtype)
+    np.testing.assert_array_equal(sparkle.matmul(a, b, device="cpu"), a * b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_matmul_read_only_inputs(dtype):
+    rng = np.random.default_rng(7)
+    a, b = make_array(rng, (10, 12), dtype), make_array(rng, (12, 14), dtype)
+    a.flags.writeable = False
+    b.flags.writeable = False
+    c = check_matmul(a, b, "cpu")
+    assert_close_to_reference(c, reference.matmul(a, b), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_matmul_nan_and_inf_propagate(dtype):
+    rng = np.random.default_rng(8)
+    a, b = make_array(rng, (9, 10), dtype), make_array(rng, (10, 11), dtype)
+    a[2, 3], a[5, 0], b[4, 7] = np.nan, np.inf, -np.inf
+    with np.errstate(invalid="ignore"):
+        c, ref = sparkle.matmul(a, b, device="cpu"), reference.matmul(a, b)
+    assert np.isnan(ref).any() and np.isinf(ref).any()
+    np.testing.assert_array_equal(np.isnan(c), np.isnan(ref))
+    np.testing.assert_array_equal(np.isposinf(c), np.isposinf(ref))
+    np.testing.assert_array_equal(np.isneginf(c), np.isneginf(ref))
+
+
+@pytest.mark.parametrize("a, b, error, match", [
+    (np.zeros(3), np.zeros((3, 2)), ValueError, r"^a\b"),
+    (np.zeros((1, 2, 3)), np.zeros((3, 2)), ValueError, r"^a\b"),
+    (np.zeros((2, 3)), np.zeros(3), ValueError, r"^b\b"),
+    (np.zeros((2, 3)), np.zeros((3, 2, 1)), ValueError, r"^b\b"),
+    (np.zeros((2, 3)), np.zeros((4, 2)), ValueError, r"inner|a\.shape\[1\]"),
+    (np.zeros((2, 3), np.int32), np.zeros((3, 2), np.int32), TypeError, r"^a\b"),
+    (np.zeros((2, 3)), np.zeros((3, 2), np.float16), TypeError, r"^b\b"),
+    (np.zeros((2, 3), np.complex128), np.zeros((3, 2), np.complex128), TypeError, r"^a\b"),
+    (np.zeros((2, 3), np.float32), np.zeros((3, 2)), TypeError, r"\ba\b.*\bb\b"),
+    ([[1.0, 2.0]], np.zeros((2, 2)), TypeError, r"^a\b"),
+    (np.zeros((2, 2)), None, TypeError, r"^b\b"),
+    (1.0, np.zeros((1, 1)), TypeError, r"^a\b"),
+], ids=["a-1d", "a-3d", "b-1d", "b-3d", "inner-mismatch", "int32", "float16", "complex", "mixed", "list", "none",
+        "scalar"])
+def test_matmul_bad_input(a, b, error, match):
+    unchanged = Unchanged(a, b)
+    with pytest.raises(error, match=match):
+        sparkle.matmul(a, b)
+    unchanged.check()
+
+
+@pytest.mark.parametrize("device", ["gpu", "CPU", "", "opencl:0"])
+def test_matmul_unknown_device_lists_available(device):
+    with pytest.raises(ValueError, match="device") as info:
+        sparkle.matmul(np.zeros((2, 2)), np.zeros((2, 2)), device=device)
+    for known in ["cpu", "reference", "auto"]:
+        assert repr(known) in str(info.value)
+
+
+@pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_matmul_ndarray_subclass_works_or_is_rejected_clearly(dtype):
+    # np.matrix is an ndarray subclass, so validation accepts it (and the reference device
+    # computes it). The CPU device must then compute it too, or reject it up front with a
+    # TypeError naming the argument, never fail inside the backend.
+    rng = np.random.default_rng(9)
+    a = np.asmatrix(make_array(rng, (6, 5), dtype))
+    b = np.asmatrix(make_array(rng, (5, 7), dtype))
+    try:
+        c = sparkle.matmul(a, b, device="cpu")
+    except TypeError as error:
+        assert str(error).startswith(("a ", "b ")), error
+        return
+    assert c.shape == (6, 7) and c.dtype == np.dtype(dtype)
+    assert_close_to_reference(c, reference.matmul(np.asarray(a), np.asarray(b)), dtype)

@@ -1,0 +1,243 @@
+"""The CPU backend under every micro-kernel, odd tile sizes, thread counts and channel splits.
+
+Shapes are chosen so that output channels, output pixels and the reduction length are not
+multiples of mr, nr or kc, so every edge-tile and partial-block path runs.
+"""
+
+import dataclasses
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import sparkle
+from sparkle import api, reference
+from sparkle.cpu import backend
+from sparkle.memory import MemoryParams, TileSizes, cache_optimal_tile_size, detect_memory_params
+
+from _helpers import DTYPES, Unchanged, assert_close_to_reference, make_array
+from _strategies import build_inputs, conv_problem
+
+VECTOR_BYTES = 32  # AVX2: 8 float32 or 4 float64 lanes per register
+
+
+def register_width(microkernel, dtype):
+    """nr of a micro-kernel: its vectors of columns times the lanes of one register."""
+    return microkernel[1] * VECTOR_BYTES // np.dtype(dtype).itemsize
+
+
+def tile_configs(mr, nr):
+    """Tile sizes from degenerate to default; None means the planner's own choice."""
+    return {
+        "default": None,
+        "kc1-minimal": TileSizes(kc=1, mc=mr, nc=nr),
+        "kc2-mc-below-mr": TileSizes(kc=2, mc=1, nc=1),
+        "kc3-odd-nc": TileSizes(kc=3, mc=2 * mr, nc=nr + 3),
+        "kc8-mc-not-multiple": TileSizes(kc=8, mc=3 * mr + 1, nc=2 * nr),
+        "kc5-small-nc": TileSizes(kc=5, mc=mr, nc=5),
+    }
+
+
+TILE_NAMES = list(tile_configs(1, 1))
+
+# (x shape, w shape, kwargs) with awkward sizes: K in {13, 9, 8, 7, 5}, pixels in {63, 30, 9, 30, 148},
+# reductions in {45, 12, 25, 17, 27}. Wide rows (and the pointwise case) give micro-panels whose
+# pixels read consecutive input elements next to panels that cross padding or row ends.
+CONV_CASES = {
+    "3x3-pad": ((2, 5, 7, 9), (13, 5, 3, 3), dict(padding=1, activation="relu", bias=True)),
+    "grouped-strided-dilated": ((1, 6, 11, 10), (9, 2, 3, 2),
+                                dict(groups=3, stride=(2, 1), dilation=(1, 2), padding=(1, 0, 2, 1), bias=True)),
+    "depthwise-x2-same": ((1, 4, 6, 5), (8, 1, 5, 5), dict(groups=4, stride=2, padding="same")),
+    "pointwise": ((2, 17, 5, 6), (7, 17, 1, 1), dict(activation="relu")),
+    "wide-rows": ((1, 3, 4, 37), (5, 3, 3, 3), dict(padding=1, bias=True, activation="relu")),
+}
+
+
+def conv_inputs(case, dtype, seed=0):
+    x_shape, w_shape, kwargs = CONV_CASES[case]
+    kwargs = dict(kwargs)
+    rng = np.random.default_rng(seed)
+    x = make_array(rng, x_shape, dtype, layout="negative")
+    w = make_array(rng, w_shape, dtype, layout="F")
+    bias = make_array(rng, (w_shape[0],), dtype) if kwargs.pop("bias", False) else None
+    return x, w, bias, kwargs
+
+
+def run_backend_conv(x, w, bias, kwargs, plan):
+    spec = api.conv2d_spec(x, w, bias, **kwargs)
+    unchanged = Unchanged(x, w, bias)
+    y = backend.conv2d(x, w, bias, spec, plan)
+    unchanged.check()
+    assert y.shape == spec.output_shape and y.dtype == x.dtype and y.flags.c_contiguous
+    return y, reference.conv2d(x, w, bias, **kwargs), spec
+
+
+@pytest.mark.boundscheck
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("tiles", TILE_NAMES)
+@pytest.mark.parametrize("case", list(CONV_CASES))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("microkernel", backend.MICROKERNELS)
+def test_conv2d_every_microkernel_and_tiling(microkernel, dtype, case, tiles, threads):
+    x, w, bias, kwargs = conv_inputs(case, dtype)
+    spec = api.conv2d_spec(x, w, bias, **kwargs)
+    mr, nr = microkernel[0], register_width(microkernel, dtype)
+    plan = backend.plan_conv2d(spec, microkernel=microkernel, tiles=tile_configs(mr, nr)[tiles], threads=threads)
+    assert (plan.mr, plan.nr, plan.threads) == (mr, nr, threads)
+    y, ref, _ = run_backend_conv(x, w, bias, kwargs, plan)
+    assert_close_to_reference(y, ref, dtype)
+
+
+@pytest.mark.boundscheck
+@pytest.mark.parametrize("chunks", [2, 3, "all", "more-than-panels"])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("microkernel", backend.MICROKERNELS)
+def test_conv2d_channel_chunks(microkernel, dtype, threads, chunks):
+    # Output-channel panels split across jobs, including chunks that get no panel at all.
+    x, w, bias, kwargs = conv_inputs("3x3-pad", dtype, seed=1)
+    spec = api.conv2d_spec(x, w, bias, **kwargs)
+    plan = backend.plan_conv2d(spec, microkernel=microkernel,
+                               tiles=TileSizes(kc=4, mc=microkernel[0], nc=register_width(microkernel, dtype) + 1),
+                               threads=threads)
+    panels = -(-spec.out_channels // plan.mr)
+    count = {"all": panels, "more-than-panels": panels + 2}.get(chunks, chunks)
+    y, ref, _ = run_backend_conv(x, w, bias, kwargs, dataclasses.replace(plan, channel_chunks=count))
+    assert_close_to_reference(y, ref, dtype)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 5])
+def test_planner_channel_split_is_within_panel_count(threads):
+    x = np.zeros((1, 8, 2, 2), np.float32)
+    small = api.conv2d_spec(x, np.zeros((60, 8, 1, 1), np.float32))
+    plan = backend.plan_conv2d(small, threads=threads)
+    assert plan.threads == threads
+    assert 1 <= plan.channel_chunks <= -(-60 // plan.mr)
+    assert plan.kc > 0 and plan.mc > 0 and plan.nc > 0
+    # Plenty of pixel blocks: no reason to split output channels.
+    big = api.conv2d_spec(np.zeros((8, 8, 64, 64), np.float32), np.zeros((60, 8, 1, 1), np.float32))
+    assert backend.plan_conv2d(big, threads=threads).channel_chunks == 1
+
+
+def test_plan_rejects_unknown_microkernel():
+    spec = api.conv2d_spec(np.zeros((1, 1, 3, 3), np.float32), np.zeros((1, 1, 1, 1), np.float32))
+    with pytest.raises(ValueError, match="microkernel"):
+        backend.plan_conv2d(spec, microkernel=(5, 5))
+
+
+MATMUL_SHAPES = [(1, 1, 1), (1, 5, 7), (5, 7, 13), (13, 17, 33), (33, 100, 17), (100, 33, 7), (17, 1, 100),
+                 (7, 13, 1), (100, 100, 100)]
+
+
+@pytest.mark.boundscheck
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("tiles", ["default", "kc1-minimal", "kc3-odd-nc", "kc8-mc-not-multiple"])
+@pytest.mark.parametrize("mkn", MATMUL_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("microkernel", backend.MICROKERNELS)
+def test_matmul_every_microkernel_and_tiling(microkernel, dtype, mkn, tiles, threads):
+    m, k, n = mkn
+    rng = np.random.default_rng(m * 10000 + k * 100 + n)
+    a = make_array(rng, (m, k), dtype, layout="F")
+    b = make_array(rng, (k, n), dtype, layout="sliced")
+    spec = api.matmul_spec(a, b)
+    mr, nr = microkernel[0], register_width(microkernel, dtype)
+    plan = backend.plan_conv2d(backend.matmul_as_conv2d_spec(spec), microkernel=microkernel,
+                               tiles=tile_configs(mr, nr)[tiles], threads=threads)
+    unchanged = Unchanged(a, b)
+    c = backend.matmul(a, b, spec, plan)
+    unchanged.check()
+    assert c.shape == (m, n) and c.dtype == np.dtype(dtype) and c.flags.c_contiguous
+    assert_close_to_reference(c, reference.matmul(a, b), dtype)
+
+
+# --- cache detection and tile sizes -------------------------------------------------------------
+
+
+def test_detect_memory_params_positive():
+    params = sparkle.detect_memory_params()
+    assert params.l1d > 0 and params.l2 > 0 and params.l3 > 0 and params.line > 0
+    assert params.l1d <= params.l2
+    assert params.source in ("sysfs", "sysconf", "defaults")
+
+
+def test_sysfs_cache_description_is_parsed(tmp_path):
+    # A fake /sys/devices/system/cpu/cpu0/cache tree: the instruction cache must be ignored.
+    from sparkle.memory import _from_sysfs
+
+    entries = [("Data", 1, "48K"), ("Instruction", 1, "32K"), ("Unified", 2, "2048K"), ("Unified", 3, "36M")]
+    for i, (kind, level, size) in enumerate(entries):
+        index = tmp_path / f"index{i}"
+        index.mkdir()
+        (index / "type").write_text(kind + "\n")
+        (index / "level").write_text(f"{level}\n")
+        (index / "size").write_text(size + "\n")
+        (index / "coherency_line_size").write_text("64\n")
+    params = _from_sysfs(tmp_path)
+    assert (params.l1d, params.l2, params.l3, params.line) == (48 * 1024, 2048 * 1024, 36 * 1024 ** 2, 64)
+    assert _from_sysfs(tmp_path / "missing") is None
+
+
+def check_tiles(tiles, mr, nr):
+    assert tiles.kc > 0 and tiles.mc > 0 and tiles.nc > 0
+    assert tiles.kc % 8 == 0
+    assert tiles.mc % mr == 0
+    assert tiles.nc % nr == 0
+    assert all(isinstance(v, int) for v in (tiles.kc, tiles.mc, tiles.nc))
+
+
+@pytest.mark.parametrize("itemsize", [4, 8])
+@pytest.mark.parametrize("microkernel", backend.MICROKERNELS)
+def test_cache_optimal_tile_size_for_this_machine(microkernel, itemsize):
+    mr, nr = microkernel[0], microkernel[1] * VECTOR_BYTES // itemsize
+    tiles = sparkle.cache_optimal_tile_size(mr, nr, itemsize)
+    check_tiles(tiles, mr, nr)
+    # A micro-panel pair of A and B fits in L1.
+    assert (mr + nr) * tiles.kc * itemsize <= detect_memory_params().l1d
+
+
+@settings(max_examples=100, deadline=None)
+@given(mr=st.integers(1, 16), nr=st.integers(1, 64), itemsize=st.sampled_from([1, 2, 4, 8, 16]),
+       l1d=st.integers(1, 1 << 20), l2=st.integers(1, 1 << 25), l3=st.integers(1, 1 << 30))
+def test_cache_optimal_tile_size_any_cache(mr, nr, itemsize, l1d, l2, l3):
+    # Even absurd caches (a few bytes) must give usable positive, aligned tiles.
+    params = MemoryParams(l1d=l1d, l2=l2, l3=l3, line=64, source="test")
+    check_tiles(cache_optimal_tile_size(mr, nr, itemsize, params), mr, nr)
+
+
+@pytest.mark.parametrize("mr, nr, itemsize", [(0, 16, 4), (6, 0, 4), (6, 16, 0), (-6, 16, 4), (6, 16, -4)])
+def test_cache_optimal_tile_size_rejects_non_positive(mr, nr, itemsize):
+    with pytest.raises(ValueError, match="positive"):
+        sparkle.cache_optimal_tile_size(mr, nr, itemsize)
+
+
+@pytest.mark.parametrize("mr, nr, itemsize", [(2.5, 16, 4), (6, 16.0, 4), (6, 16, 4.5), ("6", 16, 4), (6, None, 4)])
+def test_cache_optimal_tile_size_rejects_non_integers(mr, nr, itemsize):
+    # Tile sizes are loop bounds and array sizes; floats must not leak into them.
+    with pytest.raises((TypeError, ValueError), match=r"mr|nr|itemsize"):
+        sparkle.cache_optimal_tile_size(mr, nr, itemsize)
+
+
+@st.composite
+def plan_choice(draw):
+    return dict(microkernel=draw(st.sampled_from(backend.MICROKERNELS)), kc=draw(st.integers(1, 40)),
+                mc=draw(st.integers(1, 40)), nc=draw(st.integers(1, 80)), threads=draw(st.integers(1, 3)),
+                extra_chunks=draw(st.integers(0, 3)))
+
+
+@pytest.mark.boundscheck
+@settings(max_examples=300, deadline=None)
+@given(problem=conv_problem(max_channels=20, max_size=20), choice=plan_choice())
+def test_conv2d_random_problem_and_random_plan(problem, choice):
+    # Any tiling, thread count and channel split of any problem gives the reference result.
+    x, w, bias = build_inputs(problem)
+    kwargs = dict(stride=problem["stride"], padding=problem["padding"], dilation=problem["dilation"],
+                  groups=problem["groups"], activation=problem["activation"])
+    spec = api.conv2d_spec(x, w, bias, **kwargs)
+    plan = backend.plan_conv2d(spec, microkernel=choice["microkernel"],
+                               tiles=TileSizes(choice["kc"], choice["mc"], choice["nc"]), threads=choice["threads"])
+    panels = -(-(spec.out_channels // spec.groups) // plan.mr)
+    plan = dataclasses.replace(plan, channel_chunks=min(plan.channel_chunks + choice["extra_chunks"], panels + 1))
+    y, ref, _ = run_backend_conv(x, w, bias, kwargs, plan)
+    assert_close_to_reference(y, ref, problem["dtype"])
