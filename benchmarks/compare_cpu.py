@@ -26,8 +26,7 @@ import numpy as np
 
 import sparkle
 from sparkle import api
-from sparkle.cpu.backend import plan_conv2d
-from sparkle.cpu.packing import pack_weights
+from sparkle.cpu.backend import allocate_scratch, plan_conv2d
 from sparkle.demo import interleaved_best, layer_flops, layer_inputs, peak_extra_memory
 from sparkle.workloads import MATMUL_SIZES, RESNET50_LAYERS
 
@@ -141,7 +140,7 @@ def measure_memory():
     return {"layer": layer.name, "batch": MEMORY_BATCH, "x": list(x.shape), "w": list(w.shape),
             "peak_extra_bytes": peak, "output_bytes": output, "workspace_bytes": peak - output,
             # Sizes from the backend's own plan, so they follow its packing.
-            "packed_weights_bytes": pack_weights(w, spec.groups, plan_conv2d(spec).mr).nbytes,
+            "scratch_bytes": allocate_scratch(spec, plan_conv2d(spec)).nbytes,
             "input_bytes": x.nbytes,
             "whole_im2col_bytes": spec.batch * reduction * spec.out_h * spec.out_w * x.itemsize}
 
@@ -151,8 +150,8 @@ def print_memory(memory):
     print("Peak bytes allocated during one `sparkle.conv2d` call (tracemalloc, after a warm-up call).\n")
     labels = (("peak extra memory of the call", "peak_extra_bytes"),
               ("of which: the output", "output_bytes"),
-              ("of which: everything else (packed weights, scratch)", "workspace_bytes"),
-              ("packed weights", "packed_weights_bytes"),
+              ("of which: everything else", "workspace_bytes"),
+              ("per-thread scratch the plan allocates (weights are read in place)", "scratch_bytes"),
               ("input", "input_bytes"),
               ("whole-input im2col matrix (not allocated)", "whole_im2col_bytes"))
     rows = [(label, f"{memory[key]:,}", f"{memory[key] / MIB:.2f}", f"{memory[key] / memory['input_bytes']:.2f}")

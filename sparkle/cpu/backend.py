@@ -78,6 +78,33 @@ def _geometry(spec):
             spec.dilation_w, spec.groups, spec.out_h, spec.out_w)
 
 
+@dataclass(frozen=True)
+class Scratch:
+    """Per-thread work buffers of one call: all the memory a call uses besides its output
+    (and contiguous copies of inputs that arrive in another layout)."""
+
+    panel: np.ndarray    # packed im2col patch, kc x (pixel block)
+    origins: np.ndarray  # input row/column origin of each pixel of the block
+    offsets: np.ndarray  # source offset per tap and pixel
+    runs: np.ndarray     # first offset of each contiguous panel per tap
+    tile: np.ndarray     # one mr x nr edge block
+
+    @property
+    def nbytes(self):
+        return sum(buffer.nbytes for buffer in (self.panel, self.origins, self.offsets, self.runs, self.tile))
+
+
+def allocate_scratch(spec, plan):
+    padded_pixels = panel_count(min(plan.nc, spec.out_h * spec.out_w), plan.nr) * plan.nr
+    taps = spec.kernel_h * spec.kernel_w
+    return Scratch(
+        panel=np.empty((plan.threads, plan.kc * padded_pixels), dtype=spec.dtype),
+        origins=np.empty((plan.threads, 2, padded_pixels), dtype=np.int64),
+        offsets=np.empty((plan.threads, taps, padded_pixels), dtype=np.int64),
+        runs=np.empty((plan.threads, taps, padded_pixels // plan.nr), dtype=np.int64),
+        tile=np.empty((plan.threads, plan.mr * plan.nr), dtype=spec.dtype))
+
+
 def _read_only_flat(array):
     """A flat C-order read-only view (a copy only when the layout needs one).
 
@@ -98,17 +125,11 @@ def conv2d(x, w, bias, spec, plan=None):
     x_flat = _read_only_flat(x)
     w_flat = _read_only_flat(w)
     bias_flat = _read_only_flat(bias if bias is not None else np.zeros(spec.out_channels, spec.dtype))
-    padded_pixels = panel_count(min(plan.nc, spec.out_h * spec.out_w), plan.nr) * plan.nr
-    taps = spec.kernel_h * spec.kernel_w
-    panel_scratch = np.empty((plan.threads, plan.kc * padded_pixels), dtype=spec.dtype)
-    origin_scratch = np.empty((plan.threads, 2, padded_pixels), dtype=np.int64)
-    offset_scratch = np.empty((plan.threads, taps, padded_pixels), dtype=np.int64)
-    run_scratch = np.empty((plan.threads, taps, padded_pixels // plan.nr), dtype=np.int64)
-    tile_scratch = np.empty((plan.threads, plan.mr * plan.nr), dtype=spec.dtype)
+    scratch = allocate_scratch(spec, plan)
     driver = fused_conv2d_driver(plan.mr, plan.nv)
     driver(x_flat, w_flat, bias_flat, out.reshape(-1), _geometry(spec), spec.has_bias,
            spec.activation == "relu", plan.nr, plan.kc, plan.mc, plan.nc, plan.channel_chunks,
-           panel_scratch, origin_scratch, offset_scratch, run_scratch, tile_scratch)
+           scratch.panel, scratch.origins, scratch.offsets, scratch.runs, scratch.tile)
     return out
 
 

@@ -109,13 +109,13 @@ def fused_conv2d_driver(mr, nv):
                 padded_pixels = (block_pixels + nr - 1) // nr * nr
                 pixel_origins(first_pixel, block_pixels, padded_pixels, out_w, stride_h, stride_w, pad_top,
                               pad_left, row_origin, col_origin)
-                tap_offsets(kernel_h, kernel_w, dilation_h, dilation_w, height, width, nr, padded_pixels,
+                tap_offsets(kernel_h, kernel_w, dilation_h, dilation_w, height, width, stride_w, nr, padded_pixels,
                             row_origin, col_origin, offsets, runs)
                 image_offset = (image * channels + group * c_group) * plane
                 for pc in range(0, reduction, kc):
                     depth = min(kc, reduction - pc)
-                    pack_im2col_block(x, image_offset, plane, taps, pc, depth, nr, padded_pixels, offsets, runs,
-                                      panel)
+                    pack_im2col_block(x, image_offset, plane, taps, pc, depth, stride_w, nr, padded_pixels, offsets,
+                                      runs, panel)
                     accumulate = pc > 0
                     last = pc + depth >= reduction
                     for ic in range(first_panel, end_panel, mc_panels):

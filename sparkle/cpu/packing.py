@@ -34,12 +34,12 @@ def pixel_origins(first_pixel, pixel_count, padded_count, out_w, stride_h, strid
 
 
 @njit(cache=True, inline="always")
-def tap_offsets(kernel_h, kernel_w, dilation_h, dilation_w, height, width, nr, padded_count,
+def tap_offsets(kernel_h, kernel_w, dilation_h, dilation_w, height, width, stride_w, nr, padded_count,
                 row_origin, col_origin, offsets, runs):
     """For every tap t = r * S + s and pixel q: ``offsets[t, q]``, the offset inside one
     input channel plane that the tap reads, or -1 where it falls in the padding; and
-    ``runs[t, jp]``, the first offset of panel ``jp`` when its ``nr`` pixels read
-    consecutive valid elements (a plain copy), else -1."""
+    ``runs[t, jp]``, the first offset of panel ``jp`` when its ``nr`` pixels read valid
+    elements ``stride_w`` apart (one input row: a strided copy), else -1."""
     for r in range(kernel_h):
         for s in range(kernel_w):
             tap = r * kernel_w + s
@@ -52,13 +52,13 @@ def tap_offsets(kernel_h, kernel_w, dilation_h, dilation_w, height, width, nr, p
                 start = offsets[tap, jp * nr]
                 runs[tap, jp] = start
                 for j in range(nr):
-                    if start < 0 or offsets[tap, jp * nr + j] != start + j:
+                    if start < 0 or offsets[tap, jp * nr + j] != start + j * stride_w:
                         runs[tap, jp] = -1
                         break
 
 
 @njit(cache=True, inline="always")
-def pack_im2col_block(x, image_offset, plane, taps, first_reduction, depth, nr, padded_count,
+def pack_im2col_block(x, image_offset, plane, taps, first_reduction, depth, stride_w, nr, padded_count,
                       offsets, runs, panel):
     """Pack reduction rows [first_reduction, first_reduction + depth) of the im2col patch
     into ``panel`` as (padded_count // nr) panels of (depth, nr)."""
@@ -71,9 +71,12 @@ def pack_im2col_block(x, image_offset, plane, taps, first_reduction, depth, nr, 
         for jp in range(panels):
             destination = (jp * depth + pp) * nr
             run = runs[tap, jp]
-            if run >= 0:
-                for j in range(nr):
+            if run >= 0 and stride_w == 1:
+                for j in range(nr):  # vectorized copy
                     panel[destination + j] = x[source + run + j]
+            elif run >= 0:
+                for j in range(nr):
+                    panel[destination + j] = x[source + run + j * stride_w]
             else:
                 for j in range(nr):
                     # Branch-free: read a valid element either way, keep it only for a real tap.
