@@ -1,9 +1,8 @@
 """asv benchmarks: sparkle.conv2d on the ResNet-50 layers (float32, N=1) and its extra memory."""
 
 import sparkle
-from sparkle.demo import best_time, layer_flops, layer_inputs, peak_extra_memory
-from sparkle.workloads import RESNET50_LAYERS
-
+from sparkle.timing import best_time, peak_extra_memory
+from sparkle.workloads import RESNET50_LAYERS, layer_flops, layer_inputs
 
 LAYERS = {layer.name: layer for layer in RESNET50_LAYERS}
 GFLOPS_REPEAT = 10  # calls per track_gflops sample; the best is kept

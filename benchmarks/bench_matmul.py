@@ -3,9 +3,8 @@
 import numpy as np
 
 import sparkle
-from sparkle.demo import best_time, interleaved_best
+from sparkle.timing import best_time, interleaved_best
 from sparkle.workloads import MATMUL_SIZES
-
 
 GFLOPS_REPEAT = 5  # calls per track sample; the best is kept
 

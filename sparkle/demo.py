@@ -4,7 +4,6 @@ Run ``python -m sparkle.demo [--batch N] [--dtype float32|float64] [--repeat R]`
 Prints time, GFLOPS and error per layer; exits with status 1 if any layer's relative
 L2 error against ``sparkle.reference.conv2d`` exceeds the tolerance of its dtype.
 
-The input helpers and timers here are shared with ``benchmarks/``.
 """
 
 from __future__ import annotations
@@ -12,72 +11,18 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
-import time
-import tracemalloc
 
 import numba
 import numpy as np
 
-from . import api, reference
+from . import reference
 from .devices import devices
 from .ops import conv2d
-from .workloads import RESNET50_LAYERS
+from .timing import interleaved_best, timed
+from .workloads import RESNET50_LAYERS, layer_flops, layer_inputs
 
 # Largest accepted relative L2 error of a result against the float64 reference.
 TOLERANCES = {"float32": 1e-5, "float64": 1e-12}
-
-
-def layer_inputs(layer, batch=1, dtype=np.float32, seed=0):
-    """Random (x, w) for a workload layer; weights scaled by 1/sqrt(fan-in) as in a trained net."""
-    x_shape, w_shape = layer.shapes(batch)
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal(x_shape).astype(dtype)
-    fan_in = w_shape[1] * w_shape[2] * w_shape[3]
-    w = (rng.standard_normal(w_shape) / np.sqrt(fan_in)).astype(dtype)
-    return x, w
-
-
-def layer_flops(layer, x, w):
-    return api.conv2d_spec(x, w, **layer.conv_kwargs()).flops
-
-
-def timed(fn):
-    """(seconds, result) of one call."""
-    start = time.perf_counter()
-    result = fn()
-    return time.perf_counter() - start, result
-
-
-def best_time(fn, repeat):
-    """Best wall time of ``repeat`` calls: the least disturbed by other work on the machine."""
-    return min(timed(fn)[0] for _ in range(repeat))
-
-
-def interleaved_best(calls, repeat, burst=1):
-    """Best seconds of each named callable over ``repeat`` rounds; each round calls every
-    one ``burst`` times in a row. Round-robin spreads each one's samples over the run, so
-    a slow phase of a noisy machine cannot take all of them. Warm calls up beforehand."""
-    best = dict.fromkeys(calls, float("inf"))
-    for _ in range(repeat):
-        for name, fn in calls.items():
-            for _ in range(burst):
-                best[name] = min(best[name], timed(fn)[0])
-    return best
-
-
-def peak_extra_memory(fn):
-    """Peak bytes allocated while ``fn()`` runs, its result included, as tracemalloc sees them
-    (numpy reports its buffers to tracemalloc; memory allocated inside compiled code is not seen)."""
-    tracemalloc.start()
-    try:
-        before = tracemalloc.get_traced_memory()[0]
-        tracemalloc.reset_peak()
-        result = fn()
-        peak = tracemalloc.get_traced_memory()[1]
-        del result  # held until the peak is read, so that the output counts
-    finally:
-        tracemalloc.stop()
-    return peak - before
 
 
 def errors(result, expected):

@@ -2,6 +2,10 @@
 
 from dataclasses import dataclass
 
+import numpy as np
+
+from . import api
+
 
 @dataclass(frozen=True)
 class ConvLayer:
@@ -35,3 +39,17 @@ RESNET50_LAYERS = (
 )
 
 MATMUL_SIZES = (1024, 1536, 2048)
+
+
+def layer_inputs(layer, batch=1, dtype=np.float32, seed=0):
+    """Random (x, w) for a workload layer; weights scaled by 1/sqrt(fan-in) as in a trained net."""
+    x_shape, w_shape = layer.shapes(batch)
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(x_shape).astype(dtype)
+    fan_in = w_shape[1] * w_shape[2] * w_shape[3]
+    w = (rng.standard_normal(w_shape) / np.sqrt(fan_in)).astype(dtype)
+    return x, w
+
+
+def layer_flops(layer, x, w):
+    return api.conv2d_spec(x, w, **layer.conv_kwargs()).flops
