@@ -43,13 +43,14 @@ MIB = 1024 * 1024
 # Calls of one candidate in a row per round: a call straight after another library's can
 # be slowed by that library's thread pool still spinning, which is no property of either.
 BURST = 3
+SETTLE_SECONDS = 0.2  # let the other library's spinning worker threads go idle before a burst
 
 
 def best_of_rounds(calls, repeat):
     """Warm every call up, then the best seconds of each over ``repeat`` interleaved rounds."""
     for fn in calls.values():
         fn()
-    return interleaved_best(calls, repeat, burst=BURST)
+    return interleaved_best(calls, repeat, burst=BURST, settle=SETTLE_SECONDS)
 
 
 def geomean(values):

@@ -20,13 +20,18 @@ def best_time(fn, repeat):
     return min(timed(fn)[0] for _ in range(repeat))
 
 
-def interleaved_best(calls, repeat, burst=1):
+def interleaved_best(calls, repeat, burst=1, settle=0.0):
     """Best seconds of each named callable over ``repeat`` rounds; each round calls every
     one ``burst`` times in a row. Round-robin spreads each one's samples over the run, so
-    a slow phase of a noisy machine cannot take all of them. Warm calls up beforehand."""
+    a slow phase of a noisy machine cannot take all of them. Warm calls up beforehand.
+
+    ``settle`` seconds of sleep before each burst let the previous library's worker
+    threads stop spinning (OpenBLAS's spin for up to about 0.1 s after a call and would
+    take cores from whatever runs next)."""
     best = dict.fromkeys(calls, float("inf"))
     for _ in range(repeat):
         for name, fn in calls.items():
+            time.sleep(settle)
             for _ in range(burst):
                 best[name] = min(best[name], timed(fn)[0])
     return best

@@ -152,3 +152,22 @@ def test_matmul_ndarray_subclass_works_or_is_rejected_clearly(dtype):
         return
     assert c.shape == (6, 7) and c.dtype == np.dtype(dtype)
     assert_close_to_reference(c, reference.matmul(np.asarray(a), np.asarray(b)), dtype)
+
+
+@pytest.mark.boundscheck
+@pytest.mark.parametrize("dtype, inner", [(np.float32, 1024), (np.float32, 2048), (np.float64, 512)])
+def test_cache_aliasing_rows_take_the_padded_weight_path(dtype, inner):
+    # Rows of 4 KiB multiples alias in the caches; the backend copies them to a padded stride.
+    from sparkle.cpu.backend import padded_leading_dimension
+
+    assert padded_leading_dimension(inner, np.dtype(dtype).itemsize) > inner
+    rng = np.random.default_rng(inner)
+    a = rng.standard_normal((13, inner)).astype(dtype)
+    b = rng.standard_normal((inner, 21)).astype(dtype)
+    a_before, b_before = a.copy(), b.copy()
+    result = sparkle.matmul(a, b, device="cpu")
+    expected = reference.matmul(a, b)
+    tolerance = 1e-5 if dtype == np.float32 else 1e-12
+    assert np.linalg.norm(result - expected) / np.linalg.norm(expected) <= tolerance
+    np.testing.assert_array_equal(a, a_before)
+    np.testing.assert_array_equal(b, b_before)

@@ -105,6 +105,32 @@ def allocate_scratch(spec, plan):
         tile=np.empty((plan.threads, plan.mr * plan.nr), dtype=spec.dtype))
 
 
+def padded_leading_dimension(row_elements, itemsize, line=64, sets=1024):
+    """Row stride (in elements) at which ``mr`` weight rows read side by side do not all
+    land in the same few cache sets.
+
+    A row length that is a multiple of many cache lines (1024 floats: every row starts on
+    the same 4 KiB boundary) maps the rows of a weight block onto a few sets of L1 and L2,
+    which then thrash. Such rows get one extra cache line of padding; others are kept.
+    """
+    row_bytes = row_elements * itemsize
+    if row_bytes % line or math.gcd(row_bytes // line, sets) < 64:
+        return row_elements
+    return row_elements + line // itemsize
+
+
+def weight_rows(w):
+    """The weights as a K x (C/groups * R * S) matrix and its row stride (padded when the
+    natural one would alias in the caches; a copy only then or for a non-C layout)."""
+    rows = np.ascontiguousarray(w).reshape(w.shape[0], -1)
+    lda = padded_leading_dimension(rows.shape[1], rows.itemsize)
+    if lda == rows.shape[1]:
+        return rows, lda
+    padded = np.zeros((rows.shape[0], lda), dtype=rows.dtype)
+    padded[:, :rows.shape[1]] = rows
+    return padded, lda
+
+
 def _read_only_flat(array):
     """A flat C-order read-only view (a copy only when the layout needs one).
 
@@ -123,11 +149,12 @@ def conv2d(x, w, bias, spec, plan=None):
         return out
     plan = plan or plan_conv2d(spec)
     x_flat = _read_only_flat(x)
-    w_flat = _read_only_flat(w)
+    w_rows, lda = weight_rows(w)
+    w_flat = _read_only_flat(w_rows)
     bias_flat = _read_only_flat(bias if bias is not None else np.zeros(spec.out_channels, spec.dtype))
     scratch = allocate_scratch(spec, plan)
     driver = fused_conv2d_driver(plan.mr, plan.nv)
-    driver(x_flat, w_flat, bias_flat, out.reshape(-1), _geometry(spec), spec.has_bias,
+    driver(x_flat, w_flat, lda, bias_flat, out.reshape(-1), _geometry(spec), spec.has_bias,
            spec.activation == "relu", plan.nr, plan.kc, plan.mc, plan.nc, plan.channel_chunks,
            scratch.panel, scratch.origins, scratch.offsets, scratch.runs, scratch.tile)
     return out

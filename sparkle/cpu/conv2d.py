@@ -7,6 +7,8 @@ it is hot in cache. Jobs are (image, group, pixel block, channel chunk); threads
 them from a shared atomic counter and work in per-thread scratch buffers.
 """
 
+import hashlib
+import pathlib
 from functools import lru_cache
 
 import numpy as np
@@ -56,26 +58,42 @@ def _block_kernel(mr, nv, nr, depth, a, a_off, lda, b, b_off, out, c_off, ldc, r
     return True
 
 
+def kernel_source_fingerprint():
+    """Hash of the sources compiled into the driver.
+
+    Numba's disk cache revalidates a function against its own file only; the driver
+    inlines code from its sibling modules, so their contents go into its cache key.
+    """
+    digest = hashlib.sha256()
+    for module in ("atomics.py", "conv2d.py", "microkernel.py", "packing.py"):
+        digest.update((pathlib.Path(__file__).parent / module).read_bytes())
+    return int.from_bytes(digest.digest()[:7], "little")
+
+
 @lru_cache(maxsize=None)
 def fused_conv2d_driver(mr, nv):
     """The compiled driver for an ``mr x nv``-vector micro-kernel.
 
     ``mr`` and ``nv`` are closure constants, so the micro-kernel is specialized at
     compile time, while Numba's disk cache still tells the variants apart (it hashes
-    closure contents). Shapes are runtime values: a new shape never compiles.
+    closure contents, the source fingerprint included). Shapes are runtime values: a new
+    shape never compiles.
     """
+    source_fingerprint = kernel_source_fingerprint()
 
     @njit(cache=True, parallel=True)
-    def conv2d_fused(x, w, bias, out, geometry, use_bias, relu, nr, kc, mc, nc, channel_chunks,
+    def conv2d_fused(x, w, lda, bias, out, geometry, use_bias, relu, nr, kc, mc, nc, channel_chunks,
                      panel_scratch, origin_scratch, offset_scratch, run_scratch, tile_scratch):
-        """Run the whole convolution. ``x``, ``w`` and ``out`` are flat C-order arrays
-        (NCHW, KCRS, NKHW); ``bias`` has K entries (zeros when unused)."""
+        """Run the whole convolution. ``x`` and ``out`` are flat C-order NCHW arrays, ``w``
+        the flat K x (C/groups * R * S) weight matrix with rows ``lda`` apart; ``bias`` has
+        K entries (zeros when unused)."""
+        _ = source_fingerprint  # part of the closure, hence of the disk cache key
         (batch, channels, height, width, k_total, kernel_h, kernel_w, stride_h, stride_w,
          pad_top, pad_left, dilation_h, dilation_w, groups, out_h, out_w) = geometry
         c_group = channels // groups
         k_group = k_total // groups
         taps = kernel_h * kernel_w
-        reduction = taps * c_group  # = lda, the length of one weight row
+        reduction = taps * c_group
         pixels = out_h * out_w
         plane = height * width
         panels = (k_group + mr - 1) // mr
@@ -126,7 +144,7 @@ def fused_conv2d_driver(mr, nv):
                                 rows = min(mr, k_group - ip * mr)
                                 channel = group * k_group + ip * mr
                                 c_off = (image * k_total + channel) * pixels + first_pixel + jp * nr
-                                if not _block_kernel(mr, nv, nr, depth, w, channel * reduction + pc, reduction,
+                                if not _block_kernel(mr, nv, nr, depth, w, channel * lda + pc, lda,
                                                      panel, jp * depth * nr, out, c_off, pixels, rows, cols,
                                                      accumulate, bias, channel, use_bias and last, relu and last,
                                                      tile):

@@ -104,11 +104,17 @@ def microkernel(typingctx, mr, nv, kc, a, a_off, lda, a_rows, b, b_off, c, c_off
         for i in range(rows):
             for j in range(vectors):
                 builder.store(zero, accumulators[i][j])
+        # C is added after the loop, not loaded before it: its rows may be far away in
+        # memory, and a prefetch now lets the loop hide their latency.
+        prefetch = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [ir.IntType(8).as_pointer(), _I32, _I32, _I32]),
+            "llvm.prefetch.p0i8")
         with builder.if_then(load_c_v):
             for i in range(rows):
-                for j in range(vectors):
-                    value = builder.load(c_vector_pointer(i, j), align=elem_align)
-                    builder.store(value, accumulators[i][j])
+                for j in range(0, vectors * lanes * elem_align, 64):
+                    line = builder.bitcast(c_vector_pointer(i, 0), ir.IntType(8).as_pointer())
+                    line = builder.gep(line, [ir.Constant(_I64, j)])
+                    builder.call(prefetch, [line, ir.Constant(_I32, 1), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
 
         with cgutils.for_range(builder, kc_v) as loop:
             p = loop.index
@@ -125,6 +131,11 @@ def microkernel(typingctx, mr, nv, kc, a, a_off, lda, a_rows, b, b_off, c, c_off
                     acc = builder.load(accumulators[i][j])
                     builder.store(builder.call(fma, [a_vector, b_vectors[j], acc]), accumulators[i][j])
 
+        with builder.if_then(load_c_v):
+            for i in range(rows):
+                for j in range(vectors):
+                    value = builder.load(c_vector_pointer(i, j), align=elem_align)
+                    builder.store(builder.fadd(builder.load(accumulators[i][j]), value), accumulators[i][j])
         with builder.if_then(use_bias_v):
             for i in range(rows):
                 bias_vector = _broadcast(builder, builder.load(builder.gep(bias_ptr, [row_index[i]])), vec_t)
