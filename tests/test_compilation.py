@@ -14,7 +14,7 @@ from sparkle.cpu.conv2d import fused_conv2d_driver
 
 def test_new_shapes_and_layouts_do_not_compile():
     rng = np.random.default_rng(0)
-    driver = fused_conv2d_driver(*backend.DEFAULT_MICROKERNEL)
+    driver = fused_conv2d_driver(*backend.DEFAULT_MICROKERNEL, 16)
     problems = [((1, 3, 9, 9), (6, 3, 3, 3)), ((2, 8, 17, 5), (12, 4, 2, 1)), ((1, 5, 30, 31), (7, 5, 5, 5))]
     for x_shape, w_shape in problems:
         x = rng.standard_normal(x_shape).astype(np.float32)
@@ -36,7 +36,7 @@ def test_second_process_loads_kernels_from_disk_cache():
         from sparkle.cpu.conv2d import fused_conv2d_driver
         x = np.ones((1, 2, 6, 6), np.float32); w = np.ones((6, 2, 3, 3), np.float32)
         sparkle.conv2d(x, w, device="cpu")
-        stats = fused_conv2d_driver(6, 2).stats
+        stats = fused_conv2d_driver(6, 2, 16).stats
         print(sum(stats.cache_hits.values()), sum(stats.cache_misses.values()))
     """)
     for _ in range(2):  # the first run may have to compile and write the cache

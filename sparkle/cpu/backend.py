@@ -87,11 +87,12 @@ class Scratch:
     origins: np.ndarray  # input row/column origin of each pixel of the block
     offsets: np.ndarray  # source offset per tap and pixel
     runs: np.ndarray     # first offset of each contiguous panel per tap
+    rows: np.ndarray     # channel plane and tap of each reduction row of a block
     tile: np.ndarray     # one mr x nr edge block
 
     @property
     def nbytes(self):
-        return sum(buffer.nbytes for buffer in (self.panel, self.origins, self.offsets, self.runs, self.tile))
+        return sum(buffer.nbytes for buffer in (self.panel, self.origins, self.offsets, self.runs, self.rows, self.tile))
 
 
 def allocate_scratch(spec, plan):
@@ -102,6 +103,7 @@ def allocate_scratch(spec, plan):
         origins=np.empty((plan.threads, 2, padded_pixels), dtype=np.int64),
         offsets=np.empty((plan.threads, taps, padded_pixels), dtype=np.int64),
         runs=np.empty((plan.threads, taps, padded_pixels // plan.nr), dtype=np.int64),
+        rows=np.empty((plan.threads, plan.kc, 2), dtype=np.int64),
         tile=np.empty((plan.threads, plan.mr * plan.nr), dtype=spec.dtype))
 
 
@@ -153,10 +155,10 @@ def conv2d(x, w, bias, spec, plan=None):
     w_flat = _read_only_flat(w_rows)
     bias_flat = _read_only_flat(bias if bias is not None else np.zeros(spec.out_channels, spec.dtype))
     scratch = allocate_scratch(spec, plan)
-    driver = fused_conv2d_driver(plan.mr, plan.nv)
+    driver = fused_conv2d_driver(plan.mr, plan.nv, plan.nr)
     driver(x_flat, w_flat, lda, bias_flat, out.reshape(-1), _geometry(spec), spec.has_bias,
-           spec.activation == "relu", plan.nr, plan.kc, plan.mc, plan.nc, plan.channel_chunks,
-           scratch.panel, scratch.origins, scratch.offsets, scratch.runs, scratch.tile)
+           spec.activation == "relu", plan.kc, plan.mc, plan.nc, plan.channel_chunks,
+           scratch.panel, scratch.origins, scratch.offsets, scratch.runs, scratch.rows, scratch.tile)
     return out
 
 

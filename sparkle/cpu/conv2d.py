@@ -71,19 +71,19 @@ def kernel_source_fingerprint():
 
 
 @lru_cache(maxsize=None)
-def fused_conv2d_driver(mr, nv):
-    """The compiled driver for an ``mr x nv``-vector micro-kernel.
+def fused_conv2d_driver(mr, nv, nr):
+    """The compiled driver for an ``mr x nv``-vector micro-kernel of ``nr`` columns.
 
-    ``mr`` and ``nv`` are closure constants, so the micro-kernel is specialized at
-    compile time, while Numba's disk cache still tells the variants apart (it hashes
+    ``mr``, ``nv`` and ``nr`` are closure constants, so the micro-kernel and the packing
+    loops (fully unrolled over a panel's ``nr`` pixels) are specialized at compile time, while Numba's disk cache still tells the variants apart (it hashes
     closure contents, the source fingerprint included). Shapes are runtime values: a new
     shape never compiles.
     """
     source_fingerprint = kernel_source_fingerprint()
 
     @njit(cache=True, parallel=True)
-    def conv2d_fused(x, w, lda, bias, out, geometry, use_bias, relu, nr, kc, mc, nc, channel_chunks,
-                     panel_scratch, origin_scratch, offset_scratch, run_scratch, tile_scratch):
+    def conv2d_fused(x, w, lda, bias, out, geometry, use_bias, relu, kc, mc, nc, channel_chunks,
+                     panel_scratch, origin_scratch, offset_scratch, run_scratch, row_scratch, tile_scratch):
         """Run the whole convolution. ``x`` and ``out`` are flat C-order NCHW arrays, ``w``
         the flat K x (C/groups * R * S) weight matrix with rows ``lda`` apart; ``bias`` has
         K entries (zeros when unused)."""
@@ -109,6 +109,7 @@ def fused_conv2d_driver(mr, nv):
             col_origin = origin_scratch[thread, 1]
             offsets = offset_scratch[thread]
             runs = run_scratch[thread]
+            row_sources = row_scratch[thread]
             tile = tile_scratch[thread]
             while True:
                 job = fetch_add(next_job, 0, 1)
@@ -133,7 +134,7 @@ def fused_conv2d_driver(mr, nv):
                 for pc in range(0, reduction, kc):
                     depth = min(kc, reduction - pc)
                     pack_im2col_block(x, image_offset, plane, taps, pc, depth, stride_w, nr, padded_pixels, offsets,
-                                      runs, panel)
+                                      runs, row_sources, panel)
                     accumulate = pc > 0
                     last = pc + depth >= reduction
                     for ic in range(first_panel, end_panel, mc_panels):

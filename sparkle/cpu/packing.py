@@ -59,16 +59,22 @@ def tap_offsets(kernel_h, kernel_w, dilation_h, dilation_w, height, width, strid
 
 @njit(cache=True, inline="always")
 def pack_im2col_block(x, image_offset, plane, taps, first_reduction, depth, stride_w, nr, padded_count,
-                      offsets, runs, panel):
+                      offsets, runs, row_sources, panel):
     """Pack reduction rows [first_reduction, first_reduction + depth) of the im2col patch
-    into ``panel`` as (padded_count // nr) panels of (depth, nr)."""
-    panels = padded_count // nr
+    into ``panel`` as (padded_count // nr) panels of (depth, nr).
+
+    Panel by panel, so that the writes form one sequential stream; ``row_sources`` (at
+    least ``depth`` entries) caches each reduction row's channel plane and tap.
+    """
     for pp in range(depth):
         p = first_reduction + pp
         channel = p // taps
-        tap = p - channel * taps
-        source = image_offset + channel * plane
-        for jp in range(panels):
+        row_sources[pp, 0] = image_offset + channel * plane
+        row_sources[pp, 1] = p - channel * taps
+    for jp in range(padded_count // nr):
+        for pp in range(depth):
+            source = row_sources[pp, 0]
+            tap = row_sources[pp, 1]
             destination = (jp * depth + pp) * nr
             run = runs[tap, jp]
             if run >= 0 and stride_w == 1:
