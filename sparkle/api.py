@@ -84,6 +84,21 @@ def as_float_array(value, name):
     return value
 
 
+def _operand_pair(ndim, first, second):
+    """Two float arrays of ``ndim`` dimensions and one dtype, each given as (value, name, layout)."""
+    arrays = []
+    for value, name, layout in (first, second):
+        array = as_float_array(value, name)
+        if array.ndim != ndim:
+            raise ValueError(f"{name} must be {ndim}-D {layout}, got {array.ndim}-D with shape {array.shape}")
+        arrays.append(array)
+    (_, first_name, _), (_, second_name, _) = first, second
+    if arrays[0].dtype != arrays[1].dtype:
+        raise TypeError(f"{first_name} and {second_name} must have the same dtype, "
+                        f"got {first_name} {arrays[0].dtype} and {second_name} {arrays[1].dtype}")
+    return arrays
+
+
 def _positive_pair(value, name):
     """An int or a pair of ints, each >= 1, as a (h, w) tuple."""
     if _is_int(value):
@@ -133,14 +148,7 @@ def _resolve_padding(padding, height, width, kernel, stride, dilation):
 
 def conv2d_spec(x, w, bias=None, *, stride=1, padding=0, dilation=1, groups=1, activation=None):
     """Validate conv2d arguments and resolve them into a :class:`Conv2dSpec`."""
-    x = as_float_array(x, "x")
-    w = as_float_array(w, "w")
-    if x.ndim != 4:
-        raise ValueError(f"x must be 4-D (N, C, H, W), got {x.ndim}-D with shape {x.shape}")
-    if w.ndim != 4:
-        raise ValueError(f"w must be 4-D (K, C // groups, R, S), got {w.ndim}-D with shape {w.shape}")
-    if x.dtype != w.dtype:
-        raise TypeError(f"x and w must have the same dtype, got x {x.dtype} and w {w.dtype}")
+    x, w = _operand_pair(4, (x, "x", "(N, C, H, W)"), (w, "w", "(K, C // groups, R, S)"))
     if not _is_int(groups):
         raise TypeError(f"groups must be a positive int, got {groups!r}")
     if groups < 1:
@@ -188,14 +196,7 @@ def conv2d_spec(x, w, bias=None, *, stride=1, padding=0, dilation=1, groups=1, a
 
 def matmul_spec(a, b):
     """Validate matmul arguments and resolve them into a :class:`MatmulSpec`."""
-    a = as_float_array(a, "a")
-    b = as_float_array(b, "b")
-    if a.ndim != 2:
-        raise ValueError(f"a must be 2-D (M, K), got {a.ndim}-D with shape {a.shape}")
-    if b.ndim != 2:
-        raise ValueError(f"b must be 2-D (K, N), got {b.ndim}-D with shape {b.shape}")
-    if a.dtype != b.dtype:
-        raise TypeError(f"a and b must have the same dtype, got a {a.dtype} and b {b.dtype}")
+    a, b = _operand_pair(2, (a, "a", "(M, K)"), (b, "b", "(K, N)"))
     if a.shape[1] != b.shape[0]:
         raise ValueError(f"a.shape[1] must equal b.shape[0] (inner dimension K), got a {a.shape} and b {b.shape}")
     return MatmulSpec(m=a.shape[0], k=a.shape[1], n=b.shape[1], dtype=a.dtype)
