@@ -11,6 +11,7 @@ import numpy as np
 from ..api import Conv2dSpec
 from ..memory import cache_optimal_tile_size
 from .conv2d import fused_conv2d_driver
+from .direct import direct_conv2d
 from .microkernel import lanes_for
 from .packing import panel_count
 
@@ -144,8 +145,37 @@ def _read_only_flat(array):
     return flat
 
 
+# Groups with fewer output channels than this run the direct kernel: a GEMM block would
+# compute mostly padding rows (depthwise: 1 real row of 4 or 6).
+DIRECT_MAX_GROUP_OUTPUTS = 3
+
+
+def uses_direct_kernel(spec):
+    return spec.out_channels // spec.groups <= DIRECT_MAX_GROUP_OUTPUTS
+
+
+def conv2d_direct(x, w, bias, spec, threads=None):
+    """Direct convolution (see ``direct.py``) of validated inputs."""
+    out = np.empty(spec.output_shape, dtype=spec.dtype)
+    if out.size == 0:
+        return out
+    threads = threads or numba.get_num_threads()
+    planes = spec.batch * spec.out_channels
+    row_chunks = min(spec.out_h, -(-4 * threads // planes)) if planes < 4 * threads else 1
+    bias_flat = _read_only_flat(bias if bias is not None else np.zeros(spec.out_channels, spec.dtype))
+    direct_conv2d(_read_only_flat(x), _read_only_flat(w), bias_flat, out.reshape(-1), _geometry(spec),
+                  spec.has_bias, spec.activation == "relu", row_chunks, threads)
+    return out
+
+
 def conv2d(x, w, bias, spec, plan=None):
-    """Convolution of validated inputs; returns a new C-contiguous array of ``spec.dtype``."""
+    """Convolution of validated inputs; returns a new C-contiguous array of ``spec.dtype``.
+
+    Without a plan, groups with very few output channels take the direct kernel and
+    everything else the fused im2col + GEMM driver; a plan always means the GEMM driver.
+    """
+    if plan is None and uses_direct_kernel(spec):
+        return conv2d_direct(x, w, bias, spec)
     out = np.empty(spec.output_shape, dtype=spec.dtype)
     if out.size == 0:
         return out

@@ -9,7 +9,7 @@ padding read as zero. Source offsets depend on the tap and the pixel but not on 
 channel, so they are computed once per block of pixels and reused for every channel.
 """
 
-from numba import njit
+from numba import njit, uint64
 
 _FAR_AWAY = -(1 << 40)  # origin of padding pixels: every tap of theirs misses the input
 
@@ -77,15 +77,17 @@ def pack_im2col_block(x, image_offset, plane, taps, first_reduction, depth, stri
             tap = row_sources[pp, 1]
             destination = (jp * depth + pp) * nr
             run = runs[tap, jp]
+            # Unsigned indices: Numba then adds no negative-index wraparound and LLVM
+            # vectorizes the copies.
             if run >= 0 and stride_w == 1:
-                for j in range(nr):  # vectorized copy
-                    panel[destination + j] = x[source + run + j]
+                for j in range(nr):
+                    panel[uint64(destination + j)] = x[uint64(source + run + j)]
             elif run >= 0:
                 for j in range(nr):
-                    panel[destination + j] = x[source + run + j * stride_w]
+                    panel[uint64(destination + j)] = x[uint64(source + run + j * stride_w)]
             else:
                 for j in range(nr):
                     # Branch-free: read a valid element either way, keep it only for a real tap.
                     offset = offsets[tap, jp * nr + j]
-                    value = x[source + max(offset, 0)]
-                    panel[destination + j] = value if offset >= 0 else 0.0
+                    value = x[uint64(source + max(offset, 0))]
+                    panel[uint64(destination + j)] = value if offset >= 0 else 0.0
