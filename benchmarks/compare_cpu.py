@@ -26,7 +26,8 @@ import numpy as np
 
 import sparkle
 from sparkle import api
-from sparkle.cpu.backend import allocate_scratch, plan_conv2d
+from sparkle.cpu.backend import plan_conv2d
+from sparkle.cpu.operands import allocate_scratch
 from sparkle.timing import interleaved_best, peak_extra_memory
 from sparkle.workloads import MATMUL_SIZES, RESNET50_LAYERS, layer_flops, layer_inputs
 

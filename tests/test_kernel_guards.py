@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from sparkle import api
-from sparkle.cpu import backend
+from sparkle.cpu import backend, operands
 from sparkle.cpu.conv2d import fused_conv2d_driver
 
 
@@ -16,13 +16,13 @@ def driver_arguments(dtype):
     w = rng.standard_normal((10, 4, 3, 3)).astype(dtype)
     spec = api.conv2d_spec(x, w, padding=1)
     plan = backend.plan_conv2d(spec, microkernel=backend.DEFAULT_MICROKERNEL)
-    scratch = backend.allocate_scratch(spec, plan)
-    w_rows, lda = backend.weight_rows(w)
+    scratch = operands.allocate_scratch(spec, plan)
+    w_rows, lda = operands.weight_rows(w)
     # Read-only inputs, as the backend passes them (so the compiled driver is reused).
-    arguments = dict(x=backend._read_only_flat(x), w=backend._read_only_flat(w_rows), lda=lda,
-                     bias=backend._read_only_flat(np.zeros(10, dtype)),
+    arguments = dict(x=operands.read_only_flat(x), w=operands.read_only_flat(w_rows), lda=lda,
+                     bias=operands.read_only_flat(np.zeros(10, dtype)),
                      out=np.zeros(int(np.prod(spec.output_shape)), dtype))
-    rest = (backend._geometry(spec), False, False, plan.kc, plan.mc, plan.nc, plan.channel_chunks,
+    rest = (operands.geometry(spec), False, False, plan.kc, plan.mc, plan.nc, plan.channel_chunks,
             scratch.panel, scratch.origins, scratch.offsets, scratch.runs, scratch.rows, scratch.tile)
     return fused_conv2d_driver(plan.mr, plan.nv, plan.nr), arguments, rest
 

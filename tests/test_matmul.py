@@ -158,7 +158,7 @@ def test_matmul_ndarray_subclass_works_or_is_rejected_clearly(dtype):
 @pytest.mark.parametrize("dtype, inner", [(np.float32, 1024), (np.float32, 2048), (np.float64, 512)])
 def test_cache_aliasing_rows_take_the_padded_weight_path(dtype, inner):
     # Rows of 4 KiB multiples alias in the caches; the backend copies them to a padded stride.
-    from sparkle.cpu.backend import padded_leading_dimension
+    from sparkle.cpu.operands import padded_leading_dimension
 
     assert padded_leading_dimension(inner, np.dtype(dtype).itemsize) > inner
     rng = np.random.default_rng(inner)

@@ -1,0 +1,81 @@
+"""What the compiled kernels are handed: flat read-only inputs, the weight matrix with a
+cache-friendly row stride, the geometry tuple and the per-thread scratch buffers."""
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .packing import panel_count
+
+
+def geometry(spec):
+    return (spec.batch, spec.in_channels, spec.height, spec.width, spec.out_channels, spec.kernel_h,
+            spec.kernel_w, spec.stride_h, spec.stride_w, spec.pad_top, spec.pad_left, spec.dilation_h,
+            spec.dilation_w, spec.groups, spec.out_h, spec.out_w)
+
+
+@dataclass(frozen=True)
+class Scratch:
+    """Per-thread work buffers of one call: all the memory a call uses besides its output
+    (and contiguous copies of inputs that arrive in another layout)."""
+
+    panel: np.ndarray    # packed im2col patch, kc x (pixel block)
+    origins: np.ndarray  # input row/column origin of each pixel of the block
+    offsets: np.ndarray  # source offset per tap and pixel
+    runs: np.ndarray     # first offset of each contiguous panel per tap
+    rows: np.ndarray     # channel plane and tap of each reduction row of a block
+    tile: np.ndarray     # one mr x nr edge block
+
+    @property
+    def nbytes(self):
+        return sum(buffer.nbytes for buffer in (self.panel, self.origins, self.offsets, self.runs, self.rows, self.tile))
+
+
+def allocate_scratch(spec, plan):
+    padded_pixels = panel_count(min(plan.nc, spec.out_h * spec.out_w), plan.nr) * plan.nr
+    taps = spec.kernel_h * spec.kernel_w
+    return Scratch(
+        panel=np.empty((plan.threads, plan.kc * padded_pixels), dtype=spec.dtype),
+        origins=np.empty((plan.threads, 2, padded_pixels), dtype=np.int64),
+        offsets=np.empty((plan.threads, taps, padded_pixels), dtype=np.int64),
+        runs=np.empty((plan.threads, taps, padded_pixels // plan.nr), dtype=np.int64),
+        rows=np.empty((plan.threads, plan.kc, 2), dtype=np.int64),
+        tile=np.empty((plan.threads, plan.mr * plan.nr), dtype=spec.dtype))
+
+
+def padded_leading_dimension(row_elements, itemsize, line=64, sets=1024):
+    """Row stride (in elements) at which ``mr`` weight rows read side by side do not all
+    land in the same few cache sets.
+
+    A row length that is a multiple of many cache lines (1024 floats: every row starts on
+    the same 4 KiB boundary) maps the rows of a weight block onto a few sets of L1 and L2,
+    which then thrash. Such rows get one extra cache line of padding; others are kept.
+    """
+    row_bytes = row_elements * itemsize
+    if row_bytes % line or math.gcd(row_bytes // line, sets) < 64:
+        return row_elements
+    return row_elements + line // itemsize
+
+
+def weight_rows(w):
+    """The weights as a K x (C/groups * R * S) matrix and its row stride (padded when the
+    natural one would alias in the caches; a copy only then or for a non-C layout)."""
+    rows = np.ascontiguousarray(w).reshape(w.shape[0], -1)
+    lda = padded_leading_dimension(rows.shape[1], rows.itemsize)
+    if lda == rows.shape[1]:
+        return rows, lda
+    padded = np.zeros((rows.shape[0], lda), dtype=rows.dtype)
+    padded[:, :rows.shape[1]] = rows
+    return padded, lda
+
+
+def read_only_flat(array):
+    """A flat C-order read-only view (a copy only when the layout needs one).
+
+    Inputs always reach the driver read-only, so writable and read-only user arrays
+    share one compiled version instead of compiling one per combination.
+    """
+    flat = np.ascontiguousarray(array).reshape(-1).view()
+    flat.flags.writeable = False
+    return flat
