@@ -75,7 +75,8 @@ def fused_conv2d_driver(mr, nv, nr):
     """The compiled driver for an ``mr x nv``-vector micro-kernel of ``nr`` columns.
 
     ``mr``, ``nv`` and ``nr`` are closure constants, so the micro-kernel and the packing
-    loops (fully unrolled over a panel's ``nr`` pixels) are specialized at compile time, while Numba's disk cache still tells the variants apart (it hashes
+    loops (fully unrolled over a panel's ``nr`` pixels) are specialized at compile time,
+    while Numba's disk cache still tells the variants apart (it hashes
     closure contents, the source fingerprint included). Shapes are runtime values: a new
     shape never compiles.
     """

@@ -7,7 +7,8 @@ One call computes an ``mr x (nv * lanes)`` block of C:
 A is read in place, ``mr`` rows of a row-major matrix (the weights as K x C*R*S, or
 matmul's left operand): each row is a sequential stream, so packing it buys nothing.
 Rows at or past ``a_rows`` repeat the last valid row (the caller discards them), so an
-edge block never reads outside A. B is an ``nr``-column micro-panel stored k-major. The accumulators are ``mr * nv`` vectors of ``lanes`` elements (8 floats or
+edge block never reads outside A. B is an ``nr``-column micro-panel stored k-major.
+The accumulators are ``mr * nv`` vectors of ``lanes`` elements (8 floats or
 4 doubles: one ymm register each); every step loads ``nv`` vectors of B, broadcasts
 ``mr`` scalars of A and issues ``mr * nv`` fused multiply-adds. LLVM keeps the
 accumulators in registers because the loop body is straight-line vector code; plain

@@ -29,7 +29,8 @@ class Scratch:
 
     @property
     def nbytes(self):
-        return sum(buffer.nbytes for buffer in (self.panel, self.origins, self.offsets, self.runs, self.rows, self.tile))
+        buffers = (self.panel, self.origins, self.offsets, self.runs, self.rows, self.tile)
+        return sum(buffer.nbytes for buffer in buffers)
 
 
 def allocate_scratch(spec, plan):
