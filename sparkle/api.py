@@ -153,6 +153,7 @@ def conv2d_spec(x, w, bias=None, *, stride=1, padding=0, dilation=1, groups=1, a
         raise TypeError(f"groups must be a positive int, got {groups!r}")
     if groups < 1:
         raise ValueError(f"groups must be positive, got {groups}")
+    groups = int(groups)  # a numpy integer would change the compiled kernels' argument types
     batch, channels, height, width = x.shape
     out_channels, group_channels, kernel_h, kernel_w = w.shape
     if channels % groups:

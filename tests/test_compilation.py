@@ -6,6 +6,7 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
 
 import sparkle
 from sparkle.cpu import backend
@@ -43,3 +44,22 @@ def test_second_process_loads_kernels_from_disk_cache():
         output = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
     hits, misses = output.split()
     assert int(hits) >= 1 and int(misses) == 0, output
+
+
+def compiled_versions():
+    from sparkle.cpu.direct import direct_conv2d
+
+    drivers = [fused_conv2d_driver(mr, nv, 8 * nv) for mr, nv in backend.MICROKERNELS]  # float32 widths
+    return sum(len(dispatcher.signatures) for dispatcher in [*drivers, direct_conv2d])
+
+
+@pytest.mark.parametrize("out_channels", [4, 12], ids=["direct", "gemm"])
+def test_numpy_integer_arguments_do_not_compile_new_versions(out_channels):
+    x = np.ones((1, 4, 8, 8), np.float32)
+    w = np.ones((out_channels, 2, 3, 3), np.float32)
+    sparkle.conv2d(x, w, groups=2, padding=1, device="cpu")
+    before = compiled_versions()
+    result = sparkle.conv2d(x, w, groups=np.int32(2), stride=np.int64(1), padding=(np.int16(1), np.int8(1)),
+                            dilation=np.uint8(1), device="cpu")
+    assert compiled_versions() == before
+    np.testing.assert_allclose(result, sparkle.reference.conv2d(x, w, groups=2, padding=1), rtol=1e-5)
