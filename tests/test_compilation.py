@@ -63,3 +63,18 @@ def test_numpy_integer_arguments_do_not_compile_new_versions(out_channels):
                             dilation=np.uint8(1), device="cpu")
     assert compiled_versions() == before
     np.testing.assert_allclose(result, sparkle.reference.conv2d(x, w, groups=2, padding=1), rtol=1e-5)
+
+
+def test_misaligned_inputs_work_without_a_new_version():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((1, 3, 10, 10)).astype(np.float32)
+    w = rng.standard_normal((8, 3, 3, 3)).astype(np.float32)
+    sparkle.conv2d(x, w, device="cpu")
+    before = compiled_versions()
+    raw = np.zeros(x.nbytes + 1, np.uint8)
+    misaligned = np.frombuffer(raw.data, dtype=np.float32, count=x.size, offset=1).reshape(x.shape)
+    misaligned[...] = x
+    assert not misaligned.flags.aligned
+    result = sparkle.conv2d(misaligned, w, device="cpu")
+    assert compiled_versions() == before
+    np.testing.assert_allclose(result, sparkle.reference.conv2d(x, w), rtol=1e-5, atol=1e-5)

@@ -72,11 +72,11 @@ def weight_rows(w):
 
 
 def read_only_flat(array):
-    """A flat C-order read-only view (a copy only when the layout needs one).
+    """A flat, aligned, C-order read-only view (a copy only when the layout needs one).
 
-    Inputs always reach the driver read-only, so writable and read-only user arrays
-    share one compiled version instead of compiling one per combination.
+    Inputs always reach the driver read-only and aligned, so writable, read-only and
+    misaligned user arrays share one compiled version instead of one per combination.
     """
-    flat = np.ascontiguousarray(array).reshape(-1).view()
+    flat = np.require(array, requirements=("C", "A")).reshape(-1).view()
     flat.flags.writeable = False
     return flat
