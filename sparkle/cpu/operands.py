@@ -77,6 +77,6 @@ def read_only_flat(array):
     Inputs always reach the driver read-only and aligned, so writable, read-only and
     misaligned user arrays share one compiled version instead of one per combination.
     """
-    flat = np.require(array, requirements=("C", "A")).reshape(-1).view()
+    flat = np.require(np.asarray(array), requirements=("C", "A")).reshape(-1).view()  # asarray: no subclasses
     flat.flags.writeable = False
     return flat
