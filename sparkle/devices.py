@@ -19,21 +19,19 @@ class Device:
 
 
 def _cpu_identity():
-    name, vendor = platform.processor() or platform.machine(), "unknown"
+    """(model name, vendor) from the first processor in /proc/cpuinfo, else from ``platform``."""
+    fields = {}
     try:
         with open("/proc/cpuinfo") as info:
             for line in info:
                 key, _, value = line.partition(":")
-                key = key.strip()
-                if key == "model name":
-                    name = value.strip()
-                elif key == "vendor_id":
-                    vendor = value.strip()
-                if name and vendor != "unknown" and key == "model name":
+                fields.setdefault(key.strip(), value.strip())
+                if not line.strip():  # end of the first processor's block
                     break
     except OSError:
         pass
-    return name, vendor
+    return (fields.get("model name") or platform.processor() or platform.machine(),
+            fields.get("vendor_id", "unknown"))
 
 
 def _physical_memory():

@@ -6,26 +6,30 @@ import numpy as np
 from ..api import Conv2dSpec
 from .conv2d import fused_conv2d_driver
 from .direct import direct_conv2d
-from .operands import allocate_scratch, geometry, read_only_flat, weight_rows
-from .plan import (DEFAULT_MICROKERNEL, MICROKERNELS, CpuPlan, choose_microkernel, plan_conv2d,
-                   uses_direct_kernel)
+from .operands import allocate_scratch, bias_vector, geometry, read_only_flat, weight_rows
+from .plan import DEFAULT_MICROKERNEL, MICROKERNELS, plan_conv2d, uses_direct_kernel
 
-__all__ = ["conv2d", "matmul", "plan_conv2d", "choose_microkernel", "CpuPlan", "MICROKERNELS",
-           "DEFAULT_MICROKERNEL", "uses_direct_kernel"]
+__all__ = ["conv2d", "matmul", "plan_conv2d", "MICROKERNELS", "DEFAULT_MICROKERNEL", "uses_direct_kernel"]
 
 
-def conv2d_direct(x, w, bias, spec, threads=None):
-    """Direct convolution (see ``direct.py``) of validated inputs."""
-    out = np.empty(spec.output_shape, dtype=spec.dtype)
-    if out.size == 0:
-        return out
-    threads = threads or numba.get_num_threads()
+def _run_direct(x, w, bias, spec, out):
+    """Direct convolution (see ``direct.py``) into ``out``."""
+    threads = numba.get_num_threads()
     planes = spec.batch * spec.out_channels
     row_chunks = min(spec.out_h, -(-4 * threads // planes)) if planes < 4 * threads else 1
-    bias_flat = read_only_flat(bias if bias is not None else np.zeros(spec.out_channels, spec.dtype))
-    direct_conv2d(read_only_flat(x), read_only_flat(w), bias_flat, out.reshape(-1), geometry(spec),
+    direct_conv2d(read_only_flat(x), read_only_flat(w), bias_vector(bias, spec), out.reshape(-1), geometry(spec),
                   spec.has_bias, spec.activation == "relu", row_chunks, threads)
-    return out
+
+
+def _run_fused(x, w, bias, spec, plan, out):
+    """Fused im2col + GEMM (see ``conv2d.py``) into ``out``."""
+    w_rows, lda = weight_rows(w)
+    scratch = allocate_scratch(spec, plan)
+    driver = fused_conv2d_driver(plan.mr, plan.nv, plan.nr)
+    driver(read_only_flat(x), read_only_flat(w_rows), lda, bias_vector(bias, spec), out.reshape(-1),
+           geometry(spec), spec.has_bias, spec.activation == "relu", plan.kc, plan.mc, plan.nc,
+           plan.channel_chunks, scratch.panel, scratch.origins, scratch.offsets, scratch.runs, scratch.rows,
+           scratch.tile)
 
 
 def conv2d(x, w, bias, spec, plan=None):
@@ -34,21 +38,13 @@ def conv2d(x, w, bias, spec, plan=None):
     Without a plan, groups with very few output channels take the direct kernel and
     everything else the fused im2col + GEMM driver; a plan always means the GEMM driver.
     """
-    if plan is None and uses_direct_kernel(spec):
-        return conv2d_direct(x, w, bias, spec)
     out = np.empty(spec.output_shape, dtype=spec.dtype)
     if out.size == 0:
         return out
-    plan = plan or plan_conv2d(spec)
-    x_flat = read_only_flat(x)
-    w_rows, lda = weight_rows(w)
-    w_flat = read_only_flat(w_rows)
-    bias_flat = read_only_flat(bias if bias is not None else np.zeros(spec.out_channels, spec.dtype))
-    scratch = allocate_scratch(spec, plan)
-    driver = fused_conv2d_driver(plan.mr, plan.nv, plan.nr)
-    driver(x_flat, w_flat, lda, bias_flat, out.reshape(-1), geometry(spec), spec.has_bias,
-           spec.activation == "relu", plan.kc, plan.mc, plan.nc, plan.channel_chunks,
-           scratch.panel, scratch.origins, scratch.offsets, scratch.runs, scratch.rows, scratch.tile)
+    if plan is None and uses_direct_kernel(spec):
+        _run_direct(x, w, bias, spec, out)
+    else:
+        _run_fused(x, w, bias, spec, plan or plan_conv2d(spec), out)
     return out
 
 

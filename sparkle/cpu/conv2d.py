@@ -18,12 +18,6 @@ from .atomics import fetch_add
 from .microkernel import microkernel
 from .packing import pack_im2col_block, pixel_origins, tap_offsets
 
-# Order of the geometry tuple handed to the compiled driver.
-GEOMETRY_FIELDS = ("batch", "in_channels", "height", "width", "out_channels", "kernel_h", "kernel_w",
-                   "stride_h", "stride_w", "pad_top", "pad_left", "dilation_h", "dilation_w", "groups",
-                   "out_h", "out_w")
-
-
 @njit(cache=True, inline="always")
 def _in_range(offset, extent, size):
     return 0 <= offset and offset + extent <= size

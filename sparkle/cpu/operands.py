@@ -9,10 +9,19 @@ import numpy as np
 from .packing import panel_count
 
 
+# Conv2dSpec fields in the order the compiled kernels unpack their geometry tuple.
+GEOMETRY_FIELDS = ("batch", "in_channels", "height", "width", "out_channels", "kernel_h", "kernel_w",
+                   "stride_h", "stride_w", "pad_top", "pad_left", "dilation_h", "dilation_w", "groups",
+                   "out_h", "out_w")
+
+
 def geometry(spec):
-    return (spec.batch, spec.in_channels, spec.height, spec.width, spec.out_channels, spec.kernel_h,
-            spec.kernel_w, spec.stride_h, spec.stride_w, spec.pad_top, spec.pad_left, spec.dilation_h,
-            spec.dilation_w, spec.groups, spec.out_h, spec.out_w)
+    return tuple(getattr(spec, field) for field in GEOMETRY_FIELDS)
+
+
+def bias_vector(bias, spec):
+    """The bias as a flat read-only vector; zeros when there is none (the kernels then skip it)."""
+    return read_only_flat(bias if bias is not None else np.zeros(spec.out_channels, spec.dtype))
 
 
 @dataclass(frozen=True)
