@@ -76,9 +76,12 @@ def _is_int(value):
 
 
 def as_float_array(value, name):
-    """Return ``value`` as an ndarray of float32/float64 without copying or modifying it."""
-    if not isinstance(value, np.ndarray):
-        raise TypeError(f"{name} must be a numpy.ndarray of float32 or float64, got {type(value).__name__}")
+    """Return ``value`` (an ndarray or a DeviceArray) of float32/float64 without copying or modifying it."""
+    from .device_array import DeviceArray
+
+    if not isinstance(value, (np.ndarray, DeviceArray)):
+        raise TypeError(f"{name} must be a numpy.ndarray or sparkle DeviceArray of float32 or float64, "
+                        f"got {type(value).__name__}")
     if value.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"{name} must have dtype float32 or float64, got {value.dtype}")
     return value

@@ -50,25 +50,70 @@ def _cpu_device():
                   memory=_physical_memory())
 
 
+def _opencl_devices():
+    from .opencl import runtime
+
+    return runtime.opencl_devices()
+
+
+def opencl_unavailable_reason():
+    """None when OpenCL can be used, else why not (pyopencl missing, disabled by SPARKLE_OPENCL=0, no devices)."""
+    from .opencl import runtime
+
+    reason = runtime.unavailable_reason()
+    if reason is None and not runtime.opencl_devices():
+        reason = "no OpenCL platform reports a device (is an ICD such as PoCL installed?)"
+    return reason
+
+
+def _describe(device):
+    return Device(id=device.id, name=device.name, vendor=device.vendor, kind=device.kind,
+                  compute_units=device.compute_units, memory=device.memory)
+
+
 def devices():
-    """Every device Sparkle can run on, best first."""
-    return [_cpu_device()]
+    """Every device Sparkle can run on: the Numba CPU backend, then each OpenCL device of every platform."""
+    return [_cpu_device(), *(_describe(d) for d in _opencl_devices())]
 
 
-# "reference" is the float64 oracle: always available, never fast.
-PSEUDO_DEVICES = ("auto", "reference")
+# "reference" is the float64 oracle: always available, never fast. "opencl" is the first OpenCL GPU, else
+# the first OpenCL device.
+PSEUDO_DEVICES = ("auto", "reference", "opencl")
 
 
 def available_device_ids():
     return [*PSEUDO_DEVICES, *(d.id for d in devices())]
 
 
-def resolve_device(device):
-    """Map a ``device=`` argument to the id of the backend that runs the call."""
+def opencl_backend_device(device_id):
+    """The runtime object of an OpenCL device id ("opencl" or "opencl:N"); ValueError saying why if none."""
+    found = _opencl_devices()
+    if device_id == "opencl":
+        if not found:
+            raise ValueError(f"device='opencl' is not available: {opencl_unavailable_reason()}")
+        return next((d for d in found if d.kind == "gpu"), found[0])
+    for device in found:
+        if device.id == device_id:
+            return device
+    reason = opencl_unavailable_reason()
+    raise ValueError(f"device must be one of {available_device_ids()}, got {device_id!r}"
+                     + (f" (OpenCL: {reason})" if reason else ""))
+
+
+def resolve_device(device, operands=()):
+    """Map a ``device=`` argument to "cpu", "reference" or an OpenCL runtime device.
+
+    "auto" runs where the operands live: on their OpenCL device if any is a DeviceArray, else on the CPU.
+    """
+    from .device_array import DeviceArray
+
     if not isinstance(device, str):
         raise TypeError(f"device must be a string, one of {available_device_ids()}, got {device!r}")
     if device == "auto":
-        return devices()[0].id  # until the scheduler exists: the best available backend
-    if device not in available_device_ids():
-        raise ValueError(f"device must be one of {available_device_ids()}, got {device!r}")
-    return device
+        resident = [a for a in operands if isinstance(a, DeviceArray)]
+        return resident[0]._device if resident else "cpu"
+    if device in ("cpu", "reference"):
+        return device
+    if device == "opencl" or device.startswith("opencl:"):
+        return opencl_backend_device(device)
+    raise ValueError(f"device must be one of {available_device_ids()}, got {device!r}")

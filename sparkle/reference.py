@@ -46,3 +46,42 @@ def matmul(a, b):
     a64 = np.asarray(a, dtype=np.float64)
     b64 = np.asarray(b, dtype=np.float64)
     return np.einsum("mk,kn->mn", a64, b64)
+
+
+def conv2d_at(x, w, bias=None, *, points, stride=1, padding=0, dilation=1, groups=1, activation=None):
+    """float64 conv2d output at ``points``, an (n, 4) int array of (image, channel, row, column).
+
+    Computes each element from the definition (its receptive field times its filter), so a large
+    problem can be checked on a random sample without the cost of the full reference.
+    """
+    spec = api.conv2d_spec(x, w, bias, stride=stride, padding=padding, dilation=dilation,
+                           groups=groups, activation=activation)
+    points = np.asarray(points, dtype=np.int64).reshape(-1, 4)
+    c_per_group = spec.in_channels // spec.groups
+    k_per_group = spec.out_channels // spec.groups
+    taps_h = np.arange(spec.kernel_h) * spec.dilation_h
+    taps_w = np.arange(spec.kernel_w) * spec.dilation_w
+    values = np.empty(len(points), dtype=np.float64)
+    for index, (n, k, oh, ow) in enumerate(points):
+        g = k // k_per_group
+        rows = oh * spec.stride_h - spec.pad_top + taps_h
+        cols = ow * spec.stride_w - spec.pad_left + taps_w
+        inside = (rows[:, None] >= 0) & (rows[:, None] < spec.height) & (cols >= 0) & (cols < spec.width)
+        window = x[n, g * c_per_group:(g + 1) * c_per_group][:, rows.clip(0, spec.height - 1)][
+            :, :, cols.clip(0, spec.width - 1)].astype(np.float64)
+        products = window * np.asarray(w[k], dtype=np.float64)
+        values[index] = products[:, inside].sum()  # taps over padding contribute nothing
+    if bias is not None:
+        values += np.asarray(bias, dtype=np.float64)[points[:, 1]]
+    if activation == "relu":
+        values = np.maximum(values, 0.0)
+    return values
+
+
+def matmul_at(a, b, *, points):
+    """float64 (a @ b) at ``points``, an (n, 2) int array of (row, column)."""
+    api.matmul_spec(a, b)
+    points = np.asarray(points, dtype=np.int64).reshape(-1, 2)
+    rows = np.asarray(a[points[:, 0]], dtype=np.float64)
+    cols = np.asarray(b[:, points[:, 1]], dtype=np.float64)
+    return np.einsum("pk,kp->p", rows, cols)

@@ -1,0 +1,145 @@
+"""Kernel source for one workload and one parameter set: pure text, no device involved.
+
+The template ``kernels/conv2d.cl`` holds the kernel; this module prepends ``#define``s for the
+workload's shape (so the compiler folds every index computation) and for the tile parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from importlib import resources
+
+import numpy as np
+
+from ..api import Conv2dSpec, MatmulSpec
+
+TEMPLATE_VERSION = 1  # part of the tuning database key: bump when the kernel's meaning of a tunable changes
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The shape of one OpenCL launch: conv2d, with matmul as a 1x1 conv of a (1, K, 1, N) image."""
+
+    op: str  # "conv2d" or "matmul" (same kernel; kept apart in the tuning database)
+    batch: int
+    in_channels: int
+    height: int
+    width: int
+    out_channels: int
+    kernel_h: int
+    kernel_w: int
+    stride_h: int
+    stride_w: int
+    pad_top: int
+    pad_left: int
+    pad_bottom: int
+    pad_right: int
+    dilation_h: int
+    dilation_w: int
+    groups: int
+    out_h: int
+    out_w: int
+    dtype: str  # "float32" or "float64"
+
+    @classmethod
+    def from_spec(cls, spec):
+        if isinstance(spec, MatmulSpec):
+            return cls("matmul", 1, spec.k, 1, spec.n, spec.m, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, spec.n,
+                       np.dtype(spec.dtype).name)
+        if isinstance(spec, Conv2dSpec):
+            return cls("conv2d", spec.batch, spec.in_channels, spec.height, spec.width, spec.out_channels,
+                       spec.kernel_h, spec.kernel_w, spec.stride_h, spec.stride_w, spec.pad_top, spec.pad_left,
+                       spec.pad_bottom, spec.pad_right, spec.dilation_h, spec.dilation_w, spec.groups,
+                       spec.out_h, spec.out_w, np.dtype(spec.dtype).name)
+        raise TypeError(f"spec must be a Conv2dSpec or MatmulSpec, got {type(spec).__name__}")
+
+    # The implicit GEMM per group: (gemm_m x gemm_k) weights times (gemm_k x gemm_n) im2col.
+    @property
+    def gemm_m(self):
+        return self.out_channels // self.groups
+
+    @property
+    def gemm_n(self):
+        return self.batch * self.out_h * self.out_w
+
+    @property
+    def gemm_k(self):
+        return self.in_channels // self.groups * self.kernel_h * self.kernel_w
+
+    @property
+    def pointwise(self):
+        return (self.kernel_h == self.kernel_w == 1 and self.stride_h == self.stride_w == 1
+                and not (self.pad_top or self.pad_left or self.pad_bottom or self.pad_right))
+
+    @property
+    def flops(self):
+        return 2 * self.groups * self.gemm_m * self.gemm_n * self.gemm_k
+
+    @property
+    def key(self):
+        """Stable text id, used by the tuning database."""
+        if self.op == "matmul":
+            return f"matmul:m{self.out_channels}_k{self.in_channels}_n{self.width}:{self.dtype}"
+        return (f"conv2d:n{self.batch}_c{self.in_channels}_h{self.height}_w{self.width}_k{self.out_channels}"
+                f"_r{self.kernel_h}_s{self.kernel_w}_st{self.stride_h}x{self.stride_w}"
+                f"_p{self.pad_top}.{self.pad_bottom}.{self.pad_left}.{self.pad_right}"
+                f"_d{self.dilation_h}x{self.dilation_w}_g{self.groups}:{self.dtype}")
+
+    def as_dict(self):
+        return asdict(self)
+
+
+# Tunables, in the order they appear in the source; each has a default in the template.
+TUNABLES = ("TM", "TN", "TK", "WM", "WN", "VW", "USE_LOCAL", "VEC_A", "VEC_B")
+
+
+@lru_cache(maxsize=1)
+def template():
+    return resources.files(__package__).joinpath("kernels/conv2d.cl").read_text()
+
+
+def _index_type(workload):
+    """32-bit indices unless a buffer holds 2**31 elements or more."""
+    largest = max(workload.batch * workload.in_channels * workload.height * workload.width,
+                  workload.out_channels * workload.gemm_k,
+                  workload.batch * workload.out_channels * workload.out_h * workload.out_w)
+    return "int" if largest < 2**31 else "long"
+
+
+def shape_defines(workload, has_bias, relu):
+    return {
+        "N_IMG": workload.batch, "C_IN": workload.in_channels, "H_IN": workload.height, "W_IN": workload.width,
+        "K_OUT": workload.out_channels, "R_K": workload.kernel_h, "S_K": workload.kernel_w,
+        "STRIDE_H": workload.stride_h, "STRIDE_W": workload.stride_w, "PAD_T": workload.pad_top,
+        "PAD_L": workload.pad_left, "DIL_H": workload.dilation_h, "DIL_W": workload.dilation_w,
+        "GROUPS": workload.groups, "P_OUT": workload.out_h, "Q_OUT": workload.out_w,
+        "HAS_BIAS": int(bool(has_bias)), "RELU": int(bool(relu)), "POINTWISE": int(workload.pointwise),
+        "INDEX": _index_type(workload),
+    }
+
+
+def render(workload, params, *, has_bias=False, relu=False):
+    """OpenCL C source for ``workload`` with tile ``params`` (a dict over TUNABLES; missing ones keep defaults)."""
+    unknown = set(params) - set(TUNABLES)
+    if unknown:
+        raise ValueError(f"params has unknown tunables {sorted(unknown)}; known: {list(TUNABLES)}")
+    lines = [f"// sparkle kernel for {workload.key}"]
+    if workload.dtype == "float64":
+        lines.append("#define SPARKLE_FP64 1")
+    lines += [f"#define {name} {value}" for name, value in shape_defines(workload, has_bias, relu).items()]
+    lines += [f"#define {name} {int(params[name])}" for name in TUNABLES if name in params]
+    return "\n".join(lines) + "\n" + template()
+
+
+def launch_geometry(workload, params):
+    """(global size, local size) of the launch for ``params`` (defaults filled in)."""
+    p = {**DEFAULTS, **params}
+    threads_n, threads_m = p["TN"] // p["WN"], p["TM"] // p["WM"]
+    tiles_n = -(-workload.gemm_n // p["TN"])
+    tiles_m = -(-workload.gemm_m // p["TM"])
+    return (tiles_n * threads_n, tiles_m * threads_m, workload.groups), (threads_n, threads_m, 1)
+
+
+# Mirrors the template's #ifndef defaults (tests check the two agree).
+DEFAULTS = {"TM": 32, "TN": 32, "TK": 8, "WM": 4, "WN": 4, "VW": 1, "USE_LOCAL": 1, "VEC_A": 1, "VEC_B": 1}

@@ -1,0 +1,208 @@
+"""OpenCL runtime: device discovery, one context and profiling queue per device, the program cache
+(in memory per context, on disk by source + options + device and driver identity) and a buffer pool.
+
+Nothing here knows about tuning or scheduling.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import defaultdict
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+from .. import cache
+
+OPENCL_ENV = "SPARKLE_OPENCL"
+# Oclgrind is a simulator for checking kernels, not a device to run on: listed only on request.
+SIMULATORS_ENV = "SPARKLE_OPENCL_SIMULATORS"
+SIMULATOR_PLATFORMS = ("Oclgrind",)
+
+
+def _import_pyopencl():
+    import pyopencl
+
+    return pyopencl
+
+
+def unavailable_reason():
+    """None if OpenCL can be used, else a sentence saying why not."""
+    if os.environ.get(OPENCL_ENV, "1").strip() == "0":
+        return f"OpenCL is disabled by {OPENCL_ENV}=0"
+    try:
+        _import_pyopencl()
+    except ImportError as error:
+        return (f"pyopencl is not installed ({error}); install it with: pip install 'sparkle[opencl]' "
+                "(this brings PoCL, a CPU OpenCL driver)")
+    return None
+
+
+@dataclass(eq=False)
+class BufferPool:
+    """Device buffers kept by size for reuse: repeated shapes allocate nothing after the first call."""
+
+    context: object
+    free: dict = field(default_factory=lambda: defaultdict(list))
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    max_kept_per_size: int = 8
+
+    def take(self, nbytes):
+        cl = _import_pyopencl()
+        nbytes = max(int(nbytes), 1)
+        with self.lock:
+            kept = self.free.get(nbytes)
+            if kept:
+                return kept.pop()
+        return cl.Buffer(self.context, cl.mem_flags.READ_WRITE, nbytes)
+
+    def give(self, buffer):
+        with self.lock:
+            kept = self.free[buffer.size]
+            if len(kept) < self.max_kept_per_size:
+                kept.append(buffer)
+
+    def clear(self):
+        with self.lock:
+            self.free.clear()
+
+
+class OpenCLDevice:
+    """One OpenCL device with its context, in-order profiling queue, programs and buffers."""
+
+    def __init__(self, index, cl_device):
+        cl = _import_pyopencl()
+        self.index = index
+        self.id = f"opencl:{index}"
+        self.cl_device = cl_device
+        platform = cl_device.platform
+        self.name = cl_device.name.strip()
+        self.vendor = cl_device.vendor.strip()
+        self.kind = "gpu" if cl_device.type & cl.device_type.GPU else "cpu"
+        self.compute_units = cl_device.max_compute_units
+        self.memory = cl_device.global_mem_size
+        self.max_work_group_size = cl_device.max_work_group_size
+        self.local_memory = cl_device.local_mem_size
+        self.max_alloc = cl_device.max_mem_alloc_size
+        self.has_fp64 = "cl_khr_fp64" in cl_device.extensions or cl_device.double_fp_config != 0
+        # Everything that can change the compiled code or its speed.
+        self.identity = "|".join(str(part).strip() for part in (
+            platform.name, platform.version, cl_device.vendor, cl_device.name, cl_device.version,
+            cl_device.driver_version))
+        self._context = None
+        self._queue = None
+        self._programs = {}
+        self._kernels = {}
+        self._lock = threading.Lock()
+        self.pool = None
+
+    @property
+    def context(self):
+        self._ensure_context()
+        return self._context
+
+    @property
+    def queue(self):
+        self._ensure_context()
+        return self._queue
+
+    def _ensure_context(self):
+        if self._context is None:
+            cl = _import_pyopencl()
+            with self._lock:
+                if self._context is None:
+                    context = cl.Context([self.cl_device])
+                    self._queue = cl.CommandQueue(
+                        context, self.cl_device, properties=cl.command_queue_properties.PROFILING_ENABLE)
+                    self.pool = BufferPool(context)
+                    self._context = context
+
+    def pool_buffer(self, nbytes):
+        """A device buffer of at least one byte from the pool (it goes back when its owner is collected)."""
+        self._ensure_context()
+        return self.pool.take(nbytes)
+
+    def program(self, source, options=()):
+        """The built program for ``source``: from memory, else from the disk cache, else compiled now."""
+        key = cache.digest(source, " ".join(options), self.identity)
+        program = self._programs.get(key)
+        if program is None:
+            program = _build(self, source, list(options), key)
+            self._programs[key] = program
+        return program
+
+    def kernel(self, source, name, options=()):
+        """A kernel object of the built program, created once (creating one is not free)."""
+        key = (source, name, tuple(options))
+        kernel = self._kernels.get(key)
+        if kernel is None:
+            kernel = _import_pyopencl().Kernel(self.program(source, options), name)
+            self._kernels[key] = kernel
+        return kernel
+
+    def __repr__(self):
+        return f"OpenCLDevice({self.id!r}, {self.name!r}, {self.kind})"
+
+
+def _binary_path(key):
+    return cache.cache_dir() / "opencl-programs-v1" / f"{key}.bin"
+
+
+def _build(device, source, options, key):
+    cl = _import_pyopencl()
+    path = _binary_path(key)
+    binary = cache.read_bytes(path)
+    if binary:
+        try:
+            return cl.Program(device.context, [device.cl_device], [binary]).build(options=options)
+        except cl.Error:
+            pass  # stale or foreign binary: rebuild from source below
+    program = cl.Program(device.context, source).build(options=options, devices=[device.cl_device])
+    try:
+        binaries = program.get_info(cl.program_info.BINARIES)
+        if binaries and binaries[0]:
+            cache.atomic_write_bytes(path, bytes(binaries[0]))
+    except (cl.Error, OSError):
+        pass  # the disk cache is an optimization; a failure to write it must not fail the call
+    return program
+
+
+def _platform_wanted(platform):
+    if any(name in platform.name for name in SIMULATOR_PLATFORMS):
+        return os.environ.get(SIMULATORS_ENV, "0").strip() == "1"
+    return True
+
+
+@lru_cache(maxsize=1)
+def _discover(environment):
+    """OpenCL devices of every platform, numbered in platform order (``environment`` keys the cache)."""
+    if unavailable_reason() is not None:
+        return ()
+    cl = _import_pyopencl()
+    try:
+        platforms = cl.get_platforms()
+    except cl.Error:  # e.g. no ICD installed at all
+        return ()
+    found = []
+    for platform in platforms:
+        if not _platform_wanted(platform):
+            continue
+        try:
+            platform_devices = platform.get_devices()
+        except cl.Error:
+            continue
+        for cl_device in platform_devices:
+            found.append(OpenCLDevice(len(found), cl_device))
+    return tuple(found)
+
+
+def opencl_devices():
+    """Every usable OpenCL device (empty when OpenCL is disabled or missing)."""
+    return list(_discover((os.environ.get(OPENCL_ENV, "1"), os.environ.get(SIMULATORS_ENV, "0"))))
+
+
+def opencl_device(device_id):
+    for device in opencl_devices():
+        if device.id == device_id:
+            return device
+    return None

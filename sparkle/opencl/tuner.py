@@ -1,0 +1,205 @@
+"""The autotuner: times candidate kernels of the search space on one device and stores the winner.
+
+A candidate must build, fit the device, and match the float64 reference on the workload before its time
+counts; every other outcome is recorded as rejected, with the reason. Tuning runs only on request.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .. import api, reference
+from ..devices import resolve_device
+from . import launch, transfer
+from .codegen import Workload
+from .tuning import database, space
+
+TOLERANCE = {"float32": 1e-5, "float64": 1e-12}  # relative L2 error against the float64 reference
+SAMPLE_POINTS = 512
+
+
+@dataclass
+class TuneResult:
+    device: str
+    workload: str
+    best: dict | None  # parameters of the fastest correct candidate
+    best_seconds: float | None
+    default_seconds: float | None  # the device defaults' time, for comparison
+    gflops: float | None
+    tried: int
+    rejected: list = field(default_factory=list)  # {"params", "reason"}
+
+    def __str__(self):
+        if self.best is None:
+            return f"{self.workload} on {self.device}: no correct candidate in {self.tried} tried"
+        gain = f", {self.default_seconds / self.best_seconds:.2f}x the defaults" if self.default_seconds else ""
+        return (f"{self.workload} on {self.device}: {self.best_seconds * 1e3:.3f} ms, {self.gflops:.1f} GFLOPS "
+                f"with {self.best}{gain} ({self.tried} tried, {len(self.rejected)} rejected)")
+
+
+class _Problem:
+    """Random inputs of the workload's shapes on the device, and the reference at sampled outputs."""
+
+    def __init__(self, spec, device, rng):
+        self.spec = spec
+        dtype = np.dtype(spec.dtype)
+        if isinstance(spec, api.MatmulSpec):
+            self.a = rng.standard_normal((spec.m, spec.k)).astype(dtype)
+            self.b = rng.standard_normal((spec.k, spec.n)).astype(dtype)
+            self.image, self.weights, self.bias = self.b, self.a, None
+            self.out_shape = (spec.m, spec.n)
+        else:
+            self.image = rng.standard_normal((spec.batch, spec.in_channels, spec.height, spec.width)).astype(dtype)
+            fan_in = spec.in_channels // spec.groups * spec.kernel_h * spec.kernel_w
+            self.weights = (rng.standard_normal((spec.out_channels, fan_in // (spec.kernel_h * spec.kernel_w),
+                                                 spec.kernel_h, spec.kernel_w)) / np.sqrt(fan_in)).astype(dtype)
+            self.bias = rng.standard_normal(spec.out_channels).astype(dtype) if spec.has_bias else None
+            self.out_shape = spec.output_shape
+        size = int(np.prod(self.out_shape))
+        if size <= SAMPLE_POINTS:
+            self.points = np.argwhere(np.ones(self.out_shape, dtype=bool))
+        else:
+            self.points = np.stack([rng.integers(0, s, SAMPLE_POINTS) for s in self.out_shape], 1)
+        self.expected = self._reference()
+        self.x_dev = transfer.upload(device, self.image, dtype)
+        self.w_dev = transfer.upload(device, self.weights, dtype)
+        self.b_dev = transfer.upload(device, self.bias if self.bias is not None else np.zeros(1, dtype), dtype)
+        self.out = transfer.empty(device, self.out_shape, dtype)
+
+    def _reference(self):
+        spec = self.spec
+        if isinstance(spec, api.MatmulSpec):
+            return reference.matmul_at(self.a, self.b, points=self.points)
+        return reference.conv2d_at(self.image, self.weights, self.bias, points=self.points,
+                                   stride=(spec.stride_h, spec.stride_w),
+                                   padding=(spec.pad_top, spec.pad_bottom, spec.pad_left, spec.pad_right),
+                                   dilation=(spec.dilation_h, spec.dilation_w), groups=spec.groups,
+                                   activation=spec.activation)
+
+    def error(self, result):
+        got = result[tuple(self.points.T)].astype(np.float64)
+        if not np.all(np.isfinite(got)):
+            return np.inf
+        scale = np.linalg.norm(self.expected)
+        return float(np.linalg.norm(got - self.expected) / (scale if scale else 1.0))
+
+
+def _spec(op, operands, kwargs):
+    name = getattr(op, "__name__", op)
+    if name == "conv2d":
+        return api.conv2d_spec(*operands, **kwargs)
+    if name == "matmul":
+        if kwargs:
+            raise TypeError(f"matmul takes no keyword arguments, got {sorted(kwargs)}")
+        return api.matmul_spec(*operands)
+    raise ValueError(f"op must be 'conv2d' or 'matmul' (or the sparkle function), got {op!r}")
+
+
+def _order(workload, device, limits, rng):
+    """Defaults first, then the stored best of the nearest shape, then a shuffle of the search space that
+    tries three candidates of the device's own family for each of the other family."""
+    own, other = (space.candidates(workload, limits, kind) for kind in
+                  (device.kind, "cpu" if device.kind == "gpu" else "gpu"))
+    rng.shuffle(own)
+    rng.shuffle(other)
+    mixed = []
+    while own or other:
+        mixed += [own.pop() for _ in range(min(3, len(own)))]
+        if other:
+            mixed.append(other.pop())
+    first = [space.default_params(workload, limits, device.kind)]
+    nearest, _ = database.lookup(device.identity, workload, limits)
+    first.append(nearest)
+    seen, order = set(), []
+    for params in first + mixed:
+        if params is None:
+            continue
+        key = repr(sorted(space.complete(params).items()))
+        if key not in seen:
+            seen.add(key)
+            order.append(space.complete(params))
+    return order
+
+
+def _time(device, workload, params, problem, min_seconds=0.05, max_runs=50):
+    runs = []
+    start = time.perf_counter()
+    while len(runs) < 3 or (sum(runs) < min_seconds and len(runs) < max_runs):
+        event = launch.enqueue(device, workload, params, problem.x_dev.buffer, problem.w_dev.buffer,
+                               problem.b_dev.buffer, problem.out.buffer, has_bias=problem.bias is not None,
+                               relu=problem.spec.activation == "relu" if hasattr(problem.spec, "activation")
+                               else False)
+        runs.append(launch.event_seconds(event))
+        if time.perf_counter() - start > 10 * min_seconds + 5:
+            break
+    return float(np.median(runs))
+
+
+def tune(op, *operands, device="opencl", time_budget=30.0, max_candidates=None, progress=True, seed=0,
+         **kwargs):
+    """Search the kernel space for ``op`` ("conv2d" or "matmul") on the shapes of ``operands``.
+
+    Runs on random data of those shapes (the operands give shapes and dtype only), checks every
+    candidate against the float64 reference, times the correct ones with OpenCL events, and stores the
+    fastest in the tuning database for that device. Stops after ``time_budget`` seconds or
+    ``max_candidates`` candidates. Returns a :class:`TuneResult`.
+    """
+    import pyopencl as cl
+    from tqdm.auto import tqdm
+
+    spec = _spec(op, operands, kwargs)
+    if not (isinstance(time_budget, (int, float)) and time_budget > 0):
+        raise ValueError(f"time_budget must be a positive number of seconds, got {time_budget!r}")
+    if max_candidates is not None and (not isinstance(max_candidates, int) or max_candidates < 1):
+        raise ValueError(f"max_candidates must be a positive int or None, got {max_candidates!r}")
+    target = resolve_device(device, operands)
+    if isinstance(target, str):
+        raise ValueError(f"device must be an OpenCL device ('opencl' or 'opencl:N') to tune, got {device!r}: "
+                         "the cpu backend takes its tiles from the cache sizes")
+    workload = Workload.from_spec(spec)
+    limits = space.DeviceLimits.of(target)
+    rng = random.Random(seed)
+    problem = _Problem(spec, target, np.random.default_rng(seed))
+    order = _order(workload, target, limits, rng)
+    if max_candidates is not None:
+        order = order[:max_candidates]
+    tolerance = TOLERANCE[workload.dtype]
+    best, best_seconds, default_seconds, rejected, tried = None, None, None, [], 0
+    deadline = time.perf_counter() + time_budget
+    poison = np.full(problem.out_shape, np.nan, dtype=np.dtype(workload.dtype))
+    with tqdm(total=len(order), desc=f"tuning {workload.key} on {target.id}", disable=not progress,
+              unit="variant") as bar:
+        for params in order:
+            if time.perf_counter() > deadline:
+                break
+            tried += 1
+            bar.update(1)
+            try:
+                cl.enqueue_copy(target.queue, problem.out.buffer, poison)
+                launch.enqueue(target, workload, params, problem.x_dev.buffer, problem.w_dev.buffer,
+                               problem.b_dev.buffer, problem.out.buffer, has_bias=problem.bias is not None,
+                               relu=getattr(spec, "activation", None) == "relu").wait()
+                error = problem.error(problem.out.get())
+                if not error <= tolerance:
+                    rejected.append({"params": params, "reason": f"wrong result: relative error {error:.2e} "
+                                                                 f"over {tolerance:.0e}"})
+                    continue
+                seconds = _time(target, workload, params, problem)
+            except cl.Error as fault:
+                rejected.append({"params": params, "reason": f"{type(fault).__name__}: "
+                                                             f"{str(fault).strip().splitlines()[0][:200]}"})
+                continue
+            if tried == 1:
+                default_seconds = seconds
+            if best_seconds is None or seconds < best_seconds:
+                best, best_seconds = params, seconds
+                bar.set_postfix(best=f"{workload.flops / seconds / 1e9:.1f} GFLOPS")
+    gflops = workload.flops / best_seconds / 1e9 if best_seconds else None
+    database.record(target.identity, workload,
+                    {"params": best, "seconds": best_seconds, "gflops": gflops} if best else None,
+                    rejected, tried)
+    return TuneResult(target.id, workload.key, best, best_seconds, default_seconds, gflops, tried, rejected)

@@ -1,0 +1,83 @@
+"""The tuning database: per device identity and workload, the winning parameters and the rejected ones.
+
+Stored as one JSON document in Sparkle's cache directory (atomic writes, file lock). A workload that was
+never tuned borrows the parameters of the nearest tuned shape on the same device, if they are valid for it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+from ...cache import JsonDocument
+from ..codegen import TEMPLATE_VERSION
+from . import space
+
+DOCUMENT = JsonDocument("opencl-tuning", version=TEMPLATE_VERSION)
+
+
+def _device_entry(document, identity):
+    return document.setdefault("devices", {}).setdefault(identity, {"workloads": {}})["workloads"]
+
+
+def record(identity, workload, best, rejected, tried, document=DOCUMENT):
+    """Store a tuning outcome: ``best`` is {"params", "seconds", "gflops"} or None."""
+    def change(data):
+        entry = _device_entry(data, identity).setdefault(workload.key, {})
+        entry["workload"] = workload.as_dict()
+        if best is not None:
+            entry["best"] = best
+        known = {repr(sorted(r["params"].items())) for r in entry.get("rejected", [])}
+        entry["rejected"] = entry.get("rejected", []) + [
+            r for r in rejected if repr(sorted(r["params"].items())) not in known]
+        entry["tried"] = entry.get("tried", 0) + tried
+        entry["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+
+    document.update(change)
+
+
+def entries(identity, document=DOCUMENT):
+    return document.load().get("devices", {}).get(identity, {}).get("workloads", {})
+
+
+def _features(workload):
+    return (math.log2(max(workload.gemm_m, 1)), math.log2(max(workload.gemm_n, 1)),
+            math.log2(max(workload.gemm_k, 1)))
+
+
+def distance(a, b):
+    """How unlike two workloads are for tiling purposes (0: the same GEMM shape and kernel kind)."""
+    gemm = sum(abs(x - y) for x, y in zip(_features(a), _features(b)))
+    kind = 0 if (a.pointwise, a.kernel_h, a.kernel_w, a.stride_h) == (b.pointwise, b.kernel_h, b.kernel_w,
+                                                                       b.stride_h) else 1
+    return gemm + kind + (0 if a.op == b.op else 0.5)
+
+
+def lookup(identity, workload, limits, excluded=(), document=DOCUMENT):
+    """(params, source) for ``workload``: source is "tuned", "nearest <key>", or None when nothing fits.
+
+    ``excluded`` holds parameter sets that failed in this process; they are passed over.
+    """
+    from ..codegen import Workload
+
+    stored = entries(identity, document)
+    skip = {repr(sorted(p.items())) for p in excluded}
+    own = stored.get(workload.key, {}).get("best")
+    if own and repr(sorted(own["params"].items())) not in skip \
+            and not space.violations(own["params"], workload, limits):
+        return dict(own["params"]), "tuned"
+    ranked = []
+    for key, entry in stored.items():
+        if key == workload.key or "best" not in entry:
+            continue
+        try:
+            other = Workload(**entry["workload"])
+        except TypeError:
+            continue  # written by another layout of Workload
+        if other.dtype != workload.dtype:
+            continue
+        ranked.append((distance(workload, other), key, entry["best"]["params"]))
+    for _, key, params in sorted(ranked, key=lambda item: item[:2]):
+        if repr(sorted(params.items())) not in skip and not space.violations(params, workload, limits):
+            return dict(params), f"nearest {key}"
+    return None, None
