@@ -91,7 +91,7 @@ class Workload:
 
 
 # Tunables, in the order they appear in the source; each has a default in the template.
-TUNABLES = ("TM", "TN", "TK", "WM", "WN", "VW", "USE_LOCAL", "VEC_A", "VEC_B")
+TUNABLES = ("TM", "TN", "TK", "WM", "WN", "VW", "USE_LOCAL", "VEC_A", "VEC_B", "VN")
 
 
 @lru_cache(maxsize=1)
@@ -142,4 +142,4 @@ def launch_geometry(workload, params):
 
 
 # Mirrors the template's #ifndef defaults (tests check the two agree).
-DEFAULTS = {"TM": 32, "TN": 32, "TK": 8, "WM": 4, "WN": 4, "VW": 1, "USE_LOCAL": 1, "VEC_A": 1, "VEC_B": 1}
+DEFAULTS = {"TM": 32, "TN": 32, "TK": 8, "WM": 4, "WN": 4, "VW": 1, "USE_LOCAL": 1, "VEC_A": 1, "VEC_B": 1, "VN": 1}

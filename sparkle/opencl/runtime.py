@@ -6,6 +6,7 @@ Nothing here knows about tuning or scheduling.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 from collections import defaultdict
@@ -144,14 +145,33 @@ class OpenCLDevice:
         return f"OpenCLDevice({self.id!r}, {self.name!r}, {self.kind})"
 
 
+# Cached binaries are stored as BINARY_MAGIC + sha256(binary) + binary. Drivers trust what they are given
+# (PoCL crashes the process on a truncated binary), so a file whose checksum does not match is never loaded.
+PROGRAM_CACHE = "opencl-programs-v2"
+BINARY_MAGIC = b"sparkle-cl-binary\0"
+
+
 def _binary_path(key):
-    return cache.cache_dir() / "opencl-programs-v1" / f"{key}.bin"
+    return cache.cache_dir() / PROGRAM_CACHE / f"{key}.bin"
+
+
+def _pack_binary(binary):
+    return BINARY_MAGIC + hashlib.sha256(binary).digest() + binary
+
+
+def _unpack_binary(data):
+    """The driver binary inside a cache file, or None if the file is not one intact cache entry."""
+    head = len(BINARY_MAGIC) + 32
+    if not data or len(data) <= head or not data.startswith(BINARY_MAGIC):
+        return None
+    binary = data[head:]
+    return binary if hashlib.sha256(binary).digest() == data[len(BINARY_MAGIC):head] else None
 
 
 def _build(device, source, options, key):
     cl = _import_pyopencl()
     path = _binary_path(key)
-    binary = cache.read_bytes(path)
+    binary = _unpack_binary(cache.read_bytes(path))
     if binary:
         try:
             return cl.Program(device.context, [device.cl_device], [binary]).build(options=options)
@@ -161,7 +181,7 @@ def _build(device, source, options, key):
     try:
         binaries = program.get_info(cl.program_info.BINARIES)
         if binaries and binaries[0]:
-            cache.atomic_write_bytes(path, bytes(binaries[0]))
+            cache.atomic_write_bytes(path, _pack_binary(bytes(binaries[0])))
     except (cl.Error, OSError):
         pass  # the disk cache is an optimization; a failure to write it must not fail the call
     return program

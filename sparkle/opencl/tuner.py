@@ -99,13 +99,23 @@ def _spec(op, operands, kwargs):
     raise ValueError(f"op must be 'conv2d' or 'matmul' (or the sparkle function), got {op!r}")
 
 
+def _likely_first(found, rng):
+    """Shuffled, with the parameter sets that usually win on their device kind first: register blocks of
+    32-64 accumulators (GPU) or vectorized ones (CPU), and 64-256 work-items per group."""
+    def likely(p):
+        if p["USE_LOCAL"]:
+            return 32 <= p["WM"] * p["WN"] <= 64 and 64 <= space.threads(p) <= 256
+        return p["VN"] >= 4 and p["WM"] * p["WN"] >= 32
+    rng.shuffle(found)
+    found.sort(key=likely)  # stable: shuffled within each class; pop() takes the likely ones first
+    return found
+
+
 def _order(workload, device, limits, rng):
-    """Defaults first, then the stored best of the nearest shape, then a shuffle of the search space that
-    tries three candidates of the device's own family for each of the other family."""
-    own, other = (space.candidates(workload, limits, kind) for kind in
+    """Defaults first, then the stored best of the nearest shape, then the search space (likely winners
+    first, see ``_likely_first``), three candidates of the device's own family for each of the other."""
+    own, other = (_likely_first(space.candidates(workload, limits, kind), rng) for kind in
                   (device.kind, "cpu" if device.kind == "gpu" else "gpu"))
-    rng.shuffle(own)
-    rng.shuffle(other)
     mixed = []
     while own or other:
         mixed += [own.pop() for _ in range(min(3, len(own)))]

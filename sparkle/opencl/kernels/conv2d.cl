@@ -3,15 +3,16 @@
 // (1, K, 1, N) image. The generator (codegen.py) #defines the workload's shape; every tunable below has a
 // safe default, so the template also builds with no tuning at all.
 
+#define CAT(a, b) a##b
+#define XCAT(a, b) CAT(a, b)
 #ifdef SPARKLE_FP64
 #pragma OPENCL EXTENSION cl_khr_fp64 : enable
-typedef double real;
-typedef double4 real4;
-#define vload_real4 vload4
+#define REAL_NAME double
 #else
-typedef float real;
-typedef float4 real4;
+#define REAL_NAME float
 #endif
+typedef REAL_NAME real;
+typedef XCAT(REAL_NAME, 4) real4;
 
 // ---- workload (always defined by the generator) ----
 // N_IMG C_IN H_IN W_IN K_OUT R_K S_K STRIDE_H STRIDE_W PAD_T PAD_L DIL_H DIL_W GROUPS P_OUT Q_OUT
@@ -52,6 +53,9 @@ typedef float4 real4;
 #ifndef VEC_B         // 4: float4 loads of pixels (needs POINTWISE, PQ % 4 == 0, TN % 4 == 0)
 #define VEC_B 1
 #endif
+#ifndef VN            // CPU shape only: a work-item's pixels as vectors of VN (explicit SIMD; 1: scalars)
+#define VN 1
+#endif
 
 #define DM (TM / WM)
 #define DN (TN / WN)
@@ -60,7 +64,11 @@ typedef float4 real4;
 
 // Row i / column j of a work-item's register block inside the tile.
 #define ROW_OF(i, ty) (((i) / VW) * (DM * VW) + (ty) * VW + (i) % VW)
+#if !USE_LOCAL && VN > 1
+#define COL_OF(j, tx) ((tx) * WN + (j))  // contiguous pixels, loaded as vectors
+#else
 #define COL_OF(j, tx) (((j) / VW) * (DN * VW) + (tx) * VW + (j) % VW)
+#endif
 
 // Offset of image pixel (n, p, q)'s top-left tap inside x, split as the image base and its window corner.
 typedef struct { INDEX base; int h0; int w0; int valid; } pixel_t;
@@ -265,6 +273,44 @@ void conv2d(__global const real* restrict x, __global const real* restrict w,
     #pragma unroll
     for (int j = 0; j < WN; ++j)
         px[j] = pixel_at(col0 + COL_OF(j, tx), group);
+#if VN > 1
+    typedef XCAT(REAL_NAME, VN) realv;
+    realv accv[WM][WN / VN];
+    #pragma unroll
+    for (int i = 0; i < WM; ++i)
+        #pragma unroll
+        for (int v = 0; v < WN / VN; ++v)
+            accv[i][v] = (realv)0;
+    for (int kk = 0; kk < KR; ++kk) {
+        real a[WM];
+        #pragma unroll
+        for (int i = 0; i < WM; ++i) {
+            int row = row0 + ROW_OF(i, ty);
+            a[i] = row < KG ? wg[(INDEX)row * KR + kk] : (real)0;
+        }
+        #pragma unroll
+        for (int v = 0; v < WN / VN; ++v) {
+            realv b;
+#if POINTWISE && PQ % VN == 0
+            // VN consecutive pixels of one image (runs start at multiples of VN): one contiguous load
+            b = px[v * VN].valid ? XCAT(vload, VN)(0, x + px[v * VN].base + (INDEX)kk * HW_IN) : (realv)0;
+#else
+            real lanes[VN];
+            #pragma unroll
+            for (int l = 0; l < VN; ++l) lanes[l] = load_b(x, px[v * VN + l], kk);
+            b = XCAT(vload, VN)(0, lanes);
+#endif
+            #pragma unroll
+            for (int i = 0; i < WM; ++i)
+                accv[i][v] = fma((realv)a[i], b, accv[i][v]);
+        }
+    }
+    #pragma unroll
+    for (int i = 0; i < WM; ++i)
+        #pragma unroll
+        for (int v = 0; v < WN / VN; ++v)
+            XCAT(vstore, VN)(accv[i][v], 0, &acc[i][v * VN]);
+#else
     for (int kk = 0; kk < KR; ++kk) {
         real a[WM], b[WN];
         #pragma unroll
@@ -280,6 +326,7 @@ void conv2d(__global const real* restrict x, __global const real* restrict w,
             for (int j = 0; j < WN; ++j)
                 acc[i][j] = fma(a[i], b[j], acc[i][j]);
     }
+#endif
 #endif
 
     // ---- epilogue: bias, ReLU, store (out is N x K x P x Q) ----

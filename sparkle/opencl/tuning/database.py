@@ -53,6 +53,11 @@ def distance(a, b):
     return gemm + kind + (0 if a.op == b.op else 0.5)
 
 
+# Borrow a tuned shape's parameters only from a workload this close (log2 units summed over M, N and K,
+# plus 1 for another kernel kind): farther away, the device defaults are the better guess.
+MAX_BORROW_DISTANCE = 4.0
+
+
 def lookup(identity, workload, limits, excluded=(), document=DOCUMENT):
     """(params, source) for ``workload``: source is "tuned", "nearest <key>", or None when nothing fits.
 
@@ -76,7 +81,9 @@ def lookup(identity, workload, limits, excluded=(), document=DOCUMENT):
             continue  # written by another layout of Workload
         if other.dtype != workload.dtype:
             continue
-        ranked.append((distance(workload, other), key, entry["best"]["params"]))
+        gap = distance(workload, other)
+        if gap <= MAX_BORROW_DISTANCE:
+            ranked.append((gap, key, entry["best"]["params"]))
     for _, key, params in sorted(ranked, key=lambda item: item[:2]):
         if repr(sorted(params.items())) not in skip and not space.violations(params, workload, limits):
             return dict(params), f"nearest {key}"

@@ -17,16 +17,18 @@ from ..codegen import DEFAULTS
 # no barriers, each work-item streams a register block straight from global memory.
 SPACES = {
     "gpu": {"USE_LOCAL": (1,), "TM": (32, 64, 128), "TN": (32, 64, 128, 256), "TK": (8, 16, 32),
-            "WM": (4, 8), "WN": (4, 8, 16), "VW": (1, 4), "VEC_A": (1, 4), "VEC_B": (1, 4)},
+            "WM": (4, 8), "WN": (4, 8, 16), "VW": (1, 4), "VEC_A": (1, 4), "VEC_B": (1, 4), "VN": (1,)},
     "cpu": {"USE_LOCAL": (0,), "TM": (4, 8, 16, 32), "TN": (8, 16, 32, 64, 128), "TK": (8,),
-            "WM": (1, 2, 4, 8), "WN": (4, 8, 16), "VW": (1, 4), "VEC_A": (1,), "VEC_B": (1,)},
+            "WM": (1, 2, 4, 8), "WN": (4, 8, 16, 32), "VW": (1,), "VEC_A": (1,), "VEC_B": (1,), "VN": (1, 4, 8, 16)},
 }
 
 # Starting points per device kind, valid for any workload on a device with >= 128 work-items and 16 KiB
 # of local memory (measured on the H100: within 10-40 % of the tuned best on ResNet-50 layers).
 DEVICE_DEFAULTS = {
-    "gpu": {"USE_LOCAL": 1, "TM": 64, "TN": 128, "TK": 16, "WM": 8, "WN": 8, "VW": 4, "VEC_A": 1, "VEC_B": 1},
-    "cpu": {"USE_LOCAL": 0, "TM": 8, "TN": 32, "TK": 8, "WM": 4, "WN": 8, "VW": 1, "VEC_A": 1, "VEC_B": 1},
+    "gpu": {"USE_LOCAL": 1, "TM": 64, "TN": 128, "TK": 16, "WM": 8, "WN": 8, "VW": 4, "VEC_A": 1, "VEC_B": 1,
+            "VN": 1},
+    "cpu": {"USE_LOCAL": 0, "TM": 8, "TN": 32, "TK": 8, "WM": 4, "WN": 16, "VW": 1, "VEC_A": 1, "VEC_B": 1,
+            "VN": 8},
 }
 
 
@@ -65,13 +67,18 @@ def violations(params, workload, limits):
     p = complete(params)
     reasons = []
     if any(not isinstance(p[name], int) or p[name] < 1
-           for name in ("TM", "TN", "TK", "WM", "WN", "VW", "VEC_A", "VEC_B")):
+           for name in ("TM", "TN", "TK", "WM", "WN", "VW", "VEC_A", "VEC_B", "VN")):
         return ["every tile size must be a positive int"]
     if p["USE_LOCAL"] not in (0, 1):
         reasons.append(f"USE_LOCAL must be 0 or 1, got {p['USE_LOCAL']}")
     if p["VW"] not in (1, 4) or p["VEC_A"] not in (1, 4) or p["VEC_B"] not in (1, 4):
         reasons.append("VW, VEC_A and VEC_B must be 1 or 4")
         return reasons
+    if p["VN"] not in (1, 2, 4, 8, 16):
+        reasons.append(f"VN must be 1, 2, 4, 8 or 16, got {p['VN']}")
+        return reasons
+    if p["VN"] > 1 and (p["USE_LOCAL"] or p["VW"] != 1 or p["WN"] % p["VN"]):
+        reasons.append(f"VN={p['VN']} needs the CPU shape (USE_LOCAL=0), VW=1 and WN a multiple of VN")
     if p["TM"] % p["WM"] or p["TN"] % p["WN"]:
         reasons.append(f"register block {p['WM']}x{p['WN']} must divide the tile {p['TM']}x{p['TN']}")
         return reasons
