@@ -9,6 +9,10 @@ from __future__ import annotations
 import math
 import time
 
+import json
+from functools import lru_cache
+from importlib import resources
+
 from ...cache import JsonDocument
 from ..codegen import TEMPLATE_VERSION
 from . import space
@@ -40,6 +44,34 @@ def entries(identity, document=DOCUMENT):
     return document.load().get("devices", {}).get(identity, {}).get("workloads", {})
 
 
+@lru_cache(maxsize=1)
+def _seed():
+    """Results tuned on known devices, shipped with Sparkle (``pretuned.json``, same layout as the database)."""
+    try:
+        return json.loads(resources.files(__package__).joinpath("pretuned.json").read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+def _same_device(a, b):
+    """Identities name platform|platform version|vendor|device|device version|driver: a driver or
+    platform update keeps the device, so its tuned tiles are still the best guess."""
+    a_parts, b_parts = a.split("|"), b.split("|")
+    return len(a_parts) == len(b_parts) == 6 and (a_parts[0], a_parts[2], a_parts[3]) == \
+        (b_parts[0], b_parts[2], b_parts[3])
+
+
+def seed_entries(identity):
+    """Shipped tuning results for this device (exact identity, else the same device under another driver)."""
+    devices = _seed().get("devices", {})
+    if identity in devices:
+        return devices[identity].get("workloads", {})
+    for other, value in devices.items():
+        if _same_device(identity, other):
+            return value.get("workloads", {})
+    return {}
+
+
 def _features(workload):
     return (math.log2(max(workload.gemm_m, 1)), math.log2(max(workload.gemm_n, 1)),
             math.log2(max(workload.gemm_k, 1)))
@@ -65,7 +97,7 @@ def lookup(identity, workload, limits, excluded=(), document=DOCUMENT):
     """
     from ..codegen import Workload
 
-    stored = entries(identity, document)
+    stored = {**seed_entries(identity), **entries(identity, document)}  # the user's own tuning wins
     skip = {repr(sorted(p.items())) for p in excluded}
     own = stored.get(workload.key, {}).get("best")
     if own and repr(sorted(own["params"].items())) not in skip \
