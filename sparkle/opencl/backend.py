@@ -79,7 +79,7 @@ def _host(array):
 
 def _fallback(device, cause, run_on_cpu, to_device):
     warnings.warn(f"{device.id} ({device.name}): {cause}; this call ran on the Numba CPU backend instead",
-                  OpenCLFallbackWarning, stacklevel=4)
+                  OpenCLFallbackWarning, stacklevel=5)  # the line that called sparkle.conv2d/matmul
     result = run_on_cpu()
     if to_device:
         try:
@@ -97,10 +97,15 @@ def _run(device, workload, image, weights, bias, out_shape, relu, run_on_cpu):
     dtype = np.dtype(workload.dtype)
     if int(np.prod(out_shape)) == 0 or workload.gemm_k == 0:
         host = run_on_cpu()  # nothing to launch; sizes with zeros are exact on the host
-        return transfer.upload(device, host, dtype) if on_device and host.size else host
+        return transfer.upload(device, host, dtype) if on_device else host
     params, source = choose_params(device, workload)
     if params is None:
         return _fallback(device, source, run_on_cpu, on_device)
+    largest = max(int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+                  for shape in (image.shape, weights.shape, out_shape))
+    if largest > device.max_alloc:
+        return _fallback(device, f"a buffer of {largest / 2**20:.0f} MiB exceeds the device's largest allocation "
+                                 f"({device.max_alloc / 2**20:.0f} MiB)", run_on_cpu, on_device)
     try:
         x_dev = transfer.upload(device, image, dtype)
         w_dev = transfer.upload(device, weights, dtype)
