@@ -44,7 +44,7 @@ def problem(name, batch, rng):
     return api.conv2d_spec(x, w, **layer.conv_kwargs()), x, w, layer.conv_kwargs()
 
 
-def time_variant(device, workload, params, buffers, repeat):
+def measure_variant(device, workload, params, buffers, repeat):
     import pyopencl as cl
     x_buf, w_buf, b_buf, o_buf = buffers
     launch.enqueue(device, workload, params, x_buf, w_buf, b_buf, o_buf, has_bias=False, relu=False).wait()
@@ -135,7 +135,7 @@ def main(argv=None):
             cl.enqueue_copy(device.queue, out, buffers[3])
             unwritten = int(np.isnan(out).sum())
             err = sample_error(spec, x, w, out, rng)
-            med, best = time_variant(device, workload, params, buffers, args.repeat)
+            med, best = measure_variant(device, workload, params, buffers, args.repeat)
             tflops = workload.flops / med / 1e12
             rows.append(dict(workload=name, params=params, err=err, unwritten=unwritten, median_s=med,
                              tflops=tflops, build_s=build))

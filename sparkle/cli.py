@@ -13,7 +13,6 @@ correct kernel, 2 for bad arguments (argparse's convention).
 from __future__ import annotations
 
 import argparse
-import importlib
 import math
 import shutil
 import sys
@@ -104,18 +103,18 @@ def _table(header, rows):
 
 
 def cmd_devices(args):
-    import sparkle
+    # (``sparkle.devices`` is the function; the module's other names are imported from it directly.)
+    from .devices import devices, opencl_backend_device, opencl_unavailable_reason
 
-    devices_module = importlib.import_module("sparkle.devices")  # sparkle.devices is the function
-    found = sparkle.devices()
+    found = devices()
     print(_table(("id", "kind", "name", "vendor", "compute units", "memory"),
                  [(d.id, d.kind, d.name, d.vendor, d.compute_units, _gib(d.memory)) for d in found]))
     print()
-    reason = devices_module.opencl_unavailable_reason()
+    reason = opencl_unavailable_reason()
     if reason is not None:
         print(f"OpenCL is unavailable: {reason}")
     else:
-        default = devices_module.opencl_backend_device("opencl")
+        default = opencl_backend_device("opencl")
         print(f'device="opencl" means {default.id} (the first GPU, else the first OpenCL device).')
     print('device="auto" runs where the inputs live (an OpenCL device for DeviceArrays, else cpu); '
           'device="reference" is the float64 oracle.')
@@ -266,8 +265,14 @@ def _print_tuning(path, verbose):
                 print(f"    {key}: {best.get('gflops') or 0:.1f} GFLOPS with {best.get('params')}")
 
 
+def _binaries_text(folder):
+    files = list(folder.glob("*.bin"))
+    return f"{len(files)} ({_size_text(sum(path.stat().st_size for path in files))}) in {folder}"
+
+
 def cmd_cache(args):
     from .cache import cache_dir
+    from .opencl import runtime
     from .opencl.tuning import database
 
     directory = cache_dir()
@@ -295,10 +300,16 @@ def cmd_cache(args):
             _print_tuning(path, args.verbose)
         else:
             print(f"tuning database of an older kernel template (not used): {path}")
-    binaries = [path for folder in program_dirs for path in folder.glob("*.bin")]
-    size = sum(path.stat().st_size for path in binaries)
-    print(f"program binaries: {len(binaries)} ({_size_text(size)})"
-          + (f" in {', '.join(str(folder) for folder in program_dirs)}" if program_dirs else ""))
+    for device in runtime.opencl_devices():
+        shipped = database.seed_entries(device.identity)
+        if shipped:
+            print(f"shipped pre-tuned parameters for {device.id} ({device.name}): {len(shipped)} workload"
+                  f"{'s' if len(shipped) != 1 else ''} (used where the database has none)")
+    in_use = directory / runtime.PROGRAM_CACHE
+    print("program binaries: " + (_binaries_text(in_use) if in_use.is_dir() else "0 (0 B)"))
+    for folder in program_dirs:
+        if folder != in_use:
+            print(f"program binaries of an older cache layout (not used): {_binaries_text(folder)}")
     return 0
 
 

@@ -11,6 +11,7 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "boundscheck: fast small-shape test that exercises every kernel code path; "
                    "CI reruns these under NUMBA_BOUNDSCHECK=1")
+    config.addinivalue_line("markers", "oclgrind: runs generated OpenCL kernels on the Oclgrind simulator")
 
 
 # Property tests are compute-bound and the first call of each kernel variant compiles for

@@ -6,6 +6,7 @@ counts; every other outcome is recorded as rejected, with the reason. Tuning run
 
 from __future__ import annotations
 
+import numbers
 import random
 import time
 from dataclasses import dataclass, field
@@ -159,12 +160,13 @@ def tune(op, *operands, device="opencl", time_budget=30.0, max_candidates=None, 
     ``max_candidates`` candidates. Returns a :class:`TuneResult`.
     """
     import pyopencl as cl
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # plain text bar: tqdm.auto needs ipywidgets in notebooks and warns without them
 
     spec = _spec(op, operands, kwargs)
-    if not (isinstance(time_budget, (int, float)) and time_budget > 0):
+    if isinstance(time_budget, bool) or not (isinstance(time_budget, numbers.Real) and time_budget > 0):
         raise ValueError(f"time_budget must be a positive number of seconds, got {time_budget!r}")
-    if max_candidates is not None and (not isinstance(max_candidates, int) or max_candidates < 1):
+    if max_candidates is not None and (isinstance(max_candidates, bool)
+                                       or not isinstance(max_candidates, numbers.Integral) or max_candidates < 1):
         raise ValueError(f"max_candidates must be a positive int or None, got {max_candidates!r}")
     target = resolve_device(device, operands)
     if isinstance(target, str):

@@ -29,8 +29,9 @@ def record(identity, workload, best, rejected, tried, document=DOCUMENT):
     def change(data):
         entry = _device_entry(data, identity).setdefault(workload.key, {})
         entry["workload"] = workload.as_dict()
-        if best is not None:
-            entry["best"] = best
+        old = entry.get("best")
+        if best is not None and (old is None or old.get("seconds") is None or best["seconds"] <= old["seconds"]):
+            entry["best"] = best  # a short tuning run must not replace a faster winner found earlier
         known = {repr(sorted(r["params"].items())) for r in entry.get("rejected", [])}
         entry["rejected"] = entry.get("rejected", []) + [
             r for r in rejected if repr(sorted(r["params"].items())) not in known]
