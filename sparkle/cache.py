@@ -71,6 +71,7 @@ class JsonDocument:
     def __init__(self, name, version, directory=None):
         self.directory = Path(directory) if directory is not None else None
         self.name = f"{name}-v{version}.json"
+        self._snapshot, self._snapshot_key = {}, None
 
     @property
     def path(self):
@@ -95,6 +96,20 @@ class JsonDocument:
             warnings.warn(f"ignoring unreadable Sparkle cache file {self.path}: {error}", RuntimeWarning,
                           stacklevel=2)
             return {}
+
+    def snapshot(self):
+        """Like :meth:`load`, but parsed once per version of the file (keyed by its inode, size and mtime).
+
+        For hot read paths; the result is shared, so callers must not modify it.
+        """
+        try:
+            stat = self.path.stat()
+            key = (str(self.path), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        except FileNotFoundError:
+            return {}
+        if self._snapshot_key != key:
+            self._snapshot, self._snapshot_key = self.load(), key
+        return self._snapshot
 
     def update(self, change):
         """Apply ``change(document)`` (mutating it in place) under the lock, then write atomically."""

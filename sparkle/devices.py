@@ -91,7 +91,8 @@ def opencl_backend_device(device_id):
     if device_id == "opencl":
         if not found:
             raise ValueError(f"device='opencl' is not available: {opencl_unavailable_reason()}")
-        return next((d for d in found if d.kind == "gpu"), found[0])
+        real = [d for d in found if not d.simulator] or found
+        return next((d for d in real if d.kind == "gpu"), real[0])
     for device in found:
         if device.id == device_id:
             return device

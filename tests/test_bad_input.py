@@ -155,7 +155,7 @@ def test_bad_activation(value):
         call_conv(activation=value)
 
 
-@pytest.mark.parametrize("device", ["gpu", "CPU", "cuda", "", "cpu:0", "opencl"])
+@pytest.mark.parametrize("device", ["gpu", "CPU", "cuda", "", "cpu:0", "opencl:99", "OpenCL"])
 def test_unknown_device_lists_available_ones(device):
     with pytest.raises(ValueError, match=r"^device\b") as info:
         call_conv(device=device)

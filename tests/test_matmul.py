@@ -128,7 +128,7 @@ def test_matmul_bad_input(a, b, error, match):
     unchanged.check()
 
 
-@pytest.mark.parametrize("device", ["gpu", "CPU", "", "opencl:0"])
+@pytest.mark.parametrize("device", ["gpu", "CPU", "", "opencl:99"])
 def test_matmul_unknown_device_lists_available(device):
     with pytest.raises(ValueError, match="device") as info:
         sparkle.matmul(np.zeros((2, 2)), np.zeros((2, 2)), device=device)

@@ -81,6 +81,8 @@ class OpenCLDevice:
         self.name = cl_device.name.strip()
         self.vendor = cl_device.vendor.strip()
         self.kind = "gpu" if cl_device.type & cl.device_type.GPU else "cpu"
+        # A simulator (Oclgrind) checks kernels; it is never the device "opencl" picks.
+        self.simulator = any(name in platform.name for name in SIMULATOR_PLATFORMS)
         self.compute_units = cl_device.max_compute_units
         self.memory = cl_device.global_mem_size
         self.max_work_group_size = cl_device.max_work_group_size

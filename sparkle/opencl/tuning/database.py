@@ -42,7 +42,8 @@ def record(identity, workload, best, rejected, tried, document=DOCUMENT):
 
 
 def entries(identity, document=DOCUMENT):
-    return document.load().get("devices", {}).get(identity, {}).get("workloads", {})
+    """The stored workloads of one device (read-only: shared between calls until the file changes)."""
+    return document.snapshot().get("devices", {}).get(identity, {}).get("workloads", {})
 
 
 @lru_cache(maxsize=1)
