@@ -1,0 +1,121 @@
+"""OpenCL test support shared by the tests/test_opencl_* modules.
+
+- ``opencl_device_ids()``: the ids ("opencl:0", ...) of every usable OpenCL device, [] without pyopencl.
+- ``requires_opencl``: skip marker (with the reason OpenCL is unavailable) for tests that need a device.
+- ``opencl_params()``: the device ids as parameters, or one skipped parameter saying why there are none,
+  so a machine without OpenCL reports a clean skip with a reason instead of an empty parameter set.
+- ``runtime_device(device_id)``: the runtime ``OpenCLDevice`` for an id, looked up afresh each time
+  (discovery is cached by environment, so a test that changes SPARKLE_OPENCL gets new device objects:
+  never keep one across tests).
+- ``sparkle_cache`` fixture: points SPARKLE_CACHE_DIR at a test-only directory that persists between runs
+  (pytest's cache directory), so program binaries built by one run make the next run fast, and the user's
+  own cache and tuning database are never read or written by the tests.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+
+def _runtime():
+    """``sparkle.opencl.runtime``, or None when pyopencl cannot be imported."""
+    try:
+        import pyopencl  # noqa: F401
+    except ImportError:
+        return None
+    from sparkle.opencl import runtime
+
+    return runtime
+
+
+def opencl_device_ids():
+    """Ids of every OpenCL device the runtime lists (none when pyopencl is missing or SPARKLE_OPENCL=0)."""
+    runtime = _runtime()
+    if runtime is None:
+        return []
+    return [device.id for device in runtime.opencl_devices()]
+
+
+def unavailable_reason():
+    if _runtime() is None:
+        return "pyopencl is not installed"
+    from sparkle.devices import opencl_unavailable_reason
+
+    return opencl_unavailable_reason() or "no OpenCL device"
+
+
+requires_opencl = pytest.mark.skipif(not opencl_device_ids(), reason=f"OpenCL: {unavailable_reason()}")
+
+
+def opencl_params():
+    """Device ids for ``pytest.mark.parametrize``; a single skipped parameter when there are none."""
+    ids = opencl_device_ids()
+    if ids:
+        return ids
+    return [pytest.param(None, id="no-opencl", marks=pytest.mark.skip(reason=f"OpenCL: {unavailable_reason()}"))]
+
+
+def runtime_device(device_id):
+    """The runtime OpenCLDevice with ``device_id`` (fails the test if it has disappeared)."""
+    from sparkle.opencl import runtime
+
+    device = runtime.opencl_device(device_id)
+    assert device is not None, f"{device_id} is not listed by the OpenCL runtime any more"
+    return device
+
+
+def cache_path_for_tests(config, tmp_path_factory):
+    """A cache directory for the tests only: pytest's cache (kept between runs), else a temporary one."""
+    cache = getattr(config, "cache", None)
+    if cache is not None:  # persistent between runs: warm program binaries
+        return cache.mkdir("sparkle-opencl-tests")
+    return tmp_path_factory.mktemp("sparkle-opencl-cache")
+
+
+@pytest.fixture
+def sparkle_cache(request, tmp_path_factory, monkeypatch):
+    """SPARKLE_CACHE_DIR for this test: the test-only cache (unless the test sets its own later)."""
+    path = cache_path_for_tests(request.config, tmp_path_factory)
+    monkeypatch.setenv("SPARKLE_CACHE_DIR", os.fspath(path))
+    return path
+
+
+class GuardedBuffer:
+    """``host``'s values in a sub-buffer with NaN guard regions on both sides in one device buffer.
+
+    A kernel that writes outside its array changes a guard (checked by ``guards_intact``); one that reads
+    outside its array and uses the value computes a NaN. ``poison=True`` fills the array itself with NaN
+    too (an output buffer: every element left NaN was never written).
+    """
+
+    def __init__(self, device, host, *, poison=False):
+        import pyopencl as cl
+
+        host = np.ascontiguousarray(host)
+        self.shape, self.dtype = host.shape, host.dtype
+        align = max(device.cl_device.mem_base_addr_align // 8, host.dtype.itemsize)
+        self.guard_bytes = -(-1024 // align) * align
+        self.guard = self.guard_bytes // host.dtype.itemsize
+        size = max(host.size, 1)
+        self.full = np.full(2 * self.guard + size, np.nan, dtype=host.dtype)
+        if not poison:
+            self.full[self.guard:self.guard + host.size] = host.ravel()
+        self.device = device
+        self.parent = cl.Buffer(device.context, cl.mem_flags.READ_WRITE | cl.mem_flags.COPY_HOST_PTR,
+                                hostbuf=self.full)
+        self.buffer = self.parent.get_sub_region(self.guard_bytes, size * host.dtype.itemsize)
+
+    def read(self):
+        """(the array, the guard values) as now on the device."""
+        import pyopencl as cl
+
+        full = np.empty_like(self.full)
+        cl.enqueue_copy(self.device.queue, full, self.parent, is_blocking=True)
+        inside = full[self.guard:self.guard + int(np.prod(self.shape, dtype=np.int64))].reshape(self.shape)
+        return inside, np.concatenate([full[:self.guard], full[-self.guard:]])
+
+    def guards_intact(self):
+        return bool(np.isnan(self.read()[1]).all())
