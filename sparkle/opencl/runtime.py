@@ -173,6 +173,14 @@ def _unpack_binary(data):
 
 def _build(device, source, options, key):
     cl = _import_pyopencl()
+    with warnings.catch_warnings():
+        # Successful builds may still print notes (PoCL: the ABI of 16-wide vectors without AVX-512); the
+        # result of every variant is checked against the reference, so they are noise to the user.
+        warnings.simplefilter("ignore", cl.CompilerWarning)
+        return _build_quietly(cl, device, source, options, key)
+
+
+def _build_quietly(cl, device, source, options, key):
     path = _binary_path(key)
     binary = _unpack_binary(cache.read_bytes(path))
     if binary:
@@ -180,11 +188,7 @@ def _build(device, source, options, key):
             return cl.Program(device.context, [device.cl_device], [binary]).build(options=options)
         except cl.Error:
             pass  # stale or foreign binary: rebuild from source below
-    with warnings.catch_warnings():
-        # Successful builds may still print notes (PoCL: the ABI of 16-wide vectors without AVX-512); the
-        # result of every variant is checked against the reference, so they are noise to the user.
-        warnings.simplefilter("ignore", cl.CompilerWarning)
-        program = cl.Program(device.context, source).build(options=options, devices=[device.cl_device])
+    program = cl.Program(device.context, source).build(options=options, devices=[device.cl_device])
     try:
         binaries = program.get_info(cl.program_info.BINARIES)
         if binaries and binaries[0]:
