@@ -17,8 +17,8 @@ ACTIVATIONS = (None, "relu")
 
 
 @dataclass(frozen=True)
-class Conv2dSpec:
-    """A fully resolved conv2d problem: shapes, geometry, dtype and epilogue."""
+class ConvGeometry:
+    """The shape of a convolution: sizes, kernel, strides, padding, dilation, groups and output size."""
 
     batch: int
     in_channels: int
@@ -38,6 +38,18 @@ class Conv2dSpec:
     groups: int
     out_h: int
     out_w: int
+
+    @property
+    def pointwise(self):
+        """1x1, stride 1, no padding: the convolution is a plain GEMM per image."""
+        return (self.kernel_h == self.kernel_w == 1 and self.stride_h == self.stride_w == 1
+                and not (self.pad_top or self.pad_bottom or self.pad_left or self.pad_right))
+
+
+@dataclass(frozen=True)
+class Conv2dSpec(ConvGeometry):
+    """A fully resolved conv2d problem: shapes, geometry, dtype and epilogue."""
+
     dtype: np.dtype
     has_bias: bool
     activation: str | None
@@ -54,9 +66,7 @@ class Conv2dSpec:
 
     @property
     def is_pointwise(self):
-        """1x1, stride 1, no padding: the convolution is a plain GEMM per image."""
-        return (self.kernel_h == self.kernel_w == 1 and self.stride_h == self.stride_w == 1
-                and not (self.pad_top or self.pad_bottom or self.pad_left or self.pad_right))
+        return self.pointwise
 
 
 @dataclass(frozen=True)
@@ -204,3 +214,11 @@ def matmul_spec(a, b):
     if a.shape[1] != b.shape[0]:
         raise ValueError(f"a.shape[1] must equal b.shape[0] (inner dimension K), got a {a.shape} and b {b.shape}")
     return MatmulSpec(m=a.shape[0], k=a.shape[1], n=b.shape[1], dtype=a.dtype)
+
+
+def matmul_as_conv2d_spec(spec):
+    """(M, K) @ (K, N) is a 1x1 convolution of a (1, K, 1, N) image with (M, K, 1, 1) weights."""
+    return Conv2dSpec(batch=1, in_channels=spec.k, height=1, width=spec.n, out_channels=spec.m, kernel_h=1,
+                      kernel_w=1, stride_h=1, stride_w=1, pad_top=0, pad_bottom=0, pad_left=0, pad_right=0,
+                      dilation_h=1, dilation_w=1, groups=1, out_h=1, out_w=spec.n, dtype=spec.dtype,
+                      has_bias=False, activation=None)

@@ -3,7 +3,7 @@
 import numba
 import numpy as np
 
-from ..api import Conv2dSpec
+from ..api import matmul_as_conv2d_spec
 from .conv2d import fused_conv2d_driver
 from .direct import direct_conv2d
 from .operands import allocate_scratch, bias_vector, geometry, read_only_flat, weight_rows
@@ -46,14 +46,6 @@ def conv2d(x, w, bias, spec, plan=None):
     else:
         _run_fused(x, w, bias, spec, plan or plan_conv2d(spec), out)
     return out
-
-
-def matmul_as_conv2d_spec(spec):
-    """(M, K) @ (K, N) is a 1x1 convolution of a (1, K, 1, N) image with (M, K, 1, 1) weights."""
-    return Conv2dSpec(batch=1, in_channels=spec.k, height=1, width=spec.n, out_channels=spec.m, kernel_h=1,
-                      kernel_w=1, stride_h=1, stride_w=1, pad_top=0, pad_bottom=0, pad_left=0, pad_right=0,
-                      dilation_h=1, dilation_w=1, groups=1, out_h=1, out_w=spec.n, dtype=spec.dtype,
-                      has_bias=False, activation=None)
 
 
 def matmul(a, b, spec, plan=None):

@@ -6,53 +6,34 @@ workload's shape (so the compiler folds every index computation) and for the til
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from functools import lru_cache
 from importlib import resources
 
 import numpy as np
 
-from ..api import Conv2dSpec, MatmulSpec
+from ..api import Conv2dSpec, ConvGeometry, MatmulSpec, matmul_as_conv2d_spec
 
 TEMPLATE_VERSION = 1  # part of the tuning database key: bump when the kernel's meaning of a tunable changes
 
 
 @dataclass(frozen=True)
-class Workload:
+class Workload(ConvGeometry):
     """The shape of one OpenCL launch: conv2d, with matmul as a 1x1 conv of a (1, K, 1, N) image."""
 
-    op: str  # "conv2d" or "matmul" (same kernel; kept apart in the tuning database)
-    batch: int
-    in_channels: int
-    height: int
-    width: int
-    out_channels: int
-    kernel_h: int
-    kernel_w: int
-    stride_h: int
-    stride_w: int
-    pad_top: int
-    pad_left: int
-    pad_bottom: int
-    pad_right: int
-    dilation_h: int
-    dilation_w: int
-    groups: int
-    out_h: int
-    out_w: int
-    dtype: str  # "float32" or "float64"
+    op: str = "conv2d"  # "conv2d" or "matmul" (same kernel; kept apart in the tuning database)
+    dtype: str = "float32"  # "float32" or "float64"
 
     @classmethod
     def from_spec(cls, spec):
         if isinstance(spec, MatmulSpec):
-            return cls("matmul", 1, spec.k, 1, spec.n, spec.m, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, spec.n,
-                       np.dtype(spec.dtype).name)
-        if isinstance(spec, Conv2dSpec):
-            return cls("conv2d", spec.batch, spec.in_channels, spec.height, spec.width, spec.out_channels,
-                       spec.kernel_h, spec.kernel_w, spec.stride_h, spec.stride_w, spec.pad_top, spec.pad_left,
-                       spec.pad_bottom, spec.pad_right, spec.dilation_h, spec.dilation_w, spec.groups,
-                       spec.out_h, spec.out_w, np.dtype(spec.dtype).name)
-        raise TypeError(f"spec must be a Conv2dSpec or MatmulSpec, got {type(spec).__name__}")
+            op, spec = "matmul", matmul_as_conv2d_spec(spec)
+        elif isinstance(spec, Conv2dSpec):
+            op = "conv2d"
+        else:
+            raise TypeError(f"spec must be a Conv2dSpec or MatmulSpec, got {type(spec).__name__}")
+        geometry = {f.name: getattr(spec, f.name) for f in fields(ConvGeometry)}
+        return cls(op=op, dtype=np.dtype(spec.dtype).name, **geometry)
 
     # The implicit GEMM per group: (gemm_m x gemm_k) weights times (gemm_k x gemm_n) im2col.
     @property
@@ -66,11 +47,6 @@ class Workload:
     @property
     def gemm_k(self):
         return self.in_channels // self.groups * self.kernel_h * self.kernel_w
-
-    @property
-    def pointwise(self):
-        return (self.kernel_h == self.kernel_w == 1 and self.stride_h == self.stride_w == 1
-                and not (self.pad_top or self.pad_left or self.pad_bottom or self.pad_right))
 
     @property
     def flops(self):
