@@ -1,6 +1,6 @@
 """The ResNet-50 layer suite through ``sparkle.conv2d``, checked against the float64 reference.
 
-Run ``python -m sparkle.demo [--batch N] [--dtype float32|float64] [--repeat R]``.
+Run ``python -m sparkle.demo [--device cpu|opencl|opencl:N] [--batch N] [--dtype float32|float64] [--repeat R]``.
 Prints time, GFLOPS and error per layer; exits with status 1 if any layer's relative
 L2 error against ``sparkle.reference.conv2d`` exceeds the tolerance of its dtype.
 
@@ -16,7 +16,7 @@ import numba
 import numpy as np
 
 from . import reference
-from .devices import devices
+from .devices import devices, resolve_device
 from .ops import conv2d
 from .timing import interleaved_best, timed
 from .workloads import RESNET50_LAYERS, layer_flops, layer_inputs
@@ -38,13 +38,13 @@ def shape_text(shape):
     return "x".join(str(size) for size in shape)
 
 
-def run_suite(batch, dtype, repeat):
+def run_suite(batch, dtype, repeat, device="cpu"):
     """Time every layer, then check every result; one report row per layer."""
     rows, calls, checks = [], {}, []
     for layer in RESNET50_LAYERS:
         x, w = layer_inputs(layer, batch, dtype)
         kwargs = layer.conv_kwargs()
-        calls[layer.name] = functools.partial(conv2d, x, w, **kwargs)
+        calls[layer.name] = functools.partial(conv2d, x, w, device=device, **kwargs)
         first_s, result = timed(calls[layer.name])  # the first call compiles
         rows.append({"layer": layer.name, "x": x.shape, "w": w.shape, "first_s": first_s})
         checks.append((result, functools.partial(reference.conv2d, x, w, **kwargs), layer_flops(layer, x, w)))
@@ -71,6 +71,9 @@ def print_table(rows, tolerance):
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m sparkle.demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu",
+                        help="where to run: cpu (default), opencl (first GPU, else PoCL) or opencl:N; "
+                             "OpenCL timings include copying the arrays to the device and back")
     parser.add_argument("--batch", type=int, default=1, help="images per call (default 1)")
     parser.add_argument("--dtype", choices=sorted(TOLERANCES), default="float32")
     parser.add_argument("--repeat", type=int, default=10,
@@ -78,19 +81,31 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if args.batch < 1 or args.repeat < 1:
         parser.error("--batch and --repeat must be at least 1")
+    try:
+        target = resolve_device(args.device)
+    except ValueError as error:
+        parser.error(f"--device: {error}")
+    if target == "reference" or args.device == "auto":
+        parser.error("--device must be cpu, opencl or opencl:N")
+    args.device_id = target if isinstance(target, str) else target.id
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
     dtype, tolerance = np.dtype(args.dtype), TOLERANCES[args.dtype]
-    print("Note: the first sparkle.conv2d call compiles the CPU kernels (Numba JIT; later runs load them "
-          "from the on-disk cache), so it is timed separately.")
-    threads = numba.get_num_threads()  # also starts Numba's thread pool, so the layer name is known
-    print(f"Device: {devices()[0].name}, {threads} threads ({numba.threading_layer()}); ResNet-50 layers, "
+    print("Note: the first sparkle.conv2d call compiles the kernels (Numba JIT or the OpenCL build; later runs "
+          "load them from the on-disk cache), so it is timed separately.")
+    device = next(d for d in devices() if d.id == args.device_id)
+    if device.id == "cpu":
+        threads = numba.get_num_threads()  # also starts Numba's thread pool, so the layer name is known
+        where = f"{device.name}, {threads} threads ({numba.threading_layer()})"
+    else:
+        where = f"{device.id} {device.name} (OpenCL, {device.compute_units} compute units)"
+    print(f"Device: {where}; ResNet-50 layers, "
           f"N={args.batch}, {dtype}; best of {args.repeat} rounds after a warm-up call; "
           f"checked against the float64 reference (rel L2 <= {tolerance:g}).")
-    rows = run_suite(args.batch, dtype, args.repeat)
+    rows = run_suite(args.batch, dtype, args.repeat, args.device_id)
     print(f"First call ({rows[0]['layer']}, compile or cache load + run): {rows[0]['first_s'] * 1e3:.0f} ms; "
           f"first calls of all layers: {sum(row['first_s'] for row in rows) * 1e3:.0f} ms\n")
     print_table(rows, tolerance)
