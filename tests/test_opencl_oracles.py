@@ -18,7 +18,7 @@ from sparkle import reference  # noqa: E402
 
 from _helpers import Unchanged, assert_close_to_reference, make_array  # noqa: E402
 from _opencl import opencl_params, sparkle_cache  # noqa: E402,F401
-from test_oracles import (DEEPBENCH_SEED, deepbench_conv_sample, load_onnx_case, onnx_case_ids,  # noqa: E402
+from test_oracles import (DEEPBENCH_SEED, check_onnx_case, deepbench_conv_sample, onnx_case_ids,  # noqa: E402
                           read_json)
 
 pytestmark = [pytest.mark.usefixtures("sparkle_cache"),
@@ -30,17 +30,9 @@ DEVICES = opencl_params()
 @pytest.mark.parametrize("suite, name", onnx_case_ids(), ids=lambda v: str(v))
 @pytest.mark.parametrize("device_id", DEVICES)
 def test_onnx_conv_expected_output(device_id, suite, name):
-    case, arrays, kwargs = load_onnx_case(suite, name)
-    x, w, y = arrays["x"], arrays["w"], arrays["y"]
-    bias = arrays.get("b")
-    assert (bias is not None) == case["has_bias"]
-    unchanged = Unchanged(x, w, bias)
-    out = sparkle.conv2d(x, w, bias, device=device_id, **kwargs)
-    unchanged.check()
-    assert type(out) is np.ndarray and out.dtype == y.dtype == np.float32 and out.shape == y.shape
-    np.testing.assert_allclose(out, y, rtol=1e-3, atol=1e-5)
+    out, operands, kwargs = check_onnx_case(suite, name, device_id)
     # The same problem with the operands already on the device gives the same numbers.
-    on_device = sparkle.conv2d(*(None if a is None else sparkle.to_device(a, device_id) for a in (x, w, bias)),
+    on_device = sparkle.conv2d(*(None if a is None else sparkle.to_device(a, device_id) for a in operands),
                                **kwargs)
     np.testing.assert_array_equal(on_device.get(), out)
 

@@ -78,9 +78,11 @@ def load_onnx_case(suite, name):
     return case, arrays, kwargs
 
 
-@pytest.mark.parametrize("suite, name", onnx_case_ids(), ids=lambda v: str(v))
-@pytest.mark.parametrize("device", ["cpu", "reference"])
-def test_onnx_conv_expected_output(suite, name, device):
+def check_onnx_case(suite, name, device):
+    """Run one ONNX Conv case on ``device`` and check it against its expected output.
+
+    Returns (output, operands (x, w, bias), conv2d keyword arguments) for further checks.
+    """
     case, arrays, kwargs = load_onnx_case(suite, name)
     x, w, y = arrays["x"], arrays["w"], arrays["y"]
     bias = arrays.get("b")
@@ -88,9 +90,16 @@ def test_onnx_conv_expected_output(suite, name, device):
     unchanged = Unchanged(x, w, bias)
     out = sparkle.conv2d(x, w, bias, device=device, **kwargs)
     unchanged.check()
-    assert out.dtype == y.dtype == np.float32
+    assert type(out) is np.ndarray and out.dtype == y.dtype == np.float32
     assert out.shape == y.shape
     np.testing.assert_allclose(out, y, rtol=1e-3, atol=1e-5)
+    return out, (x, w, bias), kwargs
+
+
+@pytest.mark.parametrize("suite, name", onnx_case_ids(), ids=lambda v: str(v))
+@pytest.mark.parametrize("device", ["cpu", "reference"])
+def test_onnx_conv_expected_output(suite, name, device):
+    check_onnx_case(suite, name, device)
 
 
 @pytest.mark.parametrize("suite, name", onnx_case_ids(), ids=lambda v: str(v))
