@@ -2,6 +2,7 @@
 
 import os
 
+import pytest
 from hypothesis import settings
 
 
@@ -20,3 +21,19 @@ def pytest_configure(config):
 settings.register_profile("sparkle", deadline=None, print_blob=True)
 settings.register_profile("ci", deadline=None, print_blob=True, derandomize=True)
 settings.load_profile(os.environ.get("SPARKLE_HYPOTHESIS_PROFILE", "sparkle"))
+
+
+@pytest.fixture
+def launched(monkeypatch):
+    """The parameter sets that reached launch.enqueue, in order."""
+    from sparkle.opencl import launch
+
+    calls = []
+    real = launch.enqueue
+
+    def spy(device, workload, params, *args, **kwargs):
+        calls.append(dict(params))
+        return real(device, workload, params, *args, **kwargs)
+
+    monkeypatch.setattr(launch, "enqueue", spy)
+    return calls

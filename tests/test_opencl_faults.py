@@ -47,19 +47,6 @@ def device(request):
     return runtime_device(request.param)
 
 
-@pytest.fixture
-def launched(monkeypatch):
-    """The parameter sets that reached launch.enqueue, in order."""
-    calls = []
-    real = launch.enqueue
-
-    def spy(device, workload, params, *args, **kwargs):
-        calls.append(dict(params))
-        return real(device, workload, params, *args, **kwargs)
-
-    monkeypatch.setattr(launch, "enqueue", spy)
-    return calls
-
 
 # One conv2d problem with every epilogue feature, and one matmul; tiny so the CPU fallback is instant.
 def conv_problem(rng, dtype=np.float32):
