@@ -46,9 +46,9 @@ def choose_params(device, workload):
     params, source = database.lookup(device.identity, workload, limits, excluded)
     if params is not None:
         return params, source
-    skip = {repr(sorted(p.items())) for p in excluded}
+    skip = {space.identity(p) for p in excluded}
     for params in (space.DEVICE_DEFAULTS[device.kind], space.complete({})):
-        if repr(sorted(params.items())) not in skip and not space.violations(params, workload, limits):
+        if space.identity(params) not in skip and not space.violations(params, workload, limits):
             return dict(params), "default"
     if workload.dtype == "float64" and not device.has_fp64:
         return None, f"{device.id} ({device.name}) has no float64 support"

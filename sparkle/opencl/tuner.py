@@ -129,7 +129,7 @@ def _order(workload, device, limits, rng):
     for params in first + mixed:
         if params is None:
             continue
-        key = repr(sorted(space.complete(params).items()))
+        key = space.identity(params)
         if key not in seen:
             seen.add(key)
             order.append(space.complete(params))

@@ -32,9 +32,9 @@ def record(identity, workload, best, rejected, tried, document=DOCUMENT):
         old = entry.get("best")
         if best is not None and (old is None or old.get("seconds") is None or best["seconds"] <= old["seconds"]):
             entry["best"] = best  # a short tuning run must not replace a faster winner found earlier
-        known = {repr(sorted(r["params"].items())) for r in entry.get("rejected", [])}
+        known = {space.identity(r["params"]) for r in entry.get("rejected", [])}
         entry["rejected"] = entry.get("rejected", []) + [
-            r for r in rejected if repr(sorted(r["params"].items())) not in known]
+            r for r in rejected if space.identity(r["params"]) not in known]
         entry["tried"] = entry.get("tried", 0) + tried
         entry["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
 
@@ -100,9 +100,9 @@ def lookup(identity, workload, limits, excluded=(), document=DOCUMENT):
     from ..codegen import Workload
 
     stored = {**seed_entries(identity), **entries(identity, document)}  # the user's own tuning wins
-    skip = {repr(sorted(p.items())) for p in excluded}
+    skip = {space.identity(p) for p in excluded}
     own = stored.get(workload.key, {}).get("best")
-    if own and repr(sorted(own["params"].items())) not in skip \
+    if own and space.identity(own["params"]) not in skip \
             and not space.violations(own["params"], workload, limits):
         return dict(own["params"]), "tuned"
     ranked = []
@@ -119,6 +119,6 @@ def lookup(identity, workload, limits, excluded=(), document=DOCUMENT):
         if gap <= MAX_BORROW_DISTANCE:
             ranked.append((gap, key, entry["best"]["params"]))
     for _, key, params in sorted(ranked, key=lambda item: item[:2]):
-        if repr(sorted(params.items())) not in skip and not space.violations(params, workload, limits):
+        if space.identity(params) not in skip and not space.violations(params, workload, limits):
             return dict(params), f"nearest {key}"
     return None, None

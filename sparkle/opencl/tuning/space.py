@@ -49,6 +49,11 @@ def complete(params):
     return {**DEFAULTS, **params}
 
 
+def identity(params):
+    """A hashable id of a parameter set: equal for sets that generate the same kernel."""
+    return tuple(sorted(complete(params).items()))
+
+
 # Local memory a driver keeps for itself in every kernel that uses some: NVIDIA's OpenCL reports 16 bytes more
 # than the two tiles (seen on the H100 for each of 8 tile shapes, float32 and float64).
 LOCAL_MEMORY_RESERVE = 16
