@@ -329,3 +329,32 @@ def test_missing_pyopencl_leaves_cpu_working(monkeypatch):
     finally:
         runtime._discover.cache_clear()  # later tests discover the real devices again
     assert opencl_device_ids() == before
+
+
+@pytest.mark.parametrize("device_id", DEVICES)
+def test_calls_from_many_threads_match_the_reference(device_id):
+    # Kernel objects are shared per device; setting their arguments and enqueuing must not interleave.
+    import threading
+
+    rng = np.random.default_rng(7)
+    problems = [(rng.standard_normal((1, 8, 9 + i, 10), dtype=np.float32),
+                 rng.standard_normal((6, 8, 3, 3), dtype=np.float32)) for i in range(4)]
+    expected = [reference.conv2d(x, w, padding=1) for x, w in problems]
+    errors, failures = [], []
+
+    def work(first):
+        try:
+            for step in range(6):
+                index = (first + step) % len(problems)
+                out = sparkle.conv2d(*problems[index], padding=1, device=device_id)
+                errors.append(np.linalg.norm(out - expected[index]) / np.linalg.norm(expected[index]))
+        except Exception as error:  # reported below: a thread's exception would otherwise be lost
+            failures.append(error)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures, failures
+    assert len(errors) == 36 and max(errors) <= 1e-5

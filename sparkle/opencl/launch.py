@@ -16,7 +16,8 @@ def enqueue(device, workload, params, x_buf, w_buf, bias_buf, out_buf, *, has_bi
     """Run the kernel for ``workload`` with ``params`` on buffers already on ``device``; returns the event."""
     kernel = kernel_for(device, workload, params, has_bias, relu)
     global_size, local_size = codegen.launch_geometry(workload, params)
-    return kernel(device.queue, global_size, local_size, x_buf, w_buf, bias_buf, out_buf, wait_for=wait_for)
+    with device.launch_lock:
+        return kernel(device.queue, global_size, local_size, x_buf, w_buf, bias_buf, out_buf, wait_for=wait_for)
 
 
 def event_seconds(event):

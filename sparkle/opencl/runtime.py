@@ -98,6 +98,8 @@ class OpenCLDevice:
         self._programs = {}
         self._kernels = {}
         self._lock = threading.Lock()
+        # clSetKernelArg + enqueue on a shared kernel object is not thread-safe (OpenCL spec, appendix A.2)
+        self.launch_lock = threading.Lock()
         self.pool = None
 
     @property
