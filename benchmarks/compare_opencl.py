@@ -25,7 +25,7 @@ import numpy as np
 import sparkle
 from sparkle import api, reference
 from sparkle.devices import resolve_device
-from sparkle.opencl import backend, launch
+from sparkle.opencl import backend, launch, transfer
 from sparkle.opencl.codegen import Workload
 from sparkle.workloads import RESNET50_LAYERS, layer_inputs
 
@@ -60,21 +60,14 @@ def sparkle_kernel_seconds(device, spec, operands, repeat):
     """Median event time of the kernel that ``sparkle.conv2d``/``matmul`` runs for ``spec`` on ``device``."""
     workload = Workload.from_spec(spec)
     params, source = backend.choose_params(device, workload)
-    if isinstance(spec, api.MatmulSpec):
-        a_dev, b_dev = operands
-        image, weights, bias, has_bias = b_dev, a_dev, None, False
-    else:
-        image, weights = operands
-        bias, has_bias = None, False
-    out = sparkle.to_device(np.zeros(1, spec.dtype), device.id)
-    out_buf = device.pool_buffer(int(np.prod(spec.output_shape if hasattr(spec, "output_shape")
-                                                else (spec.m, spec.n))) * 4)
-    bias_buf = out.buffer
-    run = lambda: launch.enqueue(device, workload, params, image.buffer, weights.buffer, bias_buf, out_buf,
-                                 has_bias=has_bias, relu=False)
+    # matmul runs as a conv of the image b with the weights a (see codegen.Workload)
+    image, weights = operands[::-1] if isinstance(spec, api.MatmulSpec) else operands
+    out = transfer.empty(device, (workload.gemm_m * workload.groups, workload.gemm_n), spec.dtype)
+    no_bias = transfer.empty(device, (1,), spec.dtype)
+    run = lambda: launch.enqueue(device, workload, params, image.buffer, weights.buffer, no_bias.buffer,
+                                 out.buffer, has_bias=False, relu=False)
     run().wait()
     times = [launch.event_seconds(run()) for _ in range(repeat)]
-    device.pool.give(out_buf)
     return float(np.median(times)), params, source
 
 

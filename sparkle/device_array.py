@@ -69,3 +69,8 @@ class DeviceArray:
 
     def __repr__(self):
         return f"DeviceArray(shape={self.shape}, dtype={self.dtype.name}, device={self.device!r})"
+
+
+def to_host(array):
+    """``array`` as a host value: a DeviceArray's contents as numpy, anything else (numpy, None) as is."""
+    return array.get() if isinstance(array, DeviceArray) else array

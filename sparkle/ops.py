@@ -4,20 +4,8 @@ import numpy as np
 
 from . import api, reference
 from .cpu import backend as cpu_backend
-from .device_array import DeviceArray
+from .device_array import to_host
 from .devices import resolve_device
-
-
-def _host(array):
-    return array.get() if isinstance(array, DeviceArray) else array
-
-
-def _backend(target):
-    if target == "cpu":
-        return cpu_backend
-    from .opencl import backend as opencl_backend
-
-    return opencl_backend
 
 
 def conv2d(x, w, bias=None, *, stride=1, padding=0, dilation=1, groups=1, activation=None, device="auto"):
@@ -42,12 +30,14 @@ def conv2d(x, w, bias=None, *, stride=1, padding=0, dilation=1, groups=1, activa
                            activation=activation)
     target = resolve_device(device, (x, w, bias))
     if target == "reference":
-        result = reference.conv2d(_host(x), _host(w), None if bias is None else _host(bias), stride=stride,
-                                  padding=padding, dilation=dilation, groups=groups, activation=activation)
+        result = reference.conv2d(to_host(x), to_host(w), to_host(bias), stride=stride, padding=padding,
+                                  dilation=dilation, groups=groups, activation=activation)
         return np.ascontiguousarray(result, dtype=spec.dtype)
     if target == "cpu":
-        return cpu_backend.conv2d(_host(x), _host(w), None if bias is None else _host(bias), spec)
-    return _backend(target).conv2d(x, w, bias, spec, target)
+        return cpu_backend.conv2d(to_host(x), to_host(w), to_host(bias), spec)
+    from .opencl import backend as opencl_backend
+
+    return opencl_backend.conv2d(x, w, bias, spec, target)
 
 
 def matmul(a, b, *, device="auto"):
@@ -59,10 +49,12 @@ def matmul(a, b, *, device="auto"):
     spec = api.matmul_spec(a, b)
     target = resolve_device(device, (a, b))
     if target == "reference":
-        return np.ascontiguousarray(reference.matmul(_host(a), _host(b)), dtype=spec.dtype)
+        return np.ascontiguousarray(reference.matmul(to_host(a), to_host(b)), dtype=spec.dtype)
     if target == "cpu":
-        return cpu_backend.matmul(_host(a), _host(b), spec)
-    return _backend(target).matmul(a, b, spec, target)
+        return cpu_backend.matmul(to_host(a), to_host(b), spec)
+    from .opencl import backend as opencl_backend
+
+    return opencl_backend.matmul(a, b, spec, target)
 
 
 def to_device(array, device="opencl"):
@@ -70,21 +62,10 @@ def to_device(array, device="opencl"):
 
     conv2d and matmul take the result and return device arrays, so chained calls stay on the device.
     """
-    if isinstance(array, DeviceArray):
-        source = array
-    else:
-        source = api.as_float_array(array, "array")
+    source = api.as_float_array(array, "array")  # numpy or DeviceArray
     target = resolve_device(device, (array,))
     if target in ("cpu", "reference"):
-        return np.array(_host(source), copy=True, order="C")
+        return np.array(to_host(source), copy=True, order="C")
     from .opencl import transfer
 
-    result = transfer.upload(target, source, source.dtype)
-    if result is source:  # already there: still a new array, as for numpy
-        copy = transfer.empty(target, source.shape, source.dtype)
-        import pyopencl as cl
-
-        if source.nbytes:
-            cl.enqueue_copy(target.queue, copy.buffer, source.buffer, byte_count=source.nbytes)
-        return copy
-    return result
+    return transfer.copy_to(target, source)

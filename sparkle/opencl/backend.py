@@ -13,9 +13,8 @@ import warnings
 
 import numpy as np
 
-from .. import api
 from ..cpu import backend as cpu_backend
-from ..device_array import DeviceArray
+from ..device_array import DeviceArray, to_host
 from . import launch, transfer
 from .codegen import Workload
 from .tuning import database, space
@@ -73,10 +72,6 @@ def _fault_name(error):
     return f"{names.get(code, 'OpenCL error')} ({text})"
 
 
-def _host(array):
-    return array.get() if isinstance(array, DeviceArray) else array
-
-
 def _fallback(device, cause, run_on_cpu, to_device):
     warnings.warn(f"{device.id} ({device.name}): {cause}; this call ran on the Numba CPU backend instead",
                   OpenCLFallbackWarning, stacklevel=5)  # the line that called sparkle.conv2d/matmul
@@ -123,15 +118,14 @@ def _run(device, workload, image, weights, bias, out_shape, relu, run_on_cpu):
 def conv2d(x, w, bias, spec, device):
     workload = Workload.from_spec(spec)
     return _run(device, workload, x, w, bias, spec.output_shape, spec.activation == "relu",
-                lambda: cpu_backend.conv2d(_host(x), _host(w), None if bias is None else _host(bias), spec))
+                lambda: cpu_backend.conv2d(to_host(x), to_host(w), to_host(bias), spec))
 
 
 def matmul(a, b, spec, device):
     workload = Workload.from_spec(spec)
     image = b.reshape(1, spec.k, 1, spec.n) if isinstance(b, DeviceArray) else b
-    result = _run(device, workload, image, a, None, (spec.m, spec.n), False,
-                  lambda: cpu_backend.matmul(_host(a), _host(b), spec))
-    return result
+    return _run(device, workload, image, a, None, (spec.m, spec.n), False,
+                lambda: cpu_backend.matmul(to_host(a), to_host(b), spec))
 
 
-__all__ = ["conv2d", "matmul", "choose_params", "OpenCLFallbackWarning", "failed_variants", "api"]
+__all__ = ["conv2d", "matmul", "choose_params", "OpenCLFallbackWarning", "failed_variants"]

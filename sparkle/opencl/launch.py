@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
-
 from . import codegen
 
 
@@ -23,7 +21,3 @@ def enqueue(device, workload, params, x_buf, w_buf, bias_buf, out_buf, *, has_bi
 def event_seconds(event):
     event.wait()
     return (event.profile.end - event.profile.start) * 1e-9
-
-
-def dtype_of(workload):
-    return np.dtype(workload.dtype)

@@ -71,6 +71,12 @@ class _Problem:
         self.b_dev = transfer.upload(device, self.bias if self.bias is not None else np.zeros(1, dtype), dtype)
         self.out = transfer.empty(device, self.out_shape, dtype)
 
+    def launch(self, device, workload, params):
+        """Enqueue the kernel for ``params`` on this problem's device buffers; returns the event."""
+        return launch.enqueue(device, workload, params, self.x_dev.buffer, self.w_dev.buffer, self.b_dev.buffer,
+                              self.out.buffer, has_bias=self.bias is not None,
+                              relu=getattr(self.spec, "activation", None) == "relu")
+
     def _reference(self):
         spec = self.spec
         if isinstance(spec, api.MatmulSpec):
@@ -140,11 +146,7 @@ def _time(device, workload, params, problem, min_seconds=0.05, max_runs=50):
     runs = []
     start = time.perf_counter()
     while len(runs) < 3 or (sum(runs) < min_seconds and len(runs) < max_runs):
-        event = launch.enqueue(device, workload, params, problem.x_dev.buffer, problem.w_dev.buffer,
-                               problem.b_dev.buffer, problem.out.buffer, has_bias=problem.bias is not None,
-                               relu=problem.spec.activation == "relu" if hasattr(problem.spec, "activation")
-                               else False)
-        runs.append(launch.event_seconds(event))
+        runs.append(launch.event_seconds(problem.launch(device, workload, params)))
         if time.perf_counter() - start > 10 * min_seconds + 5:
             break
     return float(np.median(runs))
@@ -192,9 +194,7 @@ def tune(op, *operands, device="opencl", time_budget=30.0, max_candidates=None, 
             bar.update(1)
             try:
                 cl.enqueue_copy(target.queue, problem.out.buffer, poison)
-                launch.enqueue(target, workload, params, problem.x_dev.buffer, problem.w_dev.buffer,
-                               problem.b_dev.buffer, problem.out.buffer, has_bias=problem.bias is not None,
-                               relu=getattr(spec, "activation", None) == "relu").wait()
+                problem.launch(target, workload, params).wait()
                 error = problem.error(problem.out.get())
                 if not error <= tolerance:
                     rejected.append({"params": params, "reason": f"wrong result: relative error {error:.2e} "
