@@ -21,6 +21,7 @@ import numpy as np
 
 TUNING_GLOB = "opencl-tuning-v*.json"  # every layout version of the tuning database
 PROGRAMS_GLOB = "opencl-programs-v*"  # directories of cached OpenCL program binaries
+HEALTH_GLOB = "opencl-health-v*.json*"  # stored device health verdicts (and their lock files)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -107,15 +108,23 @@ def cmd_devices(args):
     from .devices import devices, opencl_backend_device, opencl_unavailable_reason
 
     found = devices()
-    print(_table(("id", "kind", "name", "vendor", "compute units", "memory"),
-                 [(d.id, d.kind, d.name, d.vendor, d.compute_units, _gib(d.memory)) for d in found]))
+    print(_table(("id", "kind", "name", "vendor", "compute units", "memory", "available"),
+                 [(d.id, d.kind, d.name, d.vendor, d.compute_units, _gib(d.memory), "yes" if d.available else "NO")
+                  for d in found]))
     print()
+    for device in found:
+        if not device.available:
+            print(f"{device.id} is unavailable: {device.reason}")
     reason = opencl_unavailable_reason()
     if reason is not None:
         print(f"OpenCL is unavailable: {reason}")
     else:
-        default = opencl_backend_device("opencl")
-        print(f'device="opencl" means {default.id} (the first GPU, else the first OpenCL device).')
+        try:
+            default = opencl_backend_device("opencl")
+            print(f'device="opencl" means {default.id} (the first available GPU, else the first available '
+                  'OpenCL device).')
+        except ValueError as error:
+            print(error)
     print('device="auto" runs where the inputs live (an OpenCL device for DeviceArrays, else cpu); '
           'device="reference" is the float64 oracle.')
     return 0
@@ -288,6 +297,10 @@ def cmd_cache(args):
             for path in program_dirs:
                 shutil.rmtree(path, ignore_errors=True)
                 removed.append(str(path))
+            for path in sorted(directory.glob(HEALTH_GLOB)):  # verdicts of building: checked again
+                path.unlink(missing_ok=True)
+                if path.suffix == ".json":
+                    removed.append(str(path))
         print(f"cache directory: {directory}")
         print("removed: " + (", ".join(removed) if removed else "nothing (already empty)"))
         return 0
@@ -387,7 +400,8 @@ def build_parser():
                                             "cache directory) and what it holds: the tuning database per "
                                             "device and the cached OpenCL program binaries.")
     cache.add_argument("--clear", nargs="?", const="all", choices=("all", "tuning", "programs"),
-                       help="remove the tuning database and/or the program binaries (default: all)")
+                       help="remove the tuning database and/or the program binaries with the device health "
+                            "checks (default: all)")
     cache.add_argument("-v", "--verbose", action="store_true", help="list the tuned workloads")
     cache.set_defaults(run=cmd_cache, parser=cache)
     return parser

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
+import warnings
 
 import numba
 import numpy as np
@@ -38,15 +39,45 @@ def shape_text(shape):
     return "x".join(str(size) for size in shape)
 
 
+def _fallback_warning():
+    """The OpenCL backend's fallback warning class, or None when pyopencl is not installed."""
+    try:
+        from .opencl.backend import OpenCLFallbackWarning
+    except ImportError:
+        return None
+    return OpenCLFallbackWarning
+
+
+def _recording_fallbacks(call, causes):
+    """``call`` made to append the cause of every OpenCL fallback it meets to ``causes`` (and not warn)."""
+    category = _fallback_warning()
+    if category is None:
+        return call
+
+    def recorded():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", category)
+            result = call()
+        causes.extend(str(w.message) for w in caught if issubclass(w.category, category))
+        return result
+
+    return recorded
+
+
 def run_suite(batch, dtype, repeat, device="cpu"):
-    """Time every layer, then check every result; one report row per layer."""
+    """Time every layer, then check every result; one report row per layer.
+
+    A row's "fallbacks" lists the causes of the calls that ran on the Numba CPU backend instead of the
+    OpenCL device asked for (its time or its result then is the CPU backend's).
+    """
     rows, calls, checks = [], {}, []
     for layer in RESNET50_LAYERS:
         x, w = layer_inputs(layer, batch, dtype)
         kwargs = layer.conv_kwargs()
-        calls[layer.name] = functools.partial(conv2d, x, w, device=device, **kwargs)
+        fallbacks = []
+        calls[layer.name] = _recording_fallbacks(functools.partial(conv2d, x, w, device=device, **kwargs), fallbacks)
         first_s, result = timed(calls[layer.name])  # the first call compiles
-        rows.append({"layer": layer.name, "x": x.shape, "w": w.shape, "first_s": first_s})
+        rows.append({"layer": layer.name, "x": x.shape, "w": w.shape, "first_s": first_s, "fallbacks": fallbacks})
         checks.append((result, functools.partial(reference.conv2d, x, w, **kwargs), layer_flops(layer, x, w)))
     best = interleaved_best(calls, repeat)
     # Checks come after all timings: numpy's BLAS threads, which they use, keep spinning
@@ -58,15 +89,32 @@ def run_suite(batch, dtype, repeat, device="cpu"):
     return rows
 
 
-def print_table(rows, tolerance):
+def print_table(rows, tolerance, device_id="cpu"):
+    """The per-layer table; an OpenCL run gets a "ran on" column (the device, or cpu where it fell back)."""
+    ran_on = device_id != "cpu"
     header = f"{'layer':<12} {'x (NCHW)':<15} {'w (KCRS)':<14} {'ms':>8} {'GFLOPS':>7} {'max abs err':>11} " \
-             f"{'rel L2 err':>10}  ok"
+             f"{'rel L2 err':>10}  ok" + ("   ran on" if ran_on else "")
     print(header)
     print("-" * len(header))
     for row in rows:
-        ok = "yes" if row["rel_l2"] <= tolerance else "NO"
+        ok = "yes" if row["rel_l2"] <= tolerance else "NO "
+        where = f"   {'cpu (fallback)' if row['fallbacks'] else device_id}" if ran_on else ""
         print(f"{row['layer']:<12} {shape_text(row['x']):<15} {shape_text(row['w']):<14} "
-              f"{row['seconds'] * 1e3:8.2f} {row['gflops']:7.1f} {row['max_abs']:11.2e} {row['rel_l2']:10.2e}  {ok}")
+              f"{row['seconds'] * 1e3:8.2f} {row['gflops']:7.1f} {row['max_abs']:11.2e} {row['rel_l2']:10.2e}  "
+              f"{ok}{where}".rstrip())
+
+
+def where_it_ran(device, rows):
+    """The "Device:" line's description of where the suite ran, saying so when OpenCL calls fell back."""
+    fell_back = [row for row in rows if row["fallbacks"]]
+    opencl = f"{device.id} {device.name} (OpenCL, {device.compute_units} compute units)"
+    if not fell_back:
+        return opencl
+    cause = fell_back[0]["fallbacks"][0]
+    if len(fell_back) == len(rows):
+        return f"the Numba CPU backend: every layer asked of {opencl} fell back ({cause})"
+    return (f"{opencl}, except that {len(fell_back)} of {len(rows)} layers (ran on: cpu) fell back to the Numba "
+            f"CPU backend ({cause})")
 
 
 def parse_args(argv):
@@ -97,18 +145,18 @@ def main(argv=None):
     print("Note: the first sparkle.conv2d call compiles the kernels (Numba JIT or the OpenCL build; later runs "
           "load them from the on-disk cache), so it is timed separately.")
     device = next(d for d in devices() if d.id == args.device_id)
+    rows = run_suite(args.batch, dtype, args.repeat, args.device_id)
     if device.id == "cpu":
         threads = numba.get_num_threads()  # also starts Numba's thread pool, so the layer name is known
         where = f"{device.name}, {threads} threads ({numba.threading_layer()})"
-    else:
-        where = f"{device.id} {device.name} (OpenCL, {device.compute_units} compute units)"
+    else:  # said after the run: only then is it known whether calls fell back to the CPU backend
+        where = where_it_ran(device, rows)
     print(f"Device: {where}; ResNet-50 layers, "
           f"N={args.batch}, {dtype}; best of {args.repeat} rounds after a warm-up call; "
           f"checked against the float64 reference (rel L2 <= {tolerance:g}).")
-    rows = run_suite(args.batch, dtype, args.repeat, args.device_id)
     print(f"First call ({rows[0]['layer']}, compile or cache load + run): {rows[0]['first_s'] * 1e3:.0f} ms; "
           f"first calls of all layers: {sum(row['first_s'] for row in rows) * 1e3:.0f} ms\n")
-    print_table(rows, tolerance)
+    print_table(rows, tolerance, device.id)
     total_s = sum(row["seconds"] for row in rows)
     total_flops = sum(row["gflops"] * row["seconds"] for row in rows)
     print(f"\nAll layers: {total_s * 1e3:.1f} ms, {total_flops / total_s:.1f} GFLOPS")

@@ -16,6 +16,9 @@ class Device:
     kind: str  # "cpu" or "gpu"
     compute_units: int
     memory: int  # bytes
+    available: bool = True  # False when the device cannot build and run Sparkle's test kernel
+    reason: str | None = None  # why it is unavailable, in words (None when available)
+    isa: str | None = None  # the CPU backend's vector instruction set (cpu device only)
 
 
 def _cpu_identity():
@@ -66,9 +69,17 @@ def opencl_unavailable_reason():
     return reason
 
 
+def _health(device):
+    from .opencl import health
+
+    return health.check(device)
+
+
 def _describe(device):
+    verdict = _health(device)
     return Device(id=device.id, name=device.name, vendor=device.vendor, kind=device.kind,
-                  compute_units=device.compute_units, memory=device.memory)
+                  compute_units=device.compute_units, memory=device.memory, available=verdict.available,
+                  reason=verdict.reason)
 
 
 def devices():
@@ -76,8 +87,8 @@ def devices():
     return [_cpu_device(), *(_describe(d) for d in _opencl_devices())]
 
 
-# "reference" is the float64 oracle: always available, never fast. "opencl" is the first OpenCL GPU, else
-# the first OpenCL device.
+# "reference" is the float64 oracle: always available, never fast. "opencl" is the first available OpenCL
+# GPU, else the first available OpenCL device (never a simulator).
 PSEUDO_DEVICES = ("auto", "reference", "opencl")
 
 
@@ -89,16 +100,35 @@ def opencl_backend_device(device_id):
     """The runtime object of an OpenCL device id ("opencl" or "opencl:N"); ValueError saying why if none."""
     found = _opencl_devices()
     if device_id == "opencl":
-        if not found:
-            raise ValueError(f"device='opencl' is not available: {opencl_unavailable_reason()}")
-        real = [d for d in found if not d.simulator] or found
-        return next((d for d in real if d.kind == "gpu"), real[0])
+        return _first_available(found)
     for device in found:
         if device.id == device_id:
+            verdict = _health(device)
+            if not verdict.available:
+                raise ValueError(f"device {device_id!r} ({device.name}) is unavailable: {verdict.reason}")
             return device
     reason = opencl_unavailable_reason()
     raise ValueError(f"device must be one of {available_device_ids()}, got {device_id!r}"
                      + (f" (OpenCL: {reason})" if reason else ""))
+
+
+def _first_available(found):
+    """The first available OpenCL GPU, else the first available OpenCL device; ValueError saying why if none.
+
+    Devices are checked in that order and only until one is available (a check builds a kernel once).
+    """
+    real = [d for d in found if not d.simulator]
+    if not real:
+        reason = opencl_unavailable_reason() or "only simulators are listed, and 'opencl' never picks one"
+        raise ValueError(f"device='opencl' is not available: {reason}")
+    reasons = []
+    for device in sorted(real, key=lambda d: d.kind != "gpu"):  # stable: GPUs first, each in listed order
+        verdict = _health(device)
+        if verdict.available:
+            return device
+        reasons.append(f"\n  {device.id} ({device.name}): {verdict.reason}")
+    raise ValueError("device='opencl' is not available: no OpenCL device can run Sparkle's kernels:"
+                     + "".join(reasons))
 
 
 def resolve_device(device, operands=()):

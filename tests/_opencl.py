@@ -1,9 +1,11 @@
 """OpenCL test support shared by the tests/test_opencl_* modules.
 
-- ``opencl_device_ids()``: the ids ("opencl:0", ...) of every usable OpenCL device, [] without pyopencl.
+- ``opencl_device_ids()``: the ids ("opencl:0", ...) of every available OpenCL device (one that passes
+  Sparkle's health check), [] without pyopencl.
 - ``requires_opencl``: skip marker (with the reason OpenCL is unavailable) for tests that need a device.
-- ``opencl_params()``: the device ids as parameters, or one skipped parameter saying why there are none,
-  so a machine without OpenCL reports a clean skip with a reason instead of an empty parameter set.
+- ``opencl_params()``: the ids of every listed device as parameters, an unavailable device's skipped with its
+  reason (e.g. PyPI's PoCL on a CPU its LLVM does not know), or one skipped parameter saying why there are
+  none, so such a machine reports clean skips with reasons instead of failures or an empty parameter set.
 - ``runtime_device(device_id)``: the runtime ``OpenCLDevice`` for an id, looked up afresh each time
   (discovery is cached by environment, so a test that changes SPARKLE_OPENCL gets new device objects:
   never keep one across tests).
@@ -15,9 +17,13 @@
 from __future__ import annotations
 
 import os
+import tempfile
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
+
+_health_cache_dir = None  # where health checks made while collecting keep their verdicts (set by conftest)
 
 
 def _runtime():
@@ -31,12 +37,46 @@ def _runtime():
     return runtime
 
 
-def opencl_device_ids():
-    """Ids of every OpenCL device the runtime lists (none when pyopencl is missing or SPARKLE_OPENCL=0)."""
+def use_test_cache_for_health_checks(config):
+    """Health checks made while collecting keep their verdicts in the tests' cache, never the user's."""
+    global _health_cache_dir
+    _health_cache_dir = cache_path_for_tests(config, None)
+
+
+@contextmanager
+def _test_cache():
+    global _health_cache_dir
+    if _health_cache_dir is None:
+        _health_cache_dir = tempfile.mkdtemp(prefix="sparkle-opencl-health-")
+    before = os.environ.get("SPARKLE_CACHE_DIR")
+    os.environ["SPARKLE_CACHE_DIR"] = os.fspath(_health_cache_dir)
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["SPARKLE_CACHE_DIR"]
+        else:
+            os.environ["SPARKLE_CACHE_DIR"] = before
+
+
+def device_health():
+    """[(runtime device, Health)] of every OpenCL device the runtime lists (checked once per device identity)."""
     runtime = _runtime()
     if runtime is None:
         return []
-    return [device.id for device in runtime.opencl_devices()]
+    from sparkle.opencl import health
+
+    with _test_cache():
+        return [(device, health.check(device)) for device in runtime.opencl_devices()]
+
+
+def opencl_device_ids():
+    """Ids of every available OpenCL device (none when pyopencl is missing or SPARKLE_OPENCL=0)."""
+    return [device.id for device, verdict in device_health() if verdict.available]
+
+
+def _unavailable_text(device, verdict):
+    return f"{device.id} ({device.name}) is unavailable: {verdict.reason}"
 
 
 def unavailable_reason():
@@ -44,17 +84,21 @@ def unavailable_reason():
         return "pyopencl is not installed"
     from sparkle.devices import opencl_unavailable_reason
 
-    return opencl_unavailable_reason() or "no OpenCL device"
+    unavailable = [_unavailable_text(d, v) for d, v in device_health() if not v.available]
+    return opencl_unavailable_reason() or "; ".join(unavailable) or "no OpenCL device"
 
 
 requires_opencl = pytest.mark.skipif(not opencl_device_ids(), reason=f"OpenCL: {unavailable_reason()}")
 
 
 def opencl_params():
-    """Device ids for ``pytest.mark.parametrize``; a single skipped parameter when there are none."""
-    ids = opencl_device_ids()
-    if ids:
-        return ids
+    """Device ids for ``pytest.mark.parametrize``, unavailable ones skipped with the reason; a single skipped
+    parameter when there are none."""
+    params = [device.id if verdict.available else
+              pytest.param(device.id, marks=pytest.mark.skip(reason=_unavailable_text(device, verdict)))
+              for device, verdict in device_health()]
+    if params:
+        return params
     return [pytest.param(None, id="no-opencl", marks=pytest.mark.skip(reason=f"OpenCL: {unavailable_reason()}"))]
 
 
@@ -72,6 +116,8 @@ def cache_path_for_tests(config, tmp_path_factory):
     cache = getattr(config, "cache", None)
     if cache is not None:  # persistent between runs: warm program binaries
         return cache.mkdir("sparkle-opencl-tests")
+    if tmp_path_factory is None:
+        return tempfile.mkdtemp(prefix="sparkle-opencl-cache-")
     return tmp_path_factory.mktemp("sparkle-opencl-cache")
 
 

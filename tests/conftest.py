@@ -13,6 +13,10 @@ def pytest_configure(config):
         "markers", "boundscheck: fast small-shape test that exercises every kernel code path; "
                    "CI reruns these under NUMBA_BOUNDSCHECK=1")
     config.addinivalue_line("markers", "oclgrind: runs generated OpenCL kernels on the Oclgrind simulator")
+    # Test modules check OpenCL device health while being collected: keep those verdicts out of the user's cache.
+    import _opencl
+
+    _opencl.use_test_cache_for_health_checks(config)
 
 
 # Property tests are compute-bound and the first call of each kernel variant compiles for

@@ -19,7 +19,7 @@ from sparkle import api, reference
 from sparkle.cli import main
 
 from _helpers import assert_close_to_reference
-from _opencl import opencl_device_ids, opencl_params, runtime_device
+from _opencl import device_health, opencl_device_ids, opencl_params, runtime_device
 
 
 def run(argv, capsys):
@@ -54,7 +54,7 @@ def test_devices_lists_every_device(capsys):
     status, out, _ = run(["devices"], capsys)
     assert status == 0
     lines = out.splitlines()
-    assert lines[0].split() == ["id", "kind", "name", "vendor", "compute", "units", "memory"]
+    assert lines[0].split() == ["id", "kind", "name", "vendor", "compute", "units", "memory", "available"]
     listed = sparkle.devices()
     assert [d.id for d in listed][:1] == ["cpu"]
     for device, line in zip(listed, lines[1:]):
@@ -62,15 +62,17 @@ def test_devices_lists_every_device(capsys):
         for field in (device.kind, device.name, device.vendor, str(device.compute_units),
                       f"{device.memory / 2**30:.1f} GiB"):
             assert field in line, (field, line)
+        assert line.endswith("  yes" if device.available else "  NO"), line
+        assert (f"{device.id} is unavailable: {device.reason}" in out) == (not device.available)
     assert lines[len(listed) + 1] == ""  # the table has exactly one row per device
     ids = opencl_device_ids()
     if ids:
         from sparkle.devices import opencl_backend_device
 
         assert f'device="opencl" means {opencl_backend_device("opencl").id}' in out
-        assert "unavailable" not in out
+        assert "OpenCL is unavailable" not in out
     else:
-        assert "OpenCL is unavailable: " in out
+        assert "OpenCL is unavailable: " in out or "device='opencl' is not available: " in out
 
 
 def test_devices_says_why_opencl_is_unavailable(monkeypatch, capsys):
@@ -88,7 +90,7 @@ def test_python_dash_m_sparkle(private_cache):
     assert completed.returncode == 0, completed.stderr
     rows = [line.split()[0] for line in completed.stdout.splitlines()[1:] if line.strip()]
     assert rows[0] == "cpu"
-    assert [row for row in rows if row.startswith("opencl:")] == opencl_device_ids()
+    assert [row for row in rows if row.startswith("opencl:")] == [device.id for device, _ in device_health()]
 
 
 # --- sparkle tune ----------------------------------------------------------------------------------------

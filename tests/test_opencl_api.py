@@ -119,7 +119,7 @@ def test_matmul_with_zero_sizes(device_id, mkn):
 
 @requires_opencl
 def test_opencl_means_first_gpu_else_first_device():
-    found = runtime.opencl_devices()
+    found = [d for d in runtime.opencl_devices() if d.id in opencl_device_ids()]  # available ones only
     expected = next((d for d in found if d.kind == "gpu"), found[0])
     from sparkle.devices import resolve_device
 
@@ -266,7 +266,9 @@ def test_mixing_device_arrays_and_numpy(device_id):
 def test_devices_lists_cpu_and_each_opencl_device():
     listed = sparkle.devices()
     assert listed[0].id == "cpu"
-    assert [d.id for d in listed[1:]] == opencl_device_ids()
+    assert [d.id for d in listed[1:]] == [d.id for d in runtime.opencl_devices()]
+    assert [d.id for d in listed[1:] if d.available] == opencl_device_ids()
+    assert listed[0].available is True and listed[0].reason is None
     by_id = {d.id: d for d in runtime.opencl_devices()}
     for device in listed[1:]:
         assert isinstance(device, sparkle.Device)
@@ -275,6 +277,8 @@ def test_devices_lists_cpu_and_each_opencl_device():
         assert device.kind == by_id[device.id].kind and device.kind in ("cpu", "gpu")
         assert isinstance(device.compute_units, int) and device.compute_units > 0
         assert isinstance(device.memory, int) and device.memory > 0
+        assert isinstance(device.available, bool)
+        assert (device.reason is None) == device.available and isinstance(device.reason, (str, type(None)))
 
 
 def check_cpu_still_works():

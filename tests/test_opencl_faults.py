@@ -316,7 +316,7 @@ def test_fallback_warning_points_at_the_caller(device, monkeypatch):
     assert [w.filename for w in record] == [__file__]
 
 
-def test_fault_names():
+def test_fault_names(device):
     """The cause in the warning for each driver status the backend knows, and an unknown one."""
     status = cl.status_code
     cases = {
@@ -329,5 +329,5 @@ def test_fault_names():
         status.INVALID_VALUE: "OpenCL error",
     }
     for code, words in cases.items():
-        name = backend._fault_name(cl_error(cl.Error, "clSomething", code))
+        name = backend._fault_name(cl_error(cl.Error, "clSomething", code), device)
         assert name.startswith(words) and "clSomething" in name, name

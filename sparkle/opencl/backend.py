@@ -15,7 +15,7 @@ import numpy as np
 
 from ..cpu import backend as cpu_backend
 from ..device_array import DeviceArray, to_host
-from . import launch, transfer
+from . import buildlog, launch, transfer
 from .codegen import Workload
 from .tuning import database, space
 
@@ -55,10 +55,10 @@ def choose_params(device, workload):
         "no kernel variant fits this device's limits"
 
 
-def _fault_name(error):
+def _fault_name(error, device):
     import pyopencl as cl
 
-    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    text = buildlog.status_line(error) or type(error).__name__
     names = {cl.status_code.BUILD_PROGRAM_FAILURE: "the kernel failed to build",
              cl.status_code.OUT_OF_RESOURCES: "the launch exceeds the device's resources",
              cl.status_code.INVALID_WORK_GROUP_SIZE: "the launch exceeds the device's work-group limits",
@@ -69,6 +69,8 @@ def _fault_name(error):
         code = error.code
     except AttributeError:
         code = None
+    if code == cl.status_code.BUILD_PROGRAM_FAILURE:
+        return buildlog.fallback_cause(device, error)  # the reason is in the build log, not the status
     return f"{names.get(code, 'OpenCL error')} ({text})"
 
 
@@ -111,7 +113,7 @@ def _run(device, workload, image, weights, bias, out_shape, relu, run_on_cpu):
         return out if on_device else out.get()
     except (cl.Error, MemoryError) as error:
         _mark_failed(device, workload, params)  # the next call tries the next variant
-        cause = _fault_name(error) if isinstance(error, cl.Error) else f"the host is out of memory ({error})"
+        cause = _fault_name(error, device) if isinstance(error, cl.Error) else f"the host is out of memory ({error})"
         return _fallback(device, cause, run_on_cpu, on_device)
 
 
