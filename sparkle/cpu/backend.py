@@ -6,10 +6,11 @@ import numpy as np
 from ..api import matmul_as_conv2d_spec
 from .conv2d import fused_conv2d_driver
 from .direct import direct_conv2d
+from .implicit import implicit_conv2d_driver, reduction_offsets, virtual_input
 from .operands import allocate_scratch, bias_vector, geometry, read_only_flat, weight_rows
-from .plan import DEFAULT_MICROKERNEL, MICROKERNELS, plan_conv2d, uses_direct_kernel
+from .plan import plan_conv2d, uses_direct_kernel
 
-__all__ = ["conv2d", "matmul", "plan_conv2d", "MICROKERNELS", "DEFAULT_MICROKERNEL", "uses_direct_kernel"]
+__all__ = ["conv2d", "matmul", "plan_conv2d", "uses_direct_kernel"]
 
 
 def _run_direct(x, w, bias, spec, out):
@@ -19,6 +20,18 @@ def _run_direct(x, w, bias, spec, out):
     row_chunks = min(spec.out_h, -(-4 * threads // planes)) if planes < 4 * threads else 1
     direct_conv2d(read_only_flat(x), read_only_flat(w), bias_vector(bias, spec), out.reshape(-1), geometry(spec),
                   spec.has_bias, spec.activation == "relu", row_chunks, threads)
+
+
+def _run_implicit(x, w, bias, spec, plan, out):
+    """Implicit GEMM read straight from the (padded) input (see ``implicit.py``) into ``out``."""
+    w_rows, lda = weight_rows(w)
+    source, pitch, plane = virtual_input(read_only_flat(x), spec)
+    offsets = reduction_offsets(spec, pitch, plane)
+    driver = implicit_conv2d_driver(plan.mr, plan.nv, plan.nr)
+    shape = (spec.batch, spec.in_channels, spec.out_channels, spec.groups, spec.out_h, spec.out_w)
+    driver(source, plane, pitch, offsets, read_only_flat(w_rows), lda, bias_vector(bias, spec), out.reshape(-1),
+           shape, spec.has_bias, spec.activation == "relu", plan.kc, plan.mc, plan.nc, plan.channel_chunks,
+           plan.threads)
 
 
 def _run_fused(x, w, bias, spec, plan, out):
@@ -44,7 +57,8 @@ def conv2d(x, w, bias, spec, plan=None):
     if plan is None and uses_direct_kernel(spec):
         _run_direct(x, w, bias, spec, out)
     else:
-        _run_fused(x, w, bias, spec, plan or plan_conv2d(spec), out)
+        plan = plan or plan_conv2d(spec)
+        (_run_implicit if plan.implicit else _run_fused)(x, w, bias, spec, plan, out)
     return out
 
 

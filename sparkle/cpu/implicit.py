@@ -1,0 +1,175 @@
+"""Implicit-GEMM convolution on the CPU: B read straight from the input, nothing packed.
+
+For a stride-1 convolution, number the output pixels on the padded input's row pitch
+(``v = oh * pitch + ow``). Then row p = (c, r, s) of the im2col matrix, over a run of
+consecutive ``v``, is a contiguous slice of the padded input starting at
+``c * plane + r * dilation_h * pitch + s * dilation_w + v``: the micro-kernel loads it
+with plain vector loads through a per-p offset table, and stores only the real columns
+(``ow < out_w``) with masked stores. A 1x1 convolution with stride s is the same on the
+input subsampled by s. The padded (or subsampled) copy is made once per call, in
+parallel; an input that needs neither is read in place.
+
+Packing the im2col patch costs about as much per element as the multiply-adds it feeds
+when a layer has few output channels (64 channels: 2 cycles of FMAs per element on
+AVX-512); this path does no per-element work besides the multiply-adds.
+"""
+
+from functools import lru_cache
+
+import numpy as np
+from numba import njit, prange
+
+from .atomics import fetch_add
+from .conv2d import _in_range, kernel_source_fingerprint
+from .microkernel import implicit_microkernel
+from .threads import bind_slot, capture_binding, release_slot
+
+
+def supports_implicit(spec):
+    """Whether every tap's row of B is a contiguous slice of a (padded or subsampled) input."""
+    return ((spec.stride_h == 1 or spec.kernel_h == 1) and (spec.stride_w == 1 or spec.kernel_w == 1))
+
+
+def virtual_input_shape(spec):
+    """(rows, pitch) of the input grid the implicit kernel reads: the zero-padded input for
+    stride 1, the subsampled one for a strided 1x1 kernel."""
+    rows = spec.out_h if spec.stride_h > 1 else spec.height + spec.pad_top + spec.pad_bottom
+    pitch = spec.out_w if spec.stride_w > 1 else spec.width + spec.pad_left + spec.pad_right
+    return rows, pitch
+
+
+def needs_copy(spec):
+    return spec.stride_h > 1 or spec.stride_w > 1 or spec.pad_top or spec.pad_bottom or spec.pad_left or spec.pad_right
+
+
+def plane_stride(rows, pitch, itemsize):
+    """Elements from one channel plane of the copy to the next: a plane whose size is a multiple
+    of 4 KiB would map the rows a block reads, one per channel, onto the same cache sets."""
+    plane = rows * pitch
+    return plane + 64 // itemsize if (plane * itemsize) % 4096 == 0 else plane
+
+
+def reads_alias(spec):
+    """Whether the in-place input has 4 KiB-multiple planes (B rows of a 1x1 kernel would thrash L1)."""
+    return not needs_copy(spec) and (spec.height * spec.width * spec.dtype.itemsize) % 4096 == 0
+
+
+@njit(cache=True, parallel=True)
+def _copy_virtual_input(x, out, planes, height, width, rows, pitch, plane, stride_h, stride_w, pad_top, pad_left):
+    """out[q, i, j] = x[q, i * stride_h - pad_top, j * stride_w - pad_left], zero outside x."""
+    for q in prange(planes):
+        source = q * height * width
+        destination = q * plane
+        for i in range(rows):
+            row = i * stride_h - pad_top
+            start = destination + i * pitch
+            if row < 0 or row >= height:
+                for j in range(pitch):
+                    out[start + j] = 0.0
+                continue
+            for j in range(pitch):
+                col = j * stride_w - pad_left
+                inside = (col >= 0) & (col < width)
+                out[start + j] = x[source + row * width + (col if inside else 0)] if inside else 0.0
+
+
+def virtual_input(x_flat, spec):
+    """(flat input the kernel reads, row pitch, plane stride): x itself or a parallel padded/subsampled copy."""
+    rows, pitch = virtual_input_shape(spec)
+    if not needs_copy(spec):
+        return x_flat, pitch, rows * pitch
+    plane = plane_stride(rows, pitch, spec.dtype.itemsize)
+    planes = spec.batch * spec.in_channels
+    out = np.empty(planes * plane, dtype=spec.dtype)
+    _copy_virtual_input(x_flat, out, planes, spec.height, spec.width, rows, pitch, plane, spec.stride_h,
+                        spec.stride_w, spec.pad_top, spec.pad_left)
+    return out, pitch, plane
+
+
+def reduction_offsets(spec, pitch, plane):
+    """Offset of B row p = (c, r, s) from the start of its group's first channel plane."""
+    c = np.arange(spec.in_channels // spec.groups, dtype=np.int64)[:, None, None]
+    r = np.arange(spec.kernel_h, dtype=np.int64)[None, :, None]
+    s = np.arange(spec.kernel_w, dtype=np.int64)[None, None, :]
+    return (c * plane + r * (spec.dilation_h * pitch) + s * spec.dilation_w).reshape(-1)
+
+
+@lru_cache(maxsize=None)
+def implicit_conv2d_driver(mr, nv, nr):
+    """The compiled implicit-GEMM driver for an ``mr x nv``-vector micro-kernel of ``nr`` columns.
+
+    As for ``fused_conv2d_driver``, the block shape is a closure constant and shapes are
+    runtime values: a new shape never compiles.
+    """
+    source_fingerprint = kernel_source_fingerprint()
+    lanes = nr // nv
+
+    @njit(cache=True, parallel=True)
+    def conv2d_implicit(x, plane, pitch, offsets, w, lda, bias, out, shape, use_bias, relu, kc, mc, nc,
+                        channel_chunks, threads):
+        """``x``: the flat (virtual) input, channel planes ``plane`` apart, rows ``pitch`` apart;
+        ``offsets``: ``reduction_offsets``; ``w``: K x (C/groups * R * S) rows ``lda`` apart;
+        ``shape``: (batch, channels, k_total, groups, out_h, out_w)."""
+        _ = source_fingerprint  # part of the closure, hence of the disk cache key
+        batch, channels, k_total, groups, out_h, out_w = shape
+        c_group = channels // groups
+        k_group = k_total // groups
+        reduction = offsets.size
+        pixels = out_h * out_w
+        grid_end = (out_h - 1) * pitch + out_w  # one past the last real pixel on the grid
+        panels = (k_group + mr - 1) // mr
+        pixel_blocks = (grid_end + nc - 1) // nc
+        jobs = batch * groups * pixel_blocks * channel_chunks
+        mc_panels = max(1, mc // mr)
+        lowest, highest = offsets.min(), offsets.max()
+        faults = np.zeros(threads, dtype=np.int64)
+        next_job = np.zeros(1, dtype=np.int64)
+        cpus, caller, saved_masks = capture_binding(threads)
+        for thread in prange(threads):
+            bind_slot(cpus, caller, saved_masks, thread)
+            while True:
+                job = fetch_add(next_job, 0, 1)
+                if job >= jobs:
+                    break
+                chunk = job % channel_chunks
+                rest = job // channel_chunks
+                block = rest % pixel_blocks
+                rest //= pixel_blocks
+                group = rest % groups
+                image = rest // groups
+                first_panel = chunk * panels // channel_chunks
+                end_panel = (chunk + 1) * panels // channel_chunks
+                v_first = block * nc
+                v_last = min(v_first + nc, grid_end)
+                x_off = (image * channels + group * c_group) * plane
+                # Every read is x[x_off + offsets[p] + v] with v < v_last: check the extremes once.
+                if lowest < 0 or not _in_range(x_off + lowest + v_first, highest - lowest + v_last - v_first,
+                                               x.size):
+                    faults[thread] += 1
+                    continue
+                for pc in range(0, reduction, kc):
+                    depth = min(kc, reduction - pc)
+                    block_offsets = offsets[pc:pc + depth]
+                    accumulate = pc > 0
+                    last = pc + depth >= reduction
+                    for ic in range(first_panel, end_panel, mc_panels):
+                        ic_end = min(ic + mc_panels, end_panel)
+                        for v0 in range(v_first, v_last, nr):
+                            for ip in range(ic, ic_end):
+                                rows = min(mr, k_group - ip * mr)
+                                channel = group * k_group + ip * mr
+                                c_off = (image * k_total + channel) * pixels
+                                a_off = channel * lda + pc
+                                if not (_in_range(a_off, (rows - 1) * lda + depth, w.size)
+                                        and _in_range(channel, rows, bias.size)
+                                        and _in_range(c_off, (rows - 1) * pixels + pixels, out.size)):
+                                    faults[thread] += 1
+                                    continue
+                                implicit_microkernel(mr, nv, lanes, depth, w, a_off, lda, rows, x, x_off,
+                                                     block_offsets, v0, v_last, pitch, out_w, out, c_off, pixels,
+                                                     accumulate, bias, channel, use_bias and last, relu and last)
+            release_slot(cpus, caller, saved_masks, thread)
+        if faults.sum():
+            raise IndexError("conv2d_implicit: a micro-kernel operand fell outside its buffer")
+
+    return conv2d_implicit
