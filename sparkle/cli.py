@@ -349,9 +349,9 @@ def build_parser():
     ops = tune.add_subparsers(dest="op", required=True, metavar="OP")
 
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--device", default="opencl", help="'opencl' (first GPU, else first OpenCL device) or "
-                                                           "'opencl:N' as listed by 'sparkle devices' "
-                                                           "(default: %(default)s)")
+    common.add_argument("--device", default="opencl", help="'opencl' (first available GPU, else first available "
+                                                           "OpenCL device) or 'opencl:N' as listed by 'sparkle "
+                                                           "devices' (default: %(default)s)")
     common.add_argument("--max-candidates", type=positive_int, default=None, metavar="COUNT",
                         help="stop after this many candidates (default: until the time budget is spent)")
     common.add_argument("--dtype", choices=("float32", "float64"), default="float32",

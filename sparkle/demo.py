@@ -120,7 +120,7 @@ def where_it_ran(device, rows):
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m sparkle.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu",
-                        help="where to run: cpu (default), opencl (first GPU, else PoCL) or opencl:N; "
+                        help="where to run: cpu (default), opencl (first available GPU, else PoCL) or opencl:N; "
                              "OpenCL timings include copying the arrays to the device and back")
     parser.add_argument("--batch", type=int, default=1, help="images per call (default 1)")
     parser.add_argument("--dtype", choices=sorted(TOLERANCES), default="float32")

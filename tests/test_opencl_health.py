@@ -139,6 +139,15 @@ def test_verdict_is_read_from_the_disk_cache_by_a_later_process(device, monkeypa
     assert health.check(device) == health.Health(True, None)
 
 
+def test_an_unwritable_cache_does_not_fail_the_check(device, monkeypatch):
+    def refuse(*args):
+        raise PermissionError("read-only cache directory (injected by the test)")
+
+    monkeypatch.setattr(health.DOCUMENT, "update", refuse)
+    monkeypatch.setattr(health.DOCUMENT, "snapshot", refuse)
+    assert health.check(device) == health.Health(True, None)
+
+
 def test_a_damaged_stored_verdict_is_checked_again(device, monkeypatch, launched):
     health.DOCUMENT.update(lambda document: document.__setitem__(device.identity, {"available": "yes"}))
     assert health.check(device) == health.Health(True, None)
@@ -302,8 +311,8 @@ class FakeDevice:
                                                "driver_version": driver_version})()
 
 
-DEBIAN_POCL = FakeDevice("Portable Computing Language",
-                         "OpenCL 3.0 PoCL 3.1+debian  Linux, None+Asserts, RELOC, LLVM 15.0.6, SLEEF, DISTRO, POCL_DEBUG")
+DEBIAN_POCL = FakeDevice("Portable Computing Language", "OpenCL 3.0 PoCL 3.1+debian  Linux, None+Asserts, RELOC, "
+                                                        "SPIR, LLVM 15.0.6, SLEEF, DISTRO, POCL_DEBUG")
 
 
 def test_build_log_reading():

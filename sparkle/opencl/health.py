@@ -41,19 +41,30 @@ def check(device):
             verdict = _verdicts.get(device.identity) or _stored(device.identity)
             if verdict is None:
                 verdict = probe(device)
-                DOCUMENT.update(lambda document: document.__setitem__(device.identity, _entry(verdict)))
+                _store(device.identity, verdict)
             _verdicts[device.identity] = verdict
     return verdict
 
 
-def _entry(verdict):
-    return {"available": verdict.available, "reason": verdict.reason,
-            "checked": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+def _store(identity, verdict):
+    entry = {"available": verdict.available, "reason": verdict.reason,
+             "checked": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+    def add(document):
+        document[identity] = entry
+
+    try:
+        DOCUMENT.update(add)
+    except OSError:  # (filelock's Timeout is one too)
+        pass  # the disk cache only saves later processes a check; failing to write it must not fail the call
 
 
 def _stored(identity):
     """The stored verdict for ``identity``, or None if there is none (or it is not a well-formed entry)."""
-    entry = DOCUMENT.snapshot().get(identity)
+    try:
+        entry = DOCUMENT.snapshot().get(identity)
+    except OSError:  # an unusable cache directory: check afresh
+        return None
     if not isinstance(entry, dict) or not isinstance(entry.get("available"), bool):
         return None
     reason = entry.get("reason")
