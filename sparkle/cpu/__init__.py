@@ -1,5 +1,5 @@
-"""Numba CPU backend: micro-kernel, packing, the fused conv2d driver and the planner."""
+"""Numba CPU backend: micro-kernel, packing, the fused conv2d driver and the planner.
 
-from .threads import bind_threads_by_default
-
-bind_threads_by_default()
+Importing it changes nothing in the process: no environment variable, no thread's
+affinity (see ``threads.py`` for how the parallel drivers place their threads).
+"""

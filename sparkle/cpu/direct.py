@@ -14,6 +14,7 @@ import numpy as np
 from numba import njit, prange, uint64
 
 from .atomics import fetch_add
+from .threads import bind_slot, capture_binding
 
 
 @njit(cache=True, inline="always")
@@ -50,7 +51,9 @@ def direct_conv2d(x, w, bias, out, geometry, use_bias, relu, row_chunks, threads
     taps = kernel_h * kernel_w
     jobs = batch * k_total * row_chunks
     next_job = np.zeros(1, dtype=np.int64)
-    for _ in prange(threads):
+    cpus, caller = capture_binding(threads)
+    for thread in prange(threads):
+        bind_slot(cpus, caller, thread)
         while True:
             job = fetch_add(next_job, 0, 1)
             if job >= jobs:
