@@ -25,11 +25,12 @@ def _run_direct(x, w, bias, spec, out):
 def _run_implicit(x, w, bias, spec, plan, out):
     """Implicit GEMM read straight from the (padded) input (see ``implicit.py``) into ``out``."""
     w_rows, lda = weight_rows(w)
-    source, pitch, plane = virtual_input(read_only_flat(x), spec)
-    offsets = reduction_offsets(spec, pitch, plane)
+    source, layout, plane = virtual_input(read_only_flat(x), spec)
+    offsets = reduction_offsets(spec, layout, plane)
     driver = implicit_conv2d_driver(plan.mr, plan.nv, plan.nr)
-    shape = (spec.batch, spec.in_channels, spec.out_channels, spec.groups, spec.out_h, spec.out_w)
-    driver(source, plane, pitch, offsets, read_only_flat(w_rows), lda, bias_vector(bias, spec), out.reshape(-1),
+    shape = (spec.batch, spec.in_channels, spec.out_channels, spec.groups, spec.out_h, spec.out_w,
+             len(layout.row_phases) * len(layout.col_phases))
+    driver(source, plane, layout.pitch, offsets, read_only_flat(w_rows), lda, bias_vector(bias, spec), out.reshape(-1),
            shape, spec.has_bias, spec.activation == "relu", plan.kc, plan.mc, plan.nc, plan.channel_chunks,
            plan.threads)
 

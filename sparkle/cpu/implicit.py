@@ -14,6 +14,7 @@ when a layer has few output channels (64 channels: 2 cycles of FMAs per element 
 AVX-512); this path does no per-element work besides the multiply-adds.
 """
 
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -22,29 +23,47 @@ from numba import njit, prange
 from .atomics import fetch_add
 from .conv2d import _in_range, kernel_source_fingerprint
 from .microkernel import implicit_microkernel
-from .threads import bind_slot, capture_binding, release_slot
+from .threads import bind_slot, capture_binding
 
 
 def supports_implicit(spec):
-    """Whether every tap's row of B is a contiguous slice of a (padded or subsampled) input."""
-    return ((spec.stride_h == 1 or spec.kernel_h == 1) and (spec.stride_w == 1 or spec.kernel_w == 1))
+    """Every convolution: strides become phases of the input (see ``virtual_input_layout``)."""
+    return True
 
 
-def virtual_input_shape(spec):
-    """(rows, pitch) of the input grid the implicit kernel reads: the zero-padded input for
-    stride 1, the subsampled one for a strided 1x1 kernel."""
-    rows = spec.out_h if spec.stride_h > 1 else spec.height + spec.pad_top + spec.pad_bottom
-    pitch = spec.out_w if spec.stride_w > 1 else spec.width + spec.pad_left + spec.pad_right
-    return rows, pitch
+@dataclass(frozen=True)
+class VirtualLayout:
+    """The input grid the implicit kernel reads, one plane per (channel, row phase, column phase).
+
+    Tap (r, s) of output pixel (oh, ow) reads input row oh * stride_h + r * dilation_h: in
+    phase a = (r * dilation_h) % stride_h, that is row oh + (r * dilation_h) // stride_h of
+    the plane holding input rows a, a + stride_h, ... So every stride is a stride-1 read of
+    one phase plane, and only the phases some tap reads are made.
+    """
+
+    row_phases: tuple
+    col_phases: tuple
+    rows: int   # of each phase plane
+    pitch: int  # columns of each phase plane: the row pitch of the output grid
+
+
+@lru_cache(maxsize=256)
+def virtual_layout(spec):
+    row_phases = tuple(sorted({(r * spec.dilation_h) % spec.stride_h for r in range(spec.kernel_h)}))
+    col_phases = tuple(sorted({(s * spec.dilation_w) % spec.stride_w for s in range(spec.kernel_w)}))
+    rows = spec.out_h + (spec.kernel_h - 1) * spec.dilation_h // spec.stride_h
+    pitch = spec.out_w + (spec.kernel_w - 1) * spec.dilation_w // spec.stride_w
+    return VirtualLayout(row_phases, col_phases, rows, pitch)
 
 
 def needs_copy(spec):
+    """The input itself is the grid only for stride 1 without padding."""
     return spec.stride_h > 1 or spec.stride_w > 1 or spec.pad_top or spec.pad_bottom or spec.pad_left or spec.pad_right
 
 
 def plane_stride(rows, pitch, itemsize):
-    """Elements from one channel plane of the copy to the next: a plane whose size is a multiple
-    of 4 KiB would map the rows a block reads, one per channel, onto the same cache sets."""
+    """Elements from one plane of the copy to the next: a plane whose size is a multiple of
+    4 KiB would map the rows a block reads, one per channel, onto the same cache sets."""
     plane = rows * pitch
     return plane + 64 // itemsize if (plane * itemsize) % 4096 == 0 else plane
 
@@ -55,43 +74,56 @@ def reads_alias(spec):
 
 
 @njit(cache=True, parallel=True)
-def _copy_virtual_input(x, out, planes, height, width, rows, pitch, plane, stride_h, stride_w, pad_top, pad_left):
-    """out[q, i, j] = x[q, i * stride_h - pad_top, j * stride_w - pad_left], zero outside x."""
+def _copy_virtual_input(x, out, planes, height, width, row_phases, col_phases, rows, pitch, plane, stride_h,
+                        stride_w, pad_top, pad_left):
+    """Plane q = ((image * C + c) * len(row_phases) + ia) * len(col_phases) + ib of ``out``:
+    out[q, i, j] = x[image, c, i * stride_h + row_phases[ia] - pad_top, j * stride_w + col_phases[ib] - pad_left],
+    zero outside x."""
+    phases = row_phases.size * col_phases.size
     for q in prange(planes):
-        source = q * height * width
+        source = (q // phases) * height * width
+        a = row_phases[(q % phases) // col_phases.size]
+        b = col_phases[q % col_phases.size]
         destination = q * plane
         for i in range(rows):
-            row = i * stride_h - pad_top
+            row = i * stride_h + a - pad_top
             start = destination + i * pitch
             if row < 0 or row >= height:
                 for j in range(pitch):
                     out[start + j] = 0.0
                 continue
             for j in range(pitch):
-                col = j * stride_w - pad_left
+                col = j * stride_w + b - pad_left
                 inside = (col >= 0) & (col < width)
                 out[start + j] = x[source + row * width + (col if inside else 0)] if inside else 0.0
 
 
 def virtual_input(x_flat, spec):
-    """(flat input the kernel reads, row pitch, plane stride): x itself or a parallel padded/subsampled copy."""
-    rows, pitch = virtual_input_shape(spec)
+    """(flat grid the kernel reads, its layout, plane stride): x itself or a parallel phase/padding copy."""
+    layout = virtual_layout(spec)
     if not needs_copy(spec):
-        return x_flat, pitch, rows * pitch
-    plane = plane_stride(rows, pitch, spec.dtype.itemsize)
-    planes = spec.batch * spec.in_channels
+        return x_flat, layout, layout.rows * layout.pitch
+    plane = plane_stride(layout.rows, layout.pitch, spec.dtype.itemsize)
+    planes = spec.batch * spec.in_channels * len(layout.row_phases) * len(layout.col_phases)
     out = np.empty(planes * plane, dtype=spec.dtype)
-    _copy_virtual_input(x_flat, out, planes, spec.height, spec.width, rows, pitch, plane, spec.stride_h,
+    _copy_virtual_input(x_flat, out, planes, spec.height, spec.width, np.array(layout.row_phases, np.int64),
+                        np.array(layout.col_phases, np.int64), layout.rows, layout.pitch, plane, spec.stride_h,
                         spec.stride_w, spec.pad_top, spec.pad_left)
-    return out, pitch, plane
+    return out, layout, plane
 
 
-def reduction_offsets(spec, pitch, plane):
-    """Offset of B row p = (c, r, s) from the start of its group's first channel plane."""
+@lru_cache(maxsize=256)
+def reduction_offsets(spec, layout, plane):
+    """Offset of B row p = (c, r, s) (the weights' order) from the start of its group's first plane
+    (read-only: remembered per spec)."""
     c = np.arange(spec.in_channels // spec.groups, dtype=np.int64)[:, None, None]
-    r = np.arange(spec.kernel_h, dtype=np.int64)[None, :, None]
-    s = np.arange(spec.kernel_w, dtype=np.int64)[None, None, :]
-    return (c * plane + r * (spec.dilation_h * pitch) + s * spec.dilation_w).reshape(-1)
+    row, a = np.divmod(np.arange(spec.kernel_h, dtype=np.int64)[None, :, None] * spec.dilation_h, spec.stride_h)
+    col, b = np.divmod(np.arange(spec.kernel_w, dtype=np.int64)[None, None, :] * spec.dilation_w, spec.stride_w)
+    plane_index = (c * len(layout.row_phases) + np.searchsorted(layout.row_phases, a)) * len(layout.col_phases) \
+        + np.searchsorted(layout.col_phases, b)
+    offsets = (plane_index * plane + row * layout.pitch + col).reshape(-1)
+    offsets.flags.writeable = False
+    return offsets
 
 
 @lru_cache(maxsize=None)
@@ -107,11 +139,11 @@ def implicit_conv2d_driver(mr, nv, nr):
     @njit(cache=True, parallel=True)
     def conv2d_implicit(x, plane, pitch, offsets, w, lda, bias, out, shape, use_bias, relu, kc, mc, nc,
                         channel_chunks, threads):
-        """``x``: the flat (virtual) input, channel planes ``plane`` apart, rows ``pitch`` apart;
+        """``x``: the flat virtual input (``virtual_input``), planes ``plane`` apart, rows ``pitch`` apart;
         ``offsets``: ``reduction_offsets``; ``w``: K x (C/groups * R * S) rows ``lda`` apart;
         ``shape``: (batch, channels, k_total, groups, out_h, out_w)."""
         _ = source_fingerprint  # part of the closure, hence of the disk cache key
-        batch, channels, k_total, groups, out_h, out_w = shape
+        batch, channels, k_total, groups, out_h, out_w, phases = shape
         c_group = channels // groups
         k_group = k_total // groups
         reduction = offsets.size
@@ -124,9 +156,9 @@ def implicit_conv2d_driver(mr, nv, nr):
         lowest, highest = offsets.min(), offsets.max()
         faults = np.zeros(threads, dtype=np.int64)
         next_job = np.zeros(1, dtype=np.int64)
-        cpus, caller, saved_masks = capture_binding(threads)
+        cpus, caller = capture_binding(threads)
         for thread in prange(threads):
-            bind_slot(cpus, caller, saved_masks, thread)
+            bind_slot(cpus, caller, thread)
             while True:
                 job = fetch_add(next_job, 0, 1)
                 if job >= jobs:
@@ -141,7 +173,7 @@ def implicit_conv2d_driver(mr, nv, nr):
                 end_panel = (chunk + 1) * panels // channel_chunks
                 v_first = block * nc
                 v_last = min(v_first + nc, grid_end)
-                x_off = (image * channels + group * c_group) * plane
+                x_off = (image * channels + group * c_group) * phases * plane
                 # Every read is x[x_off + offsets[p] + v] with v < v_last: check the extremes once.
                 if lowest < 0 or not _in_range(x_off + lowest + v_first, highest - lowest + v_last - v_first,
                                                x.size):
@@ -168,7 +200,6 @@ def implicit_conv2d_driver(mr, nv, nr):
                                 implicit_microkernel(mr, nv, lanes, depth, w, a_off, lda, rows, x, x_off,
                                                      block_offsets, v0, v_last, pitch, out_w, out, c_off, pixels,
                                                      accumulate, bias, channel, use_bias and last, relu and last)
-            release_slot(cpus, caller, saved_masks, thread)
         if faults.sum():
             raise IndexError("conv2d_implicit: a micro-kernel operand fell outside its buffer")
 

@@ -25,8 +25,9 @@ class Isa:
     vector_bytes: int
     registers: int
     requires: frozenset  # LLVM feature names the host must have
-    # (rows, vectors of columns); the first is the default. Each leaves registers for
-    # the B vectors and a broadcast besides the rows * vectors accumulators.
+    # (rows, vectors of columns), most rows first: more rows reuse each loaded B vector more
+    # (what counts when B streams from L2). The first is the default. Each leaves registers
+    # for the B vectors and a broadcast besides the rows * vectors accumulators.
     microkernels: tuple
     description: str
 
@@ -42,7 +43,7 @@ class Isa:
 # Widest first: the first one the host supports is the default.
 ISAS = (
     # 32 zmm registers: up to 28 accumulators, 2-4 B vectors, a broadcast.
-    Isa("avx512", 64, 32, frozenset({"avx512f", "fma"}), ((14, 2), (6, 4), (8, 3)),
+    Isa("avx512", 64, 32, frozenset({"avx512f", "fma"}), ((14, 2), (8, 3), (6, 4)),
         "AVX-512: 16 fp32 lanes, 32 registers"),
     # 16 ymm registers: 12 accumulators, 2-3 B vectors, a broadcast.
     Isa("avx2", 32, 16, frozenset({"avx2", "fma"}), ((6, 2), (4, 3)), "AVX2 + FMA: 8 fp32 lanes, 16 registers"),
