@@ -48,9 +48,11 @@ def _physical_memory():
 def _cpu_device():
     import numba
 
+    from .cpu.isa import active_isa
+
     name, vendor = _cpu_identity()
     return Device(id="cpu", name=name, vendor=vendor, kind="cpu", compute_units=numba.config.NUMBA_NUM_THREADS,
-                  memory=_physical_memory())
+                  memory=_physical_memory(), isa=active_isa().name)
 
 
 def _opencl_devices():

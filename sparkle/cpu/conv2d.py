@@ -17,6 +17,7 @@ from numba import njit, prange
 from .atomics import fetch_add
 from .microkernel import microkernel
 from .packing import pack_im2col_block, pixel_origins, tap_offsets
+from .threads import bind_slot, capture_binding
 
 @njit(cache=True, inline="always")
 def _in_range(offset, extent, size):
@@ -24,7 +25,7 @@ def _in_range(offset, extent, size):
 
 
 @njit(cache=True, inline="always")
-def _block_kernel(mr, nv, nr, depth, a, a_off, lda, b, b_off, out, c_off, ldc, rows, cols, accumulate,
+def _block_kernel(mr, nv, lanes, nr, depth, a, a_off, lda, b, b_off, out, c_off, ldc, rows, cols, accumulate,
                   bias, bias_off, use_bias, relu, tile):
     """One mr x nr block of C; edge blocks go through a private tile.
 
@@ -37,14 +38,14 @@ def _block_kernel(mr, nv, nr, depth, a, a_off, lda, b, b_off, out, c_off, ldc, r
             and rows >= 1 and cols >= 1):
         return False
     if rows == mr and cols == nr:
-        microkernel(mr, nv, depth, a, a_off, lda, rows, b, b_off, out, c_off, ldc, accumulate,
+        microkernel(mr, nv, lanes, depth, a, a_off, lda, rows, b, b_off, out, c_off, ldc, accumulate,
                     bias, bias_off, use_bias, relu)
         return True
     if accumulate:
         for i in range(rows):
             for j in range(cols):
                 tile[i * nr + j] = out[c_off + i * ldc + j]
-    microkernel(mr, nv, depth, a, a_off, lda, rows, b, b_off, tile, 0, nr, accumulate,
+    microkernel(mr, nv, lanes, depth, a, a_off, lda, rows, b, b_off, tile, 0, nr, accumulate,
                 bias, bias_off, use_bias, relu)
     for i in range(rows):
         for j in range(cols):
@@ -59,14 +60,16 @@ def kernel_source_fingerprint():
     inlines code from its sibling modules, so their contents go into its cache key.
     """
     digest = hashlib.sha256()
-    for module in ("atomics.py", "conv2d.py", "microkernel.py", "packing.py"):
+    for module in ("affinity.py", "atomics.py", "conv2d.py", "implicit.py", "microkernel.py", "packing.py",
+                   "threads.py"):
         digest.update((pathlib.Path(__file__).parent / module).read_bytes())
     return int.from_bytes(digest.digest()[:7], "little")
 
 
 @lru_cache(maxsize=None)
 def fused_conv2d_driver(mr, nv, nr):
-    """The compiled driver for an ``mr x nv``-vector micro-kernel of ``nr`` columns.
+    """The compiled driver for an ``mr x nv``-vector micro-kernel of ``nr`` columns
+    (``nr // nv`` lanes per vector: the instruction set's width for the dtype).
 
     ``mr``, ``nv`` and ``nr`` are closure constants, so the micro-kernel and the packing
     loops (fully unrolled over a panel's ``nr`` pixels) are specialized at compile time,
@@ -75,6 +78,7 @@ def fused_conv2d_driver(mr, nv, nr):
     shape never compiles.
     """
     source_fingerprint = kernel_source_fingerprint()
+    lanes = nr // nv
 
     @njit(cache=True, parallel=True)
     def conv2d_fused(x, w, lda, bias, out, geometry, use_bias, relu, kc, mc, nc, channel_chunks,
@@ -98,7 +102,9 @@ def fused_conv2d_driver(mr, nv, nr):
         mc_panels = max(1, mc // mr)
         faults = np.zeros(threads, dtype=np.int64)
         next_job = np.zeros(1, dtype=np.int64)
+        cpus, caller = capture_binding(threads)
         for thread in prange(threads):
+            bind_slot(cpus, caller, thread)
             panel = panel_scratch[thread]
             row_origin = origin_scratch[thread, 0]
             col_origin = origin_scratch[thread, 1]
@@ -140,7 +146,7 @@ def fused_conv2d_driver(mr, nv, nr):
                                 rows = min(mr, k_group - ip * mr)
                                 channel = group * k_group + ip * mr
                                 c_off = (image * k_total + channel) * pixels + first_pixel + jp * nr
-                                if not _block_kernel(mr, nv, nr, depth, w, channel * lda + pc, lda,
+                                if not _block_kernel(mr, nv, lanes, nr, depth, w, channel * lda + pc, lda,
                                                      panel, jp * depth * nr, out, c_off, pixels, rows, cols,
                                                      accumulate, bias, channel, use_bias and last, relu and last,
                                                      tile):
