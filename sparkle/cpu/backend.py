@@ -64,10 +64,12 @@ def conv2d(x, w, bias, spec, plan=None):
 
 
 def matmul(a, b, spec, plan=None):
-    """Matrix product of validated inputs through the convolution driver's packing and micro-kernel."""
+    """Matrix product of validated inputs through the packed driver (B's rows, read in place, are a
+    row of N apart: pages apart for large N, where packed panels win)."""
     if spec.m == 0 or spec.n == 0 or spec.k == 0:
         return np.zeros((spec.m, spec.n), dtype=spec.dtype)
     conv_spec = matmul_as_conv2d_spec(spec)
+    plan = plan or plan_conv2d(conv_spec, implicit=False)
     image = b.reshape(1, spec.k, 1, spec.n)
     weights = a.reshape(spec.m, spec.k, 1, 1)
     return conv2d(image, weights, None, conv_spec, plan).reshape(spec.m, spec.n)

@@ -160,16 +160,17 @@ class _Block:
                     # select(acc < 0, 0, acc): an unordered NaN compares false and is kept.
                     builder.store(builder.select(builder.fcmp_ordered("<", acc, self.zero), self.zero, acc), slot)
 
-    def prefetch_rows(self, row_pointer, condition):
+    def prefetch_rows(self, row_pointer, condition, extra_line=False):
         """Prefetch (for writing) the C lines of every row, when ``condition``: C is added after the
-        loop, not loaded before it, so its rows' latency hides behind the loop."""
+        loop, not loaded before it, so its rows' latency hides behind the loop. ``extra_line``: the
+        row may start mid-line, so fetch one line more."""
         builder = self.builder
         prefetch = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(ir.VoidType(), [ir.IntType(8).as_pointer(), _I32, _I32, _I32]),
             "llvm.prefetch.p0i8")
         with builder.if_then(condition):
             for i in range(self.rows):
-                for offset in range(0, self.vectors * self.lanes * self.elem_align, 64):
+                for offset in range(0, self.vectors * self.lanes * self.elem_align + (64 if extra_line else 0), 64):
                     line = builder.gep(builder.bitcast(row_pointer(i), ir.IntType(8).as_pointer()),
                                        [ir.Constant(_I64, offset)])
                     builder.call(prefetch, [line, ir.Constant(_I32, 1), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
@@ -264,6 +265,19 @@ def implicit_microkernel(typingctx, mr, nv, vector_lanes, kc, a, a_off, lda, a_r
                 b_row = builder.gep(x_ptr, [builder.load(builder.gep(offsets_ptr, [loop.index]))])
                 block.step(a_rows_ptr, loop.index, block.load_b(b_row, mask))
 
+        # One run of lanes per output row the panel touches: lanes [first, end) hold pixels
+        # v0 + l of row oh, stored at c_ptr + oh * out_w + (v0 + l - oh * pitch).
+        first_row = builder.sdiv(v0_v, pitch_v)
+        last_row = builder.sdiv(builder.sub(builder.add(v0_v, ir.Constant(_I64, nr)), one), pitch_v)
+        row_count = builder.add(builder.sub(last_row, first_row), one)
+        # Where lane 0 would go: the block's C lines start about there in every row. Fetching them
+        # now (C is often not in cache: nothing else touches it) hides their latency behind the loop.
+        lane0_target = builder.sub(builder.mul(first_row, out_w_v),
+                                   builder.sub(builder.mul(first_row, pitch_v), v0_v))
+        block.prefetch_rows(lambda i: builder.gep(c_ptr, [builder.add(builder.mul(ir.Constant(_I64, i), ldc_v),
+                                                                      lane0_target)]),
+                            ir.Constant(ir.IntType(1), 1), extra_line=True)
+
         # Two copies of the loop: plain loads for whole panels, masked ones for the grid's
         # last panel (its lanes past v_end would read past the image).
         with builder.if_else(full) as (whole, partial):
@@ -271,12 +285,6 @@ def implicit_microkernel(typingctx, mr, nv, vector_lanes, kc, a, a_off, lda, a_r
                 accumulate(None)
             with partial:
                 accumulate(block.lane_masks(ir.Constant(_I64, 0), valid))
-
-        # One run of lanes per output row the panel touches: lanes [first, end) hold pixels
-        # v0 + l of row oh, stored at c_ptr + oh * out_w + (v0 + l - oh * pitch).
-        first_row = builder.sdiv(v0_v, pitch_v)
-        last_row = builder.sdiv(builder.sub(builder.add(v0_v, ir.Constant(_I64, nr)), one), pitch_v)
-        row_count = builder.add(builder.sub(last_row, first_row), one)
 
         def for_each_run(body):
             with cgutils.for_range(builder, row_count) as loop:

@@ -7,7 +7,7 @@ from functools import lru_cache
 import numba
 
 from ..memory import TileSizes, cache_optimal_tile_size, detect_memory_params
-from .implicit import reads_alias, supports_implicit, virtual_layout
+from .implicit import in_place_reads_thrash, virtual_layout
 from .isa import active_isa
 from .packing import panel_count
 
@@ -85,9 +85,9 @@ def packed_tiles(spec, mr, nr):
 
 
 def prefers_implicit(spec):
-    """The implicit path wherever it applies, except for 1x1 kernels read in place from planes
-    of a 4 KiB multiple (matmul 1024, say): their B rows would thrash L1, packed ones do not."""
-    return supports_implicit(spec) and not reads_alias(spec)
+    """The implicit path, except where its in-place reads would thrash the caches or TLBs (large
+    unpadded 1x1 convolutions); packed panels do not."""
+    return not in_place_reads_thrash(spec)
 
 
 def plan_conv2d(spec, microkernel=None, tiles=None, threads=None, isa=None, implicit=None):
