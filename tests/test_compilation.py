@@ -1,6 +1,9 @@
-"""Compilation contract: one compiled driver per dtype and micro-kernel, never per shape,
-and a second process loads it from Numba's disk cache instead of compiling."""
+"""Compilation contract: one compiled driver per dtype and micro-kernel (on each path: packed and
+implicit), never per shape or layout; only the active family's drivers are ever compiled; and a
+second process loads them from Numba's disk cache instead of compiling."""
 
+import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -11,46 +14,183 @@ import pytest
 import sparkle
 from sparkle.cpu import backend
 from sparkle.cpu.conv2d import fused_conv2d_driver
+from sparkle.cpu.implicit import implicit_conv2d_driver, supports_implicit
+from sparkle.cpu.isa import ISA_ENV, active_isa, supported_isas
+
+PATHS = pytest.mark.parametrize("implicit", [False, True], ids=["packed", "implicit"])
+DRIVER_FACTORIES = {False: fused_conv2d_driver, True: implicit_conv2d_driver}
 
 
-def test_new_shapes_and_layouts_do_not_compile():
+def run_script(script, **env_overrides):
+    """stdout of ``script`` in a new Python process (SPARKLE_CPU_ISA as in this one unless overridden)."""
+    env = dict(os.environ, **env_overrides)
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+@PATHS
+def test_new_shapes_and_layouts_do_not_compile(implicit):
     rng = np.random.default_rng(0)
-    driver = fused_conv2d_driver(*backend.DEFAULT_MICROKERNEL, 16)
-    problems = [((1, 3, 9, 9), (6, 3, 3, 3)), ((2, 8, 17, 5), (12, 4, 2, 1)), ((1, 5, 30, 31), (7, 5, 5, 5))]
-    for x_shape, w_shape in problems:
+    isa = active_isa()
+    mr, nv = isa.default_microkernel
+    driver = DRIVER_FACTORIES[implicit](mr, nv, nv * isa.lanes(4))
+    # Padded and unpadded (the implicit path reads the input in place then, a padded copy otherwise),
+    # grouped, odd sizes, three layouts of x.
+    problems = [((1, 3, 9, 9), (6, 3, 3, 3), 1), ((2, 8, 17, 5), (12, 4, 2, 1), 1), ((1, 5, 30, 31), (7, 5, 5, 5), 1),
+                ((1, 4, 9, 9), (12, 4, 3, 3), 0), ((2, 6, 5, 7), (8, 6, 1, 1), 0)]
+    runs = 0
+    for x_shape, w_shape, padding in problems:
         x = rng.standard_normal(x_shape).astype(np.float32)
         w = rng.standard_normal(w_shape).astype(np.float32)
         groups = x_shape[1] // w_shape[1]
         x_read_only = np.asfortranarray(x)
         x_read_only.flags.writeable = False
         for x_variant in (x, x_read_only, x[:, :, ::-1]):
-            spec = sparkle.api.conv2d_spec(x_variant, w, groups=groups, padding=1)
-            plan = backend.plan_conv2d(spec, microkernel=backend.DEFAULT_MICROKERNEL)
-            backend.conv2d(x_variant, w, None, spec, plan)
+            spec = sparkle.api.conv2d_spec(x_variant, w, groups=groups, padding=padding)
+            if implicit and not supports_implicit(spec):
+                continue
+            plan = backend.plan_conv2d(spec, microkernel=isa.default_microkernel, implicit=implicit)
+            assert plan.implicit is implicit and (plan.mr, plan.nv) == (mr, nv)
+            y = backend.conv2d(x_variant, w, None, spec, plan)
+            np.testing.assert_allclose(y, sparkle.reference.conv2d(x_variant, w, groups=groups, padding=padding),
+                                       rtol=1e-4, atol=1e-4)
+            runs += 1
+    assert runs == 3 * len(problems)
     float32_signatures = [sig for sig in driver.signatures if str(sig[0].dtype) == "float32"]
-    assert len(float32_signatures) == 1, driver.signatures
+    assert len(float32_signatures) == 1, f"compiled {len(float32_signatures)} float32 versions: {differences(driver)}"
+
+
+def differences(driver):
+    """The argument positions and types in which a driver's compiled signatures differ."""
+    signatures = driver.signatures
+    return {index: [str(sig[index]) for sig in signatures] for index in range(len(signatures[0]))
+            if len({str(sig[index]) for sig in signatures}) > 1}
+
+
+# What the plan of sparkle.conv2d(x, w) runs, as a new process sees it (the driver the disk cache must hold).
+PLANNED_DRIVER = """
+    import json, numpy as np, sparkle
+    from sparkle.cpu import backend
+    from sparkle.cpu.conv2d import fused_conv2d_driver
+    from sparkle.cpu.implicit import implicit_conv2d_driver
+    x = np.ones((1, 8, 6, 6), np.float32); w = np.ones((16, 8, 3, 3), np.float32)
+    spec = sparkle.api.conv2d_spec(x, w)
+    assert not backend.uses_direct_kernel(spec)
+    plan = backend.plan_conv2d(spec)
+    np.testing.assert_allclose(sparkle.conv2d(x, w, device="cpu"), sparkle.reference.conv2d(x, w), rtol=1e-5)
+    factory = implicit_conv2d_driver if plan.implicit else fused_conv2d_driver
+    stats = factory(plan.mr, plan.nv, plan.nr).stats
+    print(json.dumps(dict(hits=sum(stats.cache_hits.values()), misses=sum(stats.cache_misses.values()),
+                          implicit=plan.implicit, driver=[plan.mr, plan.nv, plan.nr])))
+"""
 
 
 def test_second_process_loads_kernels_from_disk_cache():
-    script = textwrap.dedent("""
-        import numpy as np, sparkle
-        from sparkle.cpu.conv2d import fused_conv2d_driver
-        x = np.ones((1, 2, 6, 6), np.float32); w = np.ones((6, 2, 3, 3), np.float32)
-        sparkle.conv2d(x, w, device="cpu")
-        stats = fused_conv2d_driver(6, 2, 16).stats
-        print(sum(stats.cache_hits.values()), sum(stats.cache_misses.values()))
-    """)
     for _ in range(2):  # the first run may have to compile and write the cache
-        output = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
-    hits, misses = output.split()
-    assert int(hits) >= 1 and int(misses) == 0, output
+        output = json.loads(run_script(PLANNED_DRIVER))
+    assert output["hits"] >= 1 and output["misses"] == 0, output
+    mr, nv, nr = output["driver"]
+    assert (mr, nv) in active_isa().microkernels and nr == nv * active_isa().lanes(4), output
+
+
+# Runs convolutions that take both paths and the planner's micro-kernel choices in both dtypes, then
+# reports every driver the process built (the factories' dispatchers, found by their closures).
+BUILT_DRIVERS = """
+    import gc, json, numba, numpy as np, sparkle
+    from sparkle.cpu import backend
+    from sparkle.cpu.conv2d import fused_conv2d_driver
+    from sparkle.cpu.implicit import implicit_conv2d_driver
+    from sparkle.cpu.isa import active_isa
+    rng = np.random.default_rng(0)
+    problems = [((1, 16, 12, 12), (32, 16, 3, 3), dict(padding=1)),
+                ((1, 16, 13, 13), (24, 16, 3, 3), dict(stride=2, padding=1)),
+                ((2, 16, 8, 8), (40, 16, 1, 1), dict()),
+                ((1, 16, 32, 32), (24, 16, 1, 1), dict()),  # 4 KiB planes, unpadded 1x1
+                ((1, 8, 7, 9), (20, 4, 2, 2), dict(groups=2))]
+    for dtype in (np.float32, np.float64):
+        for x_shape, w_shape, kwargs in problems:
+            x = rng.standard_normal(x_shape).astype(dtype); w = rng.standard_normal(w_shape).astype(dtype)
+            expected = sparkle.reference.conv2d(x, w, **kwargs)
+            assert np.allclose(sparkle.conv2d(x, w, device="cpu", **kwargs), expected, rtol=1e-4, atol=1e-4)
+            # Both paths with the planner's micro-kernel and family, whatever path it prefers.
+            spec = sparkle.api.conv2d_spec(x, w, **kwargs)
+            for implicit in (False, True):
+                y = backend.conv2d(x, w, None, spec, backend.plan_conv2d(spec, implicit=implicit))
+                assert np.allclose(y, expected, rtol=1e-4, atol=1e-4)
+        a = rng.standard_normal((70, 50)).astype(dtype); b = rng.standard_normal((50, 90)).astype(dtype)
+        assert np.allclose(sparkle.matmul(a, b, device="cpu"), a.astype(np.float64) @ b, rtol=1e-4, atol=1e-4)
+    built = []
+    for obj in gc.get_objects():
+        if isinstance(obj, numba.core.registry.CPUDispatcher) and obj.py_func.__name__ in ("conv2d_fused",
+                                                                                          "conv2d_implicit"):
+            function = obj.py_func
+            closure = dict(zip(function.__code__.co_freevars, (cell.cell_contents for cell in function.__closure__)))
+            built.append(dict(path=function.__name__, mr=closure["mr"], nv=closure["nv"], nr=closure["nr"],
+                              dtypes=sorted(str(sig[0].dtype) for sig in obj.signatures)))
+    print(json.dumps(dict(isa=active_isa().name, built=built,
+                          factory_sizes=[fused_conv2d_driver.cache_info().currsize,
+                                         implicit_conv2d_driver.cache_info().currsize])))
+"""
+
+
+@pytest.mark.parametrize("family", [None] + [isa.name for isa in supported_isas()[1:]],
+                         ids=lambda name: name or "default")
+def test_only_the_active_familys_drivers_are_compiled(family):
+    report = json.loads(run_script(BUILT_DRIVERS, **({ISA_ENV: family} if family else {})))
+    expected = family or active_isa().name
+    assert report["isa"] == expected
+    isa = next(isa for isa in supported_isas() if isa.name == expected)
+    built = report["built"]
+    # Every dispatcher the factories made was found, and the run took both paths.
+    assert len(built) == sum(report["factory_sizes"]), report
+    assert {driver["path"] for driver in built} == {"conv2d_fused", "conv2d_implicit"}, report
+    for driver in built:
+        assert (driver["mr"], driver["nv"]) in isa.microkernels, (expected, driver)
+        lanes = {isa.lanes(4): "float32", isa.lanes(8): "float64"}
+        assert driver["nr"] % driver["nv"] == 0 and driver["nr"] // driver["nv"] in lanes, (expected, driver)
+        # Built for the dtype whose lanes it has, and compiled once.
+        assert driver["dtypes"] == [lanes[driver["nr"] // driver["nv"]]], (expected, driver)
+
+
+def test_isa_environment_variable_in_a_new_process():
+    script = "from sparkle.cpu.isa import active_isa; print(active_isa().name)"
+    if "avx2" in [isa.name for isa in supported_isas()]:
+        assert run_script(script, **{ISA_ENV: "avx2"}).strip() == "avx2"
+    assert run_script(script, **{ISA_ENV: "portable"}).strip() == "portable"
+    for value in ("avx1024", "nonsense"):
+        env = dict(os.environ, **{ISA_ENV: value})
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+        assert result.returncode != 0
+        assert "ValueError" in result.stderr and ISA_ENV in result.stderr and value in result.stderr
 
 
 def compiled_versions():
+    """Compiled versions of every CPU kernel: both drivers of every family's micro-kernels for both
+    dtypes' register widths, and the direct kernel."""
     from sparkle.cpu.direct import direct_conv2d
 
-    drivers = [fused_conv2d_driver(mr, nv, 8 * nv) for mr, nv in backend.MICROKERNELS]  # float32 widths
+    drivers = [factory(mr, nv, nv * isa.lanes(itemsize))
+               for factory in DRIVER_FACTORIES.values()
+               for isa in supported_isas() for mr, nv in isa.microkernels for itemsize in (4, 8)]
     return sum(len(dispatcher.signatures) for dispatcher in [*drivers, direct_conv2d])
+
+
+def test_compiled_versions_counts_both_paths():
+    x = np.ones((1, 4, 8, 8), np.float64)
+    w = np.ones((12, 4, 3, 3), np.float64)
+    spec = sparkle.api.conv2d_spec(x, w, padding=1)
+    before = compiled_versions()
+    isa = active_isa()
+    mr, nv = isa.default_microkernel
+    counted = {implicit: len(DRIVER_FACTORIES[implicit](mr, nv, nv * isa.lanes(8)).signatures)
+               for implicit in (False, True)}
+    for implicit in (False, True):
+        plan = backend.plan_conv2d(spec, microkernel=(mr, nv), implicit=implicit)
+        backend.conv2d(x, w, None, spec, plan)
+    new = sum(1 for implicit in (False, True)
+              if len(DRIVER_FACTORIES[implicit](mr, nv, nv * isa.lanes(8)).signatures) > counted[implicit])
+    assert compiled_versions() == before + new
 
 
 @pytest.mark.parametrize("out_channels", [4, 12], ids=["direct", "gemm"])
@@ -65,16 +205,20 @@ def test_numpy_integer_arguments_do_not_compile_new_versions(out_channels):
     np.testing.assert_allclose(result, sparkle.reference.conv2d(x, w, groups=2, padding=1), rtol=1e-5)
 
 
-def test_misaligned_inputs_work_without_a_new_version():
+@PATHS
+def test_misaligned_inputs_work_without_a_new_version(implicit):
     rng = np.random.default_rng(1)
     x = rng.standard_normal((1, 3, 10, 10)).astype(np.float32)
     w = rng.standard_normal((8, 3, 3, 3)).astype(np.float32)
-    sparkle.conv2d(x, w, device="cpu")
-    before = compiled_versions()
-    raw = np.zeros(x.nbytes + 1, np.uint8)
-    misaligned = np.frombuffer(raw.data, dtype=np.float32, count=x.size, offset=1).reshape(x.shape)
-    misaligned[...] = x
-    assert not misaligned.flags.aligned
-    result = sparkle.conv2d(misaligned, w, device="cpu")
-    assert compiled_versions() == before
-    np.testing.assert_allclose(result, sparkle.reference.conv2d(x, w), rtol=1e-5, atol=1e-5)
+    for padding in (0, 1):  # the implicit path reads x in place without padding
+        spec = sparkle.api.conv2d_spec(x, w, padding=padding)
+        plan = backend.plan_conv2d(spec, implicit=implicit)
+        backend.conv2d(x, w, None, spec, plan)
+        before = compiled_versions()
+        raw = np.zeros(x.nbytes + 1, np.uint8)
+        misaligned = np.frombuffer(raw.data, dtype=np.float32, count=x.size, offset=1).reshape(x.shape)
+        misaligned[...] = x
+        assert not misaligned.flags.aligned
+        result = backend.conv2d(misaligned, w, None, spec, plan)
+        assert compiled_versions() == before
+        np.testing.assert_allclose(result, sparkle.reference.conv2d(x, w, padding=padding), rtol=1e-5, atol=1e-5)

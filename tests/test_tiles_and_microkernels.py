@@ -1,4 +1,6 @@
-"""The CPU backend under every micro-kernel, odd tile sizes, thread counts and channel splits.
+"""The CPU backend under every micro-kernel of every family this host runs (avx512, avx2,
+portable), on both paths (packed im2col and implicit GEMM), with odd tile sizes, thread counts
+and channel splits.
 
 Shapes are chosen so that output channels, output pixels and the reduction length are not
 multiples of mr, nr or kc, so every edge-tile and partial-block path runs.
@@ -14,17 +16,28 @@ from hypothesis import strategies as st
 import sparkle
 from sparkle import api, reference
 from sparkle.cpu import backend
+from sparkle.cpu.implicit import supports_implicit
+from sparkle.cpu.isa import ISAS, active_isa, supported_isas
 from sparkle.memory import MemoryParams, TileSizes, cache_optimal_tile_size, detect_memory_params
 
-from _helpers import DTYPES, Unchanged, assert_close_to_reference, make_array
+from _helpers import DTYPES, Unchanged, as_pair, assert_close_to_reference, make_array
 from _strategies import build_inputs, conv_problem
 
-VECTOR_BYTES = 32  # AVX2: 8 float32 or 4 float64 lanes per register
+# Every (family, micro-kernel) this host can run: on an AVX-512 host avx512, avx2 and portable.
+FAMILY_SHAPES = [(isa, shape) for isa in supported_isas() for shape in isa.microkernels]
+FAMILY_IDS = [f"{isa.name}-{mr}x{nv}" for isa, (mr, nv) in FAMILY_SHAPES]
+family_and_shape = pytest.mark.parametrize("isa, microkernel", FAMILY_SHAPES, ids=FAMILY_IDS)
 
 
-def register_width(microkernel, dtype):
-    """nr of a micro-kernel: its vectors of columns times the lanes of one register."""
-    return microkernel[1] * VECTOR_BYTES // np.dtype(dtype).itemsize
+def register_width(isa, microkernel, dtype):
+    """nr of a micro-kernel: its vectors of columns times the lanes of one of the family's registers."""
+    return microkernel[1] * isa.lanes(np.dtype(dtype).itemsize)
+
+
+def check_plan(plan, isa, microkernel, dtype, implicit, threads=None):
+    assert (plan.mr, plan.nv, plan.nr) == (microkernel[0], microkernel[1], register_width(isa, microkernel, dtype))
+    assert plan.implicit is implicit
+    assert threads is None or plan.threads == threads
 
 
 def tile_configs(mr, nr):
@@ -73,34 +86,65 @@ def run_backend_conv(x, w, bias, kwargs, plan):
     return y, reference.conv2d(x, w, bias, **kwargs), spec
 
 
-@pytest.mark.boundscheck
+def case_paths(cases):
+    """(case, implicit) pairs: the packed path for every case, the implicit one where it applies."""
+    pairs = []
+    for case in cases:
+        x_shape, w_shape, kwargs = CONV_CASES[case]
+        kwargs = {key: value for key, value in kwargs.items() if key != "bias"}
+        spec = api.conv2d_spec(np.zeros(x_shape, np.float32), np.zeros(w_shape, np.float32), **kwargs)
+        pairs += [(case, False)] + ([(case, True)] if supports_implicit(spec) else [])
+    return pairs
+
+
+CASE_PATHS = case_paths(CONV_CASES)
+CASE_PATH_IDS = [f"{case}-{'implicit' if implicit else 'packed'}" for case, implicit in CASE_PATHS]
+# The bounds-checked rerun (NUMBA_BOUNDSCHECK=1, every driver compiled again) covers every family,
+# micro-kernel, dtype, case and path, with the degenerate and the awkward tilings.
+BOUNDSCHECK_TILES = ("kc1-minimal", "kc2-mc-below-mr", "kc3-odd-nc")
+
+
+def test_cases_cover_both_paths():
+    assert {implicit for _, implicit in CASE_PATHS} == {False, True}
+    assert {case for case, _ in CASE_PATHS} == set(CONV_CASES)
+    assert ("pointwise", True) in CASE_PATHS and ("3x3-pad", True) in CASE_PATHS and ("wide-rows", True) in CASE_PATHS
+
+
+def tiles_with_boundscheck_subset(names, subset):
+    return [pytest.param(name, marks=pytest.mark.boundscheck) if name in subset else name for name in names]
+
+
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("tiles", TILE_NAMES)
-@pytest.mark.parametrize("case", list(CONV_CASES))
+@pytest.mark.parametrize("tiles", tiles_with_boundscheck_subset(TILE_NAMES, BOUNDSCHECK_TILES))
+@pytest.mark.parametrize("case, implicit", CASE_PATHS, ids=CASE_PATH_IDS)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("microkernel", backend.MICROKERNELS)
-def test_conv2d_every_microkernel_and_tiling(microkernel, dtype, case, tiles, threads):
+@family_and_shape
+def test_conv2d_every_microkernel_and_tiling(isa, microkernel, dtype, case, implicit, tiles, threads):
     x, w, bias, kwargs = conv_inputs(case, dtype)
     spec = api.conv2d_spec(x, w, bias, **kwargs)
-    mr, nr = microkernel[0], register_width(microkernel, dtype)
-    plan = backend.plan_conv2d(spec, microkernel=microkernel, tiles=tile_configs(mr, nr)[tiles], threads=threads)
-    assert (plan.mr, plan.nr, plan.threads) == (mr, nr, threads)
+    mr, nr = microkernel[0], register_width(isa, microkernel, dtype)
+    plan = backend.plan_conv2d(spec, microkernel=microkernel, tiles=tile_configs(mr, nr)[tiles], threads=threads,
+                               isa=isa, implicit=implicit)
+    check_plan(plan, isa, microkernel, dtype, implicit, threads)
     y, ref, _ = run_backend_conv(x, w, bias, kwargs, plan)
     assert_close_to_reference(y, ref, dtype)
 
 
 @pytest.mark.boundscheck
+@pytest.mark.parametrize("implicit", [False, True], ids=["packed", "implicit"])
 @pytest.mark.parametrize("chunks", [2, 3, "all", "more-than-panels"])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("microkernel", backend.MICROKERNELS)
-def test_conv2d_channel_chunks(microkernel, dtype, threads, chunks):
+@family_and_shape
+def test_conv2d_channel_chunks(isa, microkernel, dtype, threads, chunks, implicit):
     # Output-channel panels split across jobs, including chunks that get no panel at all.
     x, w, bias, kwargs = conv_inputs("3x3-pad", dtype, seed=1)
     spec = api.conv2d_spec(x, w, bias, **kwargs)
     plan = backend.plan_conv2d(spec, microkernel=microkernel,
-                               tiles=TileSizes(kc=4, mc=microkernel[0], nc=register_width(microkernel, dtype) + 1),
-                               threads=threads)
+                               tiles=TileSizes(kc=4, mc=microkernel[0],
+                                               nc=register_width(isa, microkernel, dtype) + 1),
+                               threads=threads, isa=isa, implicit=implicit)
+    check_plan(plan, isa, microkernel, dtype, implicit, threads)
     panels = -(-spec.out_channels // plan.mr)
     count = {"all": panels, "more-than-panels": panels + 2}.get(chunks, chunks)
     y, ref, _ = run_backend_conv(x, w, bias, kwargs, dataclasses.replace(plan, channel_chunks=count))
@@ -124,27 +168,75 @@ def test_plan_rejects_unknown_microkernel():
     spec = api.conv2d_spec(np.zeros((1, 1, 3, 3), np.float32), np.zeros((1, 1, 1, 1), np.float32))
     with pytest.raises(ValueError, match="microkernel"):
         backend.plan_conv2d(spec, microkernel=(5, 5))
+    for isa in supported_isas():
+        with pytest.raises(ValueError, match=rf"microkernel must be one of .*\({isa.name}\)"):
+            backend.plan_conv2d(spec, microkernel=(5, 5), isa=isa)
+
+
+@pytest.mark.parametrize("isa", supported_isas(), ids=lambda isa: isa.name)
+def test_plan_rejects_another_familys_microkernel(isa):
+    spec = api.conv2d_spec(np.zeros((1, 1, 3, 3), np.float32), np.zeros((1, 1, 1, 1), np.float32))
+    foreign = {shape for other in ISAS for shape in other.microkernels} - set(isa.microkernels)
+    assert foreign
+    for shape in sorted(foreign):
+        with pytest.raises(ValueError, match=isa.name):
+            backend.plan_conv2d(spec, microkernel=shape, isa=isa)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("isa", supported_isas(), ids=lambda isa: isa.name)
+def test_plan_uses_the_requested_family(isa, dtype):
+    spec = api.conv2d_spec(np.zeros((1, 16, 20, 20), dtype), np.zeros((32, 16, 3, 3), dtype), padding=1)
+    plan = backend.plan_conv2d(spec, isa=isa)
+    assert (plan.mr, plan.nv) in isa.microkernels
+    assert plan.nr == plan.nv * isa.lanes(np.dtype(dtype).itemsize)
+    default = backend.plan_conv2d(spec)
+    assert (default.mr, default.nv) in active_isa().microkernels
+    assert default.nr == default.nv * active_isa().lanes(np.dtype(dtype).itemsize)
+
+
+def test_plan_path_choice():
+    x = np.zeros((1, 8, 12, 12), np.float32)
+    stride1 = api.conv2d_spec(x, np.zeros((16, 8, 3, 3), np.float32), padding=1)
+    strided_1x1 = api.conv2d_spec(x, np.zeros((16, 8, 1, 1), np.float32), stride=2)
+    strided_3x3 = api.conv2d_spec(x, np.zeros((16, 8, 3, 3), np.float32), stride=2)
+    assert supports_implicit(stride1) and supports_implicit(strided_1x1)
+    for spec in (stride1, strided_1x1, strided_3x3):
+        assert backend.plan_conv2d(spec, implicit=False).implicit is False
+        if supports_implicit(spec):
+            assert backend.plan_conv2d(spec, implicit=True).implicit is True
+        else:
+            assert backend.plan_conv2d(spec).implicit is False
+            with pytest.raises(ValueError, match="implicit"):
+                backend.plan_conv2d(spec, implicit=True)
+    # The planner's own choice: the implicit path where it applies (these planes do not alias).
+    assert backend.plan_conv2d(stride1).implicit is True
 
 
 MATMUL_SHAPES = [(1, 1, 1), (1, 5, 7), (5, 7, 13), (13, 17, 33), (33, 100, 17), (100, 33, 7), (17, 1, 100),
                  (7, 13, 1), (100, 100, 100)]
 
 
-@pytest.mark.boundscheck
+MATMUL_BOUNDSCHECK_SHAPES = ((5, 7, 13), (33, 100, 17), (17, 1, 100))
+
+
+@pytest.mark.parametrize("implicit", [False, True], ids=["packed", "implicit"])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("tiles", ["default", "kc1-minimal", "kc3-odd-nc", "kc8-mc-not-multiple"])
-@pytest.mark.parametrize("mkn", MATMUL_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("mkn", [pytest.param(s, marks=pytest.mark.boundscheck) if s in MATMUL_BOUNDSCHECK_SHAPES
+                                 else s for s in MATMUL_SHAPES], ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("microkernel", backend.MICROKERNELS)
-def test_matmul_every_microkernel_and_tiling(microkernel, dtype, mkn, tiles, threads):
+@family_and_shape
+def test_matmul_every_microkernel_and_tiling(isa, microkernel, dtype, mkn, tiles, threads, implicit):
     m, k, n = mkn
     rng = np.random.default_rng(m * 10000 + k * 100 + n)
     a = make_array(rng, (m, k), dtype, layout="F")
     b = make_array(rng, (k, n), dtype, layout="sliced")
     spec = api.matmul_spec(a, b)
-    mr, nr = microkernel[0], register_width(microkernel, dtype)
+    mr, nr = microkernel[0], register_width(isa, microkernel, dtype)
     plan = backend.plan_conv2d(backend.matmul_as_conv2d_spec(spec), microkernel=microkernel,
-                               tiles=tile_configs(mr, nr)[tiles], threads=threads)
+                               tiles=tile_configs(mr, nr)[tiles], threads=threads, isa=isa, implicit=implicit)
+    check_plan(plan, isa, microkernel, dtype, implicit, threads)
     unchanged = Unchanged(a, b)
     c = backend.matmul(a, b, spec, plan)
     unchanged.check()
@@ -188,9 +280,9 @@ def check_tiles(tiles, mr, nr):
 
 
 @pytest.mark.parametrize("itemsize", [4, 8])
-@pytest.mark.parametrize("microkernel", backend.MICROKERNELS)
-def test_cache_optimal_tile_size_for_this_machine(microkernel, itemsize):
-    mr, nr = microkernel[0], microkernel[1] * VECTOR_BYTES // itemsize
+@family_and_shape
+def test_cache_optimal_tile_size_for_this_machine(isa, microkernel, itemsize):
+    mr, nr = microkernel[0], microkernel[1] * isa.lanes(itemsize)
     tiles = sparkle.cache_optimal_tile_size(mr, nr, itemsize)
     check_tiles(tiles, mr, nr)
     # A micro-panel pair of A and B fits in L1.
@@ -221,7 +313,8 @@ def test_cache_optimal_tile_size_rejects_non_integers(mr, nr, itemsize):
 
 @st.composite
 def plan_choice(draw):
-    return dict(microkernel=draw(st.sampled_from(backend.MICROKERNELS)), kc=draw(st.integers(1, 40)),
+    isa, microkernel = draw(st.sampled_from(FAMILY_SHAPES))
+    return dict(isa=isa, microkernel=microkernel, implicit=draw(st.booleans()), kc=draw(st.integers(1, 40)),
                 mc=draw(st.integers(1, 40)), nc=draw(st.integers(1, 80)), threads=draw(st.integers(1, 3)),
                 extra_chunks=draw(st.integers(0, 3)))
 
@@ -230,13 +323,22 @@ def plan_choice(draw):
 @settings(max_examples=300, deadline=None)
 @given(problem=conv_problem(max_channels=20, max_size=20), choice=plan_choice())
 def test_conv2d_random_problem_and_random_plan(problem, choice):
-    # Any tiling, thread count and channel split of any problem gives the reference result.
+    # Any family, micro-kernel, path, tiling, thread count and channel split of any problem gives
+    # the reference result (the implicit path where the problem allows it).
     x, w, bias = build_inputs(problem)
+    implicit = choice["implicit"]
     kwargs = dict(stride=problem["stride"], padding=problem["padding"], dilation=problem["dilation"],
                   groups=problem["groups"], activation=problem["activation"])
     spec = api.conv2d_spec(x, w, bias, **kwargs)
+    if implicit and not supports_implicit(spec):
+        # A path that does not take this stride: keep the stride only along 1-wide kernel axes.
+        kwargs["stride"] = tuple(s if k == 1 else 1 for s, k in zip(as_pair(problem["stride"]), problem["kernel"]))
+        spec = api.conv2d_spec(x, w, bias, **kwargs)
+        assert supports_implicit(spec)
     plan = backend.plan_conv2d(spec, microkernel=choice["microkernel"],
-                               tiles=TileSizes(choice["kc"], choice["mc"], choice["nc"]), threads=choice["threads"])
+                               tiles=TileSizes(choice["kc"], choice["mc"], choice["nc"]), threads=choice["threads"],
+                               isa=choice["isa"], implicit=implicit)
+    check_plan(plan, choice["isa"], choice["microkernel"], problem["dtype"], implicit, choice["threads"])
     panels = -(-(spec.out_channels // spec.groups) // plan.mr)
     plan = dataclasses.replace(plan, channel_chunks=min(plan.channel_chunks + choice["extra_chunks"], panels + 1))
     y, ref, _ = run_backend_conv(x, w, bias, kwargs, plan)
