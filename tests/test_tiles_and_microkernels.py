@@ -16,11 +16,10 @@ from hypothesis import strategies as st
 import sparkle
 from sparkle import api, reference
 from sparkle.cpu import backend
-from sparkle.cpu.implicit import supports_implicit
 from sparkle.cpu.isa import ISAS, active_isa, supported_isas
 from sparkle.memory import MemoryParams, TileSizes, cache_optimal_tile_size, detect_memory_params
 
-from _helpers import DTYPES, Unchanged, as_pair, assert_close_to_reference, make_array
+from _helpers import DTYPES, Unchanged, assert_close_to_reference, make_array
 from _strategies import build_inputs, conv_problem
 
 # Every (family, micro-kernel) this host can run: on an AVX-512 host avx512, avx2 and portable.
@@ -92,8 +91,7 @@ def case_paths(cases):
     for case in cases:
         x_shape, w_shape, kwargs = CONV_CASES[case]
         kwargs = {key: value for key, value in kwargs.items() if key != "bias"}
-        spec = api.conv2d_spec(np.zeros(x_shape, np.float32), np.zeros(w_shape, np.float32), **kwargs)
-        pairs += [(case, False)] + ([(case, True)] if supports_implicit(spec) else [])
+        pairs += [(case, False), (case, True)]
     return pairs
 
 
@@ -200,17 +198,19 @@ def test_plan_path_choice():
     stride1 = api.conv2d_spec(x, np.zeros((16, 8, 3, 3), np.float32), padding=1)
     strided_1x1 = api.conv2d_spec(x, np.zeros((16, 8, 1, 1), np.float32), stride=2)
     strided_3x3 = api.conv2d_spec(x, np.zeros((16, 8, 3, 3), np.float32), stride=2)
-    assert supports_implicit(stride1) and supports_implicit(strided_1x1)
     for spec in (stride1, strided_1x1, strided_3x3):
         assert backend.plan_conv2d(spec, implicit=False).implicit is False
-        if supports_implicit(spec):
-            assert backend.plan_conv2d(spec, implicit=True).implicit is True
-        else:
-            assert backend.plan_conv2d(spec).implicit is False
-            with pytest.raises(ValueError, match="implicit"):
-                backend.plan_conv2d(spec, implicit=True)
-    # The planner's own choice: the implicit path where it applies (these planes do not alias).
-    assert backend.plan_conv2d(stride1).implicit is True
+        assert backend.plan_conv2d(spec, implicit=True).implicit is True
+        # The planner's own choice: every stride becomes phase planes, read by the implicit path.
+        assert backend.plan_conv2d(spec).implicit is True
+    # In place, planes 4 KiB apart (32 x 32 floats) would map every B row onto the same L1 sets,
+    # and many planes of a page or more would outrun the TLBs: those take the packed path.
+    aliasing = api.conv2d_spec(np.zeros((1, 8, 32, 32), np.float32), np.zeros((16, 8, 1, 1), np.float32))
+    many_pages = api.conv2d_spec(np.zeros((1, 600, 40, 40), np.float32), np.zeros((16, 600, 1, 1), np.float32))
+    few_pages = api.conv2d_spec(np.zeros((1, 64, 40, 40), np.float32), np.zeros((16, 64, 1, 1), np.float32))
+    assert backend.plan_conv2d(aliasing).implicit is False
+    assert backend.plan_conv2d(many_pages).implicit is False
+    assert backend.plan_conv2d(few_pages).implicit is True
 
 
 MATMUL_SHAPES = [(1, 1, 1), (1, 5, 7), (5, 7, 13), (13, 17, 33), (33, 100, 17), (100, 33, 7), (17, 1, 100),
@@ -324,17 +324,12 @@ def plan_choice(draw):
 @given(problem=conv_problem(max_channels=20, max_size=20), choice=plan_choice())
 def test_conv2d_random_problem_and_random_plan(problem, choice):
     # Any family, micro-kernel, path, tiling, thread count and channel split of any problem gives
-    # the reference result (the implicit path where the problem allows it).
+    # the reference result.
     x, w, bias = build_inputs(problem)
     implicit = choice["implicit"]
     kwargs = dict(stride=problem["stride"], padding=problem["padding"], dilation=problem["dilation"],
                   groups=problem["groups"], activation=problem["activation"])
     spec = api.conv2d_spec(x, w, bias, **kwargs)
-    if implicit and not supports_implicit(spec):
-        # A path that does not take this stride: keep the stride only along 1-wide kernel axes.
-        kwargs["stride"] = tuple(s if k == 1 else 1 for s, k in zip(as_pair(problem["stride"]), problem["kernel"]))
-        spec = api.conv2d_spec(x, w, bias, **kwargs)
-        assert supports_implicit(spec)
     plan = backend.plan_conv2d(spec, microkernel=choice["microkernel"],
                                tiles=TileSizes(choice["kc"], choice["mc"], choice["nc"]), threads=choice["threads"],
                                isa=choice["isa"], implicit=implicit)

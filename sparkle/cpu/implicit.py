@@ -26,11 +26,6 @@ from .microkernel import implicit_microkernel
 from .threads import bind_slot, capture_binding
 
 
-def supports_implicit(spec):
-    """Every convolution: strides become phases of the input (see ``VirtualLayout``)."""
-    return True
-
-
 @dataclass(frozen=True)
 class VirtualLayout:
     """The input grid the implicit kernel reads, one plane per (channel, row phase, column phase).
@@ -119,6 +114,7 @@ def virtual_input(x_flat, spec):
     _copy_virtual_input(x_flat, out, planes, spec.height, spec.width, np.array(layout.row_phases, np.int64),
                         np.array(layout.col_phases, np.int64), layout.rows, layout.pitch, plane, spec.stride_h,
                         spec.stride_w, spec.pad_top, spec.pad_left)
+    out.flags.writeable = False  # as x itself arrives: one compiled driver for both
     return out, layout, plane
 
 
