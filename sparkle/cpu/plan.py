@@ -43,7 +43,8 @@ def choose_microkernel(spec, isa, implicit=False):
     Output channels of a group are padded to whole ``mr`` panels and the pixels of an
     image to whole ``nr`` panels; a family's shapes issue about as many vector FMAs per
     step, so the one with the smaller padded area is faster, unless it is a shape with
-    fewer rows, which loads more B per FMA (SHAPE_PREFERENCE_STEP per place in the list).
+    fewer rows, which loads more B per FMA (SHAPE_PREFERENCE_STEP per place in the path's
+    order of the family's shapes, ``Isa.preference``).
     """
     lanes = isa.lanes(spec.dtype.itemsize)
     k_group = spec.out_channels // spec.groups
@@ -54,7 +55,7 @@ def choose_microkernel(spec, isa, implicit=False):
         padded_area = panel_count(k_group, mr) * mr * panel_count(pixels, nv * lanes) * nv * lanes
         return padded_area * (1 + SHAPE_PREFERENCE_STEP * rank)
 
-    return min(enumerate(isa.microkernels), key=cost)[1]
+    return min(enumerate(isa.preference(implicit)), key=cost)[1]
 
 
 def implicit_tiles(spec, mr, nr):
@@ -67,9 +68,9 @@ def implicit_tiles(spec, mr, nr):
 
 
 # Reduction block of the packed path (matmul, mostly). Its B micro-panel then outgrows L1 and
-# streams from L2, but C is read and written back a third as often as with L1-sized blocks:
-# measured on 2 and 16 AVX-512 cores at 1024-2048, 384 beat the L1-sized 128 by 5-20 %.
-PACKED_KC = 384
+# streams from L2, but C is read and written back a quarter as often as with L1-sized blocks:
+# measured on 2 and 16 AVX-512 cores at 1024-2048, 384-512 beat the L1-sized 128 by 5-20 %.
+PACKED_KC = 512
 
 
 def packed_tiles(spec, mr, nr):
