@@ -90,6 +90,9 @@ def _copy_virtual_input(x, out, planes, height, width, row_phases, col_phases, r
         a = row_phases[(q % phases) // col_phases.size]
         b = col_phases[q % col_phases.size]
         destination = q * plane
+        # Columns [first, end) read inside x; the loop over them has no branch, so it vectorizes.
+        first = min(pitch, max(0, (pad_left - b + stride_w - 1) // stride_w))
+        end = max(first, min(pitch, (width + pad_left - b + stride_w - 1) // stride_w))
         for i in range(rows):
             row = i * stride_h + a - pad_top
             start = destination + i * pitch
@@ -97,10 +100,13 @@ def _copy_virtual_input(x, out, planes, height, width, row_phases, col_phases, r
                 for j in range(pitch):
                     out[start + j] = 0.0
                 continue
-            for j in range(pitch):
-                col = j * stride_w + b - pad_left
-                inside = (col >= 0) & (col < width)
-                out[start + j] = x[source + row * width + (col if inside else 0)] if inside else 0.0
+            for j in range(first):
+                out[start + j] = 0.0
+            origin = source + row * width + b - pad_left
+            for j in range(first, end):
+                out[start + j] = x[origin + j * stride_w]
+            for j in range(end, pitch):
+                out[start + j] = 0.0
 
 
 def virtual_input(x_flat, spec):

@@ -30,8 +30,9 @@ class Isa:
     # for the B vectors and a broadcast besides the rows * vectors accumulators.
     microkernels: tuple
     description: str
-    # The same shapes in the order the packed path (matmul) prefers them, when it differs.
-    packed_preference: tuple = ()
+    # The same shapes in the order preferred where B sits in L1 (the packed path's panels, short
+    # reductions): fewest loads per FMA first. Empty: the same order as ``microkernels``.
+    l1_preference: tuple = ()
 
     def lanes(self, itemsize):
         """Elements of one vector register for elements of ``itemsize`` bytes."""
@@ -41,19 +42,19 @@ class Isa:
     def default_microkernel(self):
         return self.microkernels[0]
 
-    def preference(self, implicit):
-        """The shapes in the order a path prefers them."""
-        return self.microkernels if implicit or not self.packed_preference else self.packed_preference
+    def preference(self, b_in_l1):
+        """The shapes in the order preferred when B is read from L1 (True) or streams from L2."""
+        return self.l1_preference if b_in_l1 and self.l1_preference else self.microkernels
 
 
 # Widest first: the first one the host supports is the default.
 ISAS = (
     # 32 zmm registers: up to 28 accumulators, 2-4 B vectors, a broadcast.
-    # The packed path streams its panel of B from L1/L2 in order and A's rows from L2: there fewer
-    # loads per FMA win (6 x 4: 10 loads for 24 FMAs; 14 x 2: 16 for 28), measured on 2 cores at
-    # matmul 1024-2048: 6 x 4 and 8 x 3 at 225-258 GFLOPS, 14 x 2 at 190-248.
+    # Where B comes from L1 (packed panels, short reductions), fewer loads per FMA win (6 x 4: 10
+    # loads for 24 FMAs; 14 x 2: 16 for 28). Measured on 2 cores: matmul 1024-2048, 6 x 4 and
+    # 8 x 3 at 225-258 GFLOPS against 190-248 for 14 x 2; res2 1x1 (reduction 64) 280 against 240.
     Isa("avx512", 64, 32, frozenset({"avx512f", "fma"}), ((14, 2), (8, 3), (6, 4)),
-        "AVX-512: 16 fp32 lanes, 32 registers", packed_preference=((6, 4), (8, 3), (14, 2))),
+        "AVX-512: 16 fp32 lanes, 32 registers", l1_preference=((6, 4), (8, 3), (14, 2))),
     # 16 ymm registers: 12 accumulators, 2-3 B vectors, a broadcast.
     Isa("avx2", 32, 16, frozenset({"avx2", "fma"}), ((6, 2), (4, 3)), "AVX2 + FMA: 8 fp32 lanes, 16 registers"),
     # Any other CPU (SSE-only x86, aarch64 NEON, ...): 128-bit vectors, which every 64-bit

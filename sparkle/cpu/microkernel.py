@@ -39,6 +39,9 @@ from numba.extending import intrinsic
 _I64 = ir.IntType(64)
 _I32 = ir.IntType(32)
 
+# Reduction steps ahead at which the implicit kernel prefetches B's rows.
+PREFETCH_STEPS = 8
+
 
 def _literal_int(ty):
     """The value of an integer-literal type, or None (Numba then retries with literals)."""
@@ -160,6 +163,18 @@ class _Block:
                     # select(acc < 0, 0, acc): an unordered NaN compares false and is kept.
                     builder.store(builder.select(builder.fcmp_ordered("<", acc, self.zero), self.zero, acc), slot)
 
+    def prefetch_line_span(self, pointer):
+        """Prefetch (for reading, into L1) the lines of ``vectors`` vectors starting at ``pointer``."""
+        builder = self.builder
+        prefetch = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [ir.IntType(8).as_pointer(), _I32, _I32, _I32]),
+            "llvm.prefetch.p0i8")
+        start = builder.bitcast(pointer, ir.IntType(8).as_pointer())
+        span = self.vectors * self.lanes * self.elem_align
+        for offset in range(0, span + 1, 64):  # one more line: the row need not start on a line
+            line = builder.gep(start, [ir.Constant(_I64, min(offset, span - 1))])
+            builder.call(prefetch, [line, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+
     def prefetch_rows(self, row_pointer, condition, extra_line=False):
         """Prefetch (for writing) the C lines of every row, when ``condition``: C is added after the
         loop, not loaded before it, so its rows' latency hides behind the loop. ``extra_line``: the
@@ -260,9 +275,17 @@ def implicit_microkernel(typingctx, mr, nv, vector_lanes, kc, a, a_off, lda, a_r
         valid = builder.sub(v_end_v, v0_v)  # lanes [0, valid) exist in the grid
         full = builder.icmp_signed(">=", valid, ir.Constant(_I64, nr))
 
+        last_step = builder.sub(kc_v, one)
+
         def accumulate(mask):
             with cgutils.for_range(builder, kc_v) as loop:
                 b_row = builder.gep(x_ptr, [builder.load(builder.gep(offsets_ptr, [loop.index]))])
+                if mask is None:
+                    # B's rows jump around the input (the offset table), so no hardware prefetcher
+                    # follows them: fetch the row PREFETCH_STEPS ahead (the last one near the end).
+                    ahead = builder.add(loop.index, ir.Constant(_I64, PREFETCH_STEPS))
+                    ahead = builder.select(builder.icmp_signed("<", ahead, kc_v), ahead, last_step)
+                    block.prefetch_line_span(builder.gep(x_ptr, [builder.load(builder.gep(offsets_ptr, [ahead]))]))
                 block.step(a_rows_ptr, loop.index, block.load_b(b_row, mask))
 
         # One run of lanes per output row the panel touches: lanes [first, end) hold pixels

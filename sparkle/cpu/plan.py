@@ -1,6 +1,7 @@
 """Planning a CPU call: which micro-kernel, which tiles, how the work splits over threads."""
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -42,20 +43,25 @@ def choose_microkernel(spec, isa, implicit=False):
 
     Output channels of a group are padded to whole ``mr`` panels and the pixels of an
     image to whole ``nr`` panels; a family's shapes issue about as many vector FMAs per
-    step, so the one with the smaller padded area is faster, unless it is a shape with
-    fewer rows, which loads more B per FMA (SHAPE_PREFERENCE_STEP per place in the path's
-    order of the family's shapes, ``Isa.preference``).
+    step, so the one with the smaller padded area is faster, unless it ranks lower in the
+    family's order (SHAPE_PREFERENCE_STEP per place, ``Isa.preference``): where B streams from
+    L2 (the implicit path over a long reduction) shapes with more rows reuse each B vector more;
+    where B sits in L1 (packed panels, or a reduction short enough that a whole panel of B fits)
+    shapes with fewer loads per FMA win.
     """
     lanes = isa.lanes(spec.dtype.itemsize)
     k_group = spec.out_channels // spec.groups
     pixels = grid_pixels(spec, implicit)
+    reduction = spec.in_channels // spec.groups * spec.kernel_h * spec.kernel_w
+    widest_panel = max(nv for _, nv in isa.microkernels) * isa.vector_bytes
+    b_in_l1 = not implicit or reduction * widest_panel <= detect_memory_params().l1d // 2
 
     def cost(rank_and_shape):
         rank, (mr, nv) = rank_and_shape
         padded_area = panel_count(k_group, mr) * mr * panel_count(pixels, nv * lanes) * nv * lanes
         return padded_area * (1 + SHAPE_PREFERENCE_STEP * rank)
 
-    return min(enumerate(isa.preference(implicit)), key=cost)[1]
+    return min(enumerate(isa.preference(b_in_l1)), key=cost)[1]
 
 
 def implicit_tiles(spec, mr, nr):
@@ -112,13 +118,22 @@ def _plan(spec, microkernel, tiles, threads, isa, implicit):
     pixels = grid_pixels(spec, implicit)
     # Blocks of equal size (whole micro-panels), not nc-sized blocks and a short remainder.
     blocks = panel_count(pixels, tiles.nc)
+    images = spec.batch * spec.groups
+    if 4 * threads <= images * blocks < BALANCED_JOBS_PER_THREAD * threads and (images * blocks) % threads:
+        # Few jobs that do not divide among the threads leave some idle at the end (conv1 at
+        # N=1: 11 blocks on 2 threads ran at 0.9x of 12): take the next count that divides.
+        per_image = threads // math.gcd(images, threads)
+        blocks = min(panel_count(pixels, nr), panel_count(blocks, per_image) * per_image)
     pixel_block = min(tiles.nc, panel_count(panel_count(pixels, blocks), nr) * nr)
-    pixel_jobs = spec.batch * spec.groups * panel_count(pixels, pixel_block)
+    pixel_jobs = images * panel_count(pixels, pixel_block)
     channel_chunks = 1
     if pixel_jobs < 4 * threads:
         pixel_block, channel_chunks = split_few_jobs(spec, pixels, pixel_block, mr, nr, threads)
     return CpuPlan(mr, nv, nr, tiles.kc, tiles.mc, pixel_block, channel_chunks, threads, implicit)
 
+
+# Below this many jobs per thread, the job count is made a multiple of the thread count.
+BALANCED_JOBS_PER_THREAD = 8
 
 # Multiply-adds a core issues per byte it reads from the shared cache, roughly (64 flops a cycle
 # against some 8 bytes a cycle of L3 bandwidth per core): prices the data a job brings in.
