@@ -132,6 +132,9 @@ def _plan(spec, microkernel, tiles, threads, isa, implicit):
     return CpuPlan(mr, nv, nr, tiles.kc, tiles.mc, pixel_block, channel_chunks, threads, implicit)
 
 
+# Expected extra time, in jobs, that the slowest thread adds to a call (see split_few_jobs).
+TAIL_JOBS = 0.5
+
 # Below this many jobs per thread, the job count is made a multiple of the thread count.
 BALANCED_JOBS_PER_THREAD = 8
 
@@ -146,7 +149,9 @@ def split_few_jobs(spec, pixels, largest_block, mr, nr, threads):
     Jobs are cut both ways, pixel blocks x output-channel chunks: more chunks means each job
     reads the image region again, more blocks that it reads the weights again. The estimate per
     job is its padded multiply-adds plus the bytes it reads, priced at FLOPS_PER_BYTE, times the
-    rounds of jobs the threads need; the cheapest split wins (fewer jobs on a tie).
+    rounds of jobs the threads need plus TAIL_JOBS: a thread that runs slow (a core shared with
+    the caller's unbound thread, a preempted vCPU) holds the call up by up to a job, so smaller
+    jobs cost less there. The cheapest split wins (fewer jobs on a tie).
     """
     k_group = spec.out_channels // spec.groups
     panels = panel_count(k_group, mr)
@@ -161,7 +166,7 @@ def split_few_jobs(spec, pixels, largest_block, mr, nr, threads):
             jobs = spec.batch * spec.groups * real_blocks * chunks
             work = 2 * block * panel_count(panels, chunks) * mr * reduction
             data = image_bytes * block / pixels + weight_bytes / chunks
-            cost = (panel_count(jobs, threads) * (work + FLOPS_PER_BYTE * data), jobs)
+            cost = ((panel_count(jobs, threads) + TAIL_JOBS) * (work + FLOPS_PER_BYTE * data), jobs)
             if best is None or cost < best[0]:
                 best = (cost, block, chunks)
     return best[1], best[2]
