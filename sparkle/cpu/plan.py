@@ -128,9 +128,12 @@ def _plan(spec, microkernel, tiles, threads, isa, implicit):
     pixel_jobs = images * panel_count(pixels, pixel_block)
     channel_chunks = 1
     if pixel_jobs < 4 * threads:
-        pixel_block, channel_chunks = split_few_jobs(spec, pixels, pixel_block, mr, nr, threads)
+        pixel_block, channel_chunks = split_few_jobs(spec, pixels, pixel_block, mr, nr, threads, implicit)
     return CpuPlan(mr, nv, nr, tiles.kc, tiles.mc, pixel_block, channel_chunks, threads, implicit)
 
+
+# The packed path reads its image region, writes it packed and reads the panel again.
+PACKED_READS = 3
 
 # Expected extra time, in jobs, that the slowest thread adds to a call (see split_few_jobs).
 TAIL_JOBS = 0.5
@@ -143,7 +146,7 @@ BALANCED_JOBS_PER_THREAD = 8
 FLOPS_PER_BYTE = 8
 
 
-def split_few_jobs(spec, pixels, largest_block, mr, nr, threads):
+def split_few_jobs(spec, pixels, largest_block, mr, nr, threads, implicit=True):
     """(pixel block, channel chunks) for a call with too few pixel blocks to feed every thread.
 
     Jobs are cut both ways, pixel blocks x output-channel chunks: more chunks means each job
@@ -151,8 +154,10 @@ def split_few_jobs(spec, pixels, largest_block, mr, nr, threads):
     job is its padded multiply-adds plus the bytes it reads, priced at FLOPS_PER_BYTE, times the
     rounds of jobs the threads need plus TAIL_JOBS: a thread that runs slow (a core shared with
     the caller's unbound thread, a preempted vCPU) holds the call up by up to a job, so smaller
-    jobs cost less there. The cheapest split wins (fewer jobs on a tie).
+    jobs cost less there. On the packed path a job also packs its image region (written, then
+    read again: PACKED_READS times the bytes). The cheapest split wins (fewer jobs on a tie).
     """
+    image_reads = 1 if implicit else PACKED_READS
     k_group = spec.out_channels // spec.groups
     panels = panel_count(k_group, mr)
     reduction = spec.in_channels // spec.groups * spec.kernel_h * spec.kernel_w
@@ -165,7 +170,7 @@ def split_few_jobs(spec, pixels, largest_block, mr, nr, threads):
         for chunks in range(1, panels + 1):
             jobs = spec.batch * spec.groups * real_blocks * chunks
             work = 2 * block * panel_count(panels, chunks) * mr * reduction
-            data = image_bytes * block / pixels + weight_bytes / chunks
+            data = image_reads * image_bytes * block / pixels + weight_bytes / chunks
             cost = ((panel_count(jobs, threads) + TAIL_JOBS) * (work + FLOPS_PER_BYTE * data), jobs)
             if best is None or cost < best[0]:
                 best = (cost, block, chunks)
