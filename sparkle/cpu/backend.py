@@ -6,7 +6,8 @@ import numpy as np
 from ..api import matmul_as_conv2d_spec
 from .conv2d import fused_conv2d_driver
 from .direct import direct_conv2d
-from .implicit import implicit_conv2d_driver, reduction_offsets, virtual_input
+from .implicit import (implicit_conv2d_driver, needs_copy, plane_stride, reduction_offsets, virtual_input,
+                       virtual_layout)
 from .operands import allocate_scratch, bias_vector, geometry, read_only_flat, weight_rows
 from .plan import plan_conv2d, uses_direct_kernel
 
@@ -44,6 +45,19 @@ def _run_fused(x, w, bias, spec, plan, out):
            geometry(spec), spec.has_bias, spec.activation == "relu", plan.kc, plan.mc, plan.nc,
            plan.channel_chunks, scratch.panel, scratch.origins, scratch.offsets, scratch.runs, scratch.rows,
            scratch.tile)
+
+
+def workspace_bytes(spec, plan):
+    """Bytes a call with ``plan`` allocates besides its output: the implicit path's padded or
+    phase copy of the input (none when it reads the input in place), the packed path's per-thread
+    scratch."""
+    if not plan.implicit:
+        return allocate_scratch(spec, plan).nbytes
+    if not needs_copy(spec):
+        return 0
+    layout = virtual_layout(spec)
+    planes = spec.batch * spec.in_channels * len(layout.row_phases) * len(layout.col_phases)
+    return planes * plane_stride(layout.rows, layout.pitch, spec.dtype.itemsize) * spec.dtype.itemsize
 
 
 def conv2d(x, w, bias, spec, plan=None):

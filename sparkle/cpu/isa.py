@@ -30,6 +30,11 @@ class Isa:
     # for the B vectors and a broadcast besides the rows * vectors accumulators.
     microkernels: tuple
     description: str
+    # How calls are planned for this family: "streaming" (the implicit path by default, long
+    # reduction blocks, jobs split by a cost model: measured on AVX-512) or "l1" (the packed path,
+    # L1-sized blocks, output channels split only to feed every thread: the planning measured on
+    # AVX2 machines, kept so that they do not regress).
+    planning: str = "l1"
     # The same shapes in the order preferred where B sits in L1 (the packed path's panels, short
     # reductions): fewest loads per FMA first. Empty: the same order as ``microkernels``.
     l1_preference: tuple = ()
@@ -54,7 +59,7 @@ ISAS = (
     # loads for 24 FMAs; 14 x 2: 16 for 28). Measured on 2 cores: matmul 1024-2048, 6 x 4 and
     # 8 x 3 at 225-258 GFLOPS against 190-248 for 14 x 2; res2 1x1 (reduction 64) 280 against 240.
     Isa("avx512", 64, 32, frozenset({"avx512f", "fma"}), ((14, 2), (8, 3), (6, 4)),
-        "AVX-512: 16 fp32 lanes, 32 registers", l1_preference=((6, 4), (8, 3), (14, 2))),
+        "AVX-512: 16 fp32 lanes, 32 registers", planning="streaming", l1_preference=((6, 4), (8, 3), (14, 2))),
     # 16 ymm registers: 12 accumulators, 2-3 B vectors, a broadcast.
     Isa("avx2", 32, 16, frozenset({"avx2", "fma"}), ((6, 2), (4, 3)), "AVX2 + FMA: 8 fp32 lanes, 16 registers"),
     # Any other CPU (SSE-only x86, aarch64 NEON, ...): 128-bit vectors, which every 64-bit

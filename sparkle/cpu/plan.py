@@ -56,10 +56,13 @@ def choose_microkernel(spec, isa, implicit=False):
     widest_panel = max(nv for _, nv in isa.microkernels) * isa.vector_bytes
     b_in_l1 = not implicit or reduction * widest_panel <= detect_memory_params().l1d // 2
 
+    # Families planned as on AVX2 machines pick by padded area alone, ties to the default.
+    step = SHAPE_PREFERENCE_STEP if isa.planning == "streaming" else 0
+
     def cost(rank_and_shape):
         rank, (mr, nv) = rank_and_shape
         padded_area = panel_count(k_group, mr) * mr * panel_count(pixels, nv * lanes) * nv * lanes
-        return padded_area * (1 + SHAPE_PREFERENCE_STEP * rank)
+        return padded_area * (1 + step * rank), rank
 
     return min(enumerate(isa.preference(b_in_l1)), key=cost)[1]
 
@@ -108,12 +111,15 @@ def plan_conv2d(spec, microkernel=None, tiles=None, threads=None, isa=None, impl
 
 @lru_cache(maxsize=512)
 def _plan(spec, microkernel, tiles, threads, isa, implicit):
-    implicit = prefers_implicit(spec) if implicit is None else bool(implicit)
+    streaming = isa.planning == "streaming"
+    implicit = (streaming and prefers_implicit(spec)) if implicit is None else bool(implicit)
     mr, nv = microkernel or choose_microkernel(spec, isa, implicit)
     if (mr, nv) not in isa.microkernels:
         raise ValueError(f"microkernel must be one of {isa.microkernels} ({isa.name}), got {(mr, nv)}")
     itemsize = spec.dtype.itemsize
     nr = nv * isa.lanes(itemsize)
+    if not streaming:
+        return _l1_plan(spec, mr, nv, nr, tiles or cache_optimal_tile_size(mr, nr, itemsize), threads, implicit)
     tiles = tiles or (implicit_tiles(spec, mr, nr) if implicit else packed_tiles(spec, mr, nr))
     pixels = grid_pixels(spec, implicit)
     # Blocks of equal size (whole micro-panels), not nc-sized blocks and a short remainder.
@@ -129,6 +135,21 @@ def _plan(spec, microkernel, tiles, threads, isa, implicit):
     channel_chunks = 1
     if pixel_jobs < 4 * threads:
         pixel_block, channel_chunks = split_few_jobs(spec, pixels, pixel_block, mr, nr, threads, implicit)
+    return CpuPlan(mr, nv, nr, tiles.kc, tiles.mc, pixel_block, channel_chunks, threads, implicit)
+
+
+def _l1_plan(spec, mr, nv, nr, tiles, threads, implicit):
+    """The planning of families with ``planning == "l1"`` (see ``Isa.planning``): equal pixel
+    blocks of at most nc, and output channels split only when there are too few pixel blocks to
+    give every thread the same number of jobs."""
+    pixels = grid_pixels(spec, implicit)
+    blocks = panel_count(pixels, tiles.nc)
+    pixel_block = min(tiles.nc, panel_count(panel_count(pixels, blocks), nr) * nr)
+    pixel_jobs = spec.batch * spec.groups * panel_count(pixels, pixel_block)
+    channel_chunks = 1
+    if pixel_jobs < 4 * threads:
+        panels = panel_count(spec.out_channels // spec.groups, mr)
+        channel_chunks = min(panels, threads // math.gcd(pixel_jobs, threads))
     return CpuPlan(mr, nv, nr, tiles.kc, tiles.mc, pixel_block, channel_chunks, threads, implicit)
 
 
