@@ -25,6 +25,18 @@ def _in_range(offset, extent, size):
 
 
 @njit(cache=True, inline="always")
+def gemm_job(job, channel_chunks, pixel_blocks, groups, panels):
+    """Job number -> (image, group, pixel block, first and end output-channel panel): jobs are
+    (image, group, pixel block, channel chunk), the chunk fastest."""
+    chunk = job % channel_chunks
+    rest = job // channel_chunks
+    block = rest % pixel_blocks
+    rest //= pixel_blocks
+    return (rest // groups, rest % groups, block, chunk * panels // channel_chunks,
+            (chunk + 1) * panels // channel_chunks)
+
+
+@njit(cache=True, inline="always")
 def _block_kernel(mr, nv, lanes, nr, depth, a, a_off, lda, b, b_off, out, c_off, ldc, rows, cols, accumulate,
                   bias, bias_off, use_bias, relu, tile):
     """One mr x nr block of C; edge blocks go through a private tile.
@@ -116,14 +128,8 @@ def fused_conv2d_driver(mr, nv, nr):
                 job = fetch_add(next_job, 0, 1)
                 if job >= jobs:
                     break
-                chunk = job % channel_chunks
-                rest = job // channel_chunks
-                block = rest % pixel_blocks
-                rest //= pixel_blocks
-                group = rest % groups
-                image = rest // groups
-                first_panel = chunk * panels // channel_chunks
-                end_panel = (chunk + 1) * panels // channel_chunks
+                image, group, block, first_panel, end_panel = gemm_job(job, channel_chunks, pixel_blocks, groups,
+                                                                        panels)
                 first_pixel = block * nc
                 block_pixels = min(nc, pixels - first_pixel)
                 padded_pixels = (block_pixels + nr - 1) // nr * nr

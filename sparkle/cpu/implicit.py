@@ -21,7 +21,7 @@ import numpy as np
 from numba import njit, prange
 
 from .atomics import fetch_add
-from .conv2d import _in_range, kernel_source_fingerprint
+from .conv2d import _in_range, gemm_job, kernel_source_fingerprint
 from .microkernel import implicit_microkernel
 from .threads import bind_slot, capture_binding
 
@@ -175,14 +175,8 @@ def implicit_conv2d_driver(mr, nv, nr):
                 job = fetch_add(next_job, 0, 1)
                 if job >= jobs:
                     break
-                chunk = job % channel_chunks
-                rest = job // channel_chunks
-                block = rest % pixel_blocks
-                rest //= pixel_blocks
-                group = rest % groups
-                image = rest // groups
-                first_panel = chunk * panels // channel_chunks
-                end_panel = (chunk + 1) * panels // channel_chunks
+                image, group, block, first_panel, end_panel = gemm_job(job, channel_chunks, pixel_blocks, groups,
+                                                                        panels)
                 v_first = block * nc
                 v_last = min(v_first + nc, grid_end)
                 x_off = (image * channels + group * c_group) * phases * plane
