@@ -112,6 +112,10 @@ def cmd_devices(args):
                  [(d.id, d.kind, d.name, d.vendor, d.compute_units, _gib(d.memory), "yes" if d.available else "NO")
                   for d in found]))
     print()
+    from .cpu.isa import ISA_ENV, active_isa
+
+    print(f"cpu runs the {found[0].isa} micro-kernels ({active_isa().description}); {ISA_ENV}=avx2 or portable "
+          "forces a narrower family.")
     for device in found:
         if not device.available:
             print(f"{device.id} is unavailable: {device.reason}")

@@ -64,6 +64,7 @@ def test_devices_lists_every_device(capsys):
             assert field in line, (field, line)
         assert line.endswith("  yes" if device.available else "  NO"), line
         assert (f"{device.id} is unavailable: {device.reason}" in out) == (not device.available)
+    assert f"cpu runs the {sparkle.devices()[0].isa} micro-kernels (" in out
     assert lines[len(listed) + 1] == ""  # the table has exactly one row per device
     ids = opencl_device_ids()
     if ids:
