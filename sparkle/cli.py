@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import math
 import shutil
+import os
 import sys
 
 import numpy as np
@@ -414,7 +415,13 @@ def build_parser():
 def main(argv=None):
     """Run the command line ``argv`` (default: sys.argv[1:]); returns the exit status."""
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except BrokenPipeError:
+        # The reader went away (``sparkle devices | head``): stop quietly, as Unix tools do; point
+        # stdout at /dev/null so that Python's flush at exit does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":
