@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import argparse
 import math
-import shutil
 import os
+import shutil
 import sys
 
 import numpy as np
