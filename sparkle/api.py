@@ -59,10 +59,14 @@ class Conv2dSpec(ConvGeometry):
         return (self.batch, self.out_channels, self.out_h, self.out_w)
 
     @property
+    def reduction(self):
+        """Length of each output's dot product: C/groups x R x S (a row of the weight matrix)."""
+        return (self.in_channels // self.groups) * self.kernel_h * self.kernel_w
+
+    @property
     def flops(self):
         """Multiply-adds counted as two operations, as GFLOPS figures conventionally do."""
-        reduction = (self.in_channels // self.groups) * self.kernel_h * self.kernel_w
-        return 2 * self.batch * self.out_channels * self.out_h * self.out_w * reduction
+        return 2 * self.batch * self.out_channels * self.out_h * self.out_w * self.reduction
 
     @property
     def is_pointwise(self):

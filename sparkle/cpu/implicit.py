@@ -74,7 +74,7 @@ def in_place_reads_thrash(spec):
     if needs_copy(spec):
         return False
     plane_bytes = spec.height * spec.width * spec.dtype.itemsize
-    rows = spec.in_channels // spec.groups * spec.kernel_h * spec.kernel_w
+    rows = spec.reduction
     return plane_bytes % 4096 == 0 or (plane_bytes >= 4096 and rows > IN_PLACE_MAX_PAGE_ROWS)
 
 

@@ -52,7 +52,7 @@ def choose_microkernel(spec, isa, implicit=False):
     lanes = isa.lanes(spec.dtype.itemsize)
     k_group = spec.out_channels // spec.groups
     pixels = grid_pixels(spec, implicit)
-    reduction = spec.in_channels // spec.groups * spec.kernel_h * spec.kernel_w
+    reduction = spec.reduction
     widest_panel = max(nv for _, nv in isa.microkernels) * isa.vector_bytes
     b_in_l1 = not implicit or reduction * widest_panel <= detect_memory_params().l1d // 2
 
@@ -73,7 +73,7 @@ def implicit_tiles(spec, mr, nr):
     layers at N=1 and 32), one block beat L1-sized and 256-long ones by 5-50 %, most on the small
     images (B streams from L2 either way). mc and nc as for the packed path."""
     tiles = cache_optimal_tile_size(mr, nr, spec.dtype.itemsize)
-    return dataclasses.replace(tiles, kc=spec.in_channels // spec.groups * spec.kernel_h * spec.kernel_w)
+    return dataclasses.replace(tiles, kc=spec.reduction)
 
 
 # Reduction block of the packed path (matmul, mostly). Its B micro-panel then outgrows L1 and
@@ -86,7 +86,7 @@ def packed_tiles(spec, mr, nr):
     """Tiles for the packed path: the reduction in equal blocks of at most PACKED_KC, the A block
     (mc x kc) in half of L2 and the packed B panel (kc x nc) in a quarter, as for L1-sized blocks."""
     itemsize = spec.dtype.itemsize
-    reduction = spec.in_channels // spec.groups * spec.kernel_h * spec.kernel_w
+    reduction = spec.reduction
     kc = panel_count(reduction, panel_count(reduction, PACKED_KC))
     l2 = detect_memory_params().l2
     mc = max(mr, l2 // 2 // (kc * itemsize) // mr * mr)
@@ -181,7 +181,7 @@ def split_few_jobs(spec, pixels, largest_block, mr, nr, threads, implicit=True):
     image_reads = 1 if implicit else PACKED_READS
     k_group = spec.out_channels // spec.groups
     panels = panel_count(k_group, mr)
-    reduction = spec.in_channels // spec.groups * spec.kernel_h * spec.kernel_w
+    reduction = spec.reduction
     image_bytes = spec.in_channels // spec.groups * spec.height * spec.width * spec.dtype.itemsize
     weight_bytes = k_group * reduction * spec.dtype.itemsize
     best = None
