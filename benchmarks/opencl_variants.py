@@ -6,7 +6,6 @@ reference on a random sample of outputs before its time counts. Usage:
 """
 
 import argparse
-import itertools
 import json
 import sys
 import time
@@ -45,7 +44,6 @@ def problem(name, batch, rng):
 
 
 def measure_variant(device, workload, params, buffers, repeat):
-    import pyopencl as cl
     x_buf, w_buf, b_buf, o_buf = buffers
     launch.enqueue(device, workload, params, x_buf, w_buf, b_buf, o_buf, has_bias=False, relu=False).wait()
     times = []
