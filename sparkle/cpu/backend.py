@@ -6,8 +6,7 @@ import numpy as np
 from ..api import matmul_as_conv2d_spec
 from .conv2d import fused_conv2d_driver
 from .direct import direct_conv2d
-from .implicit import (implicit_conv2d_driver, needs_copy, plane_stride, reduction_offsets, virtual_input,
-                       virtual_layout)
+from .implicit import copy_size, implicit_conv2d_driver, needs_copy, reduction_offsets, virtual_input
 from .operands import allocate_scratch, bias_vector, geometry, read_only_flat, weight_rows
 from .plan import plan_conv2d, uses_direct_kernel
 
@@ -29,8 +28,7 @@ def _run_implicit(x, w, bias, spec, plan, out):
     source, layout, plane = virtual_input(read_only_flat(x), spec)
     offsets = reduction_offsets(spec, layout, plane)
     driver = implicit_conv2d_driver(plan.mr, plan.nv, plan.nr)
-    shape = (spec.batch, spec.in_channels, spec.out_channels, spec.groups, spec.out_h, spec.out_w,
-             len(layout.row_phases) * len(layout.col_phases))
+    shape = (spec.batch, spec.in_channels, spec.out_channels, spec.groups, spec.out_h, spec.out_w, layout.phases)
     driver(source, plane, layout.pitch, offsets, read_only_flat(w_rows), lda, bias_vector(bias, spec), out.reshape(-1),
            shape, spec.has_bias, spec.activation == "relu", plan.kc, plan.mc, plan.nc, plan.channel_chunks,
            plan.threads)
@@ -55,9 +53,8 @@ def workspace_bytes(spec, plan):
         return allocate_scratch(spec, plan).nbytes
     if not needs_copy(spec):
         return 0
-    layout = virtual_layout(spec)
-    planes = spec.batch * spec.in_channels * len(layout.row_phases) * len(layout.col_phases)
-    return planes * plane_stride(layout.rows, layout.pitch, spec.dtype.itemsize) * spec.dtype.itemsize
+    planes, plane = copy_size(spec)
+    return planes * plane * spec.dtype.itemsize
 
 
 def conv2d(x, w, bias, spec, plan=None):

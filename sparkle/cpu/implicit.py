@@ -5,9 +5,9 @@ For a stride-1 convolution, number the output pixels on the padded input's row p
 consecutive ``v``, is a contiguous slice of the padded input starting at
 ``c * plane + r * dilation_h * pitch + s * dilation_w + v``: the micro-kernel loads it
 with plain vector loads through a per-p offset table, and stores only the real columns
-(``ow < out_w``) with masked stores. A 1x1 convolution with stride s is the same on the
-input subsampled by s. The padded (or subsampled) copy is made once per call, in
-parallel; an input that needs neither is read in place.
+(``ow < out_w``) with masked stores. A strided convolution is the same on phase planes of
+the input (see ``VirtualLayout``). The padded/phase copy is made once per call, in
+parallel; a stride-1 input without padding is read in place.
 
 Packing the im2col patch costs about as much per element as the multiply-adds it feeds
 when a layer has few output channels (64 channels: 2 cycles of FMAs per element on
@@ -40,6 +40,11 @@ class VirtualLayout:
     col_phases: tuple
     rows: int   # of each phase plane
     pitch: int  # columns of each phase plane: the row pitch of the output grid
+
+    @property
+    def phases(self):
+        """Phase planes per input channel."""
+        return len(self.row_phases) * len(self.col_phases)
 
 
 @lru_cache(maxsize=256)
@@ -109,13 +114,18 @@ def _copy_virtual_input(x, out, planes, height, width, row_phases, col_phases, r
                 out[start + j] = 0.0
 
 
+def copy_size(spec):
+    """(planes, plane stride) of the padded/phase copy ``virtual_input`` makes for ``spec``."""
+    layout = virtual_layout(spec)
+    return spec.batch * spec.in_channels * layout.phases, plane_stride(layout.rows, layout.pitch, spec.dtype.itemsize)
+
+
 def virtual_input(x_flat, spec):
     """(flat grid the kernel reads, its layout, plane stride): x itself or a parallel phase/padding copy."""
     layout = virtual_layout(spec)
     if not needs_copy(spec):
         return x_flat, layout, layout.rows * layout.pitch
-    plane = plane_stride(layout.rows, layout.pitch, spec.dtype.itemsize)
-    planes = spec.batch * spec.in_channels * len(layout.row_phases) * len(layout.col_phases)
+    planes, plane = copy_size(spec)
     out = np.empty(planes * plane, dtype=spec.dtype)
     _copy_virtual_input(x_flat, out, planes, spec.height, spec.width, np.array(layout.row_phases, np.int64),
                         np.array(layout.col_phases, np.int64), layout.rows, layout.pitch, plane, spec.stride_h,
@@ -153,7 +163,7 @@ def implicit_conv2d_driver(mr, nv, nr):
                         channel_chunks, threads):
         """``x``: the flat virtual input (``virtual_input``), planes ``plane`` apart, rows ``pitch`` apart;
         ``offsets``: ``reduction_offsets``; ``w``: K x (C/groups * R * S) rows ``lda`` apart;
-        ``shape``: (batch, channels, k_total, groups, out_h, out_w)."""
+        ``shape``: (batch, channels, k_total, groups, out_h, out_w, phase planes per channel)."""
         _ = source_fingerprint  # part of the closure, hence of the disk cache key
         batch, channels, k_total, groups, out_h, out_w, phases = shape
         c_group = channels // groups
