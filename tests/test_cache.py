@@ -318,3 +318,132 @@ def test_binary_cache_entries_carry_a_checksum():
     assert runtime._unpack_binary(b"payload") is None  # an old entry without the header
     assert runtime._unpack_binary(runtime._pack_binary(b"")) is None  # nothing to load
     assert runtime._unpack_binary(None) is None  # no file
+
+
+# ---- an edited kernel or a new driver never gets a stale program ----
+
+class _OtherDriver:
+    """An OpenCL device as a new driver version reports it (everything else is the real device's)."""
+
+    def __init__(self, cl_device):
+        self._cl_device = cl_device
+        self.driver_version = cl_device.driver_version + " (updated)"
+
+    def __getattr__(self, name):
+        return getattr(self._cl_device, name)
+
+
+@pytest.mark.parametrize("device_id", opencl_params())
+def test_an_edited_kernel_or_a_new_driver_never_gets_a_stale_program(device_id, private_cache, program_spy,
+                                                                     monkeypatch):
+    """README, "Program cache": binaries are keyed by a hash of the source, the build options and the
+    device's identity (platform, device and driver versions), so a new driver or an edited kernel never
+    loads a stale binary. The edit here doubles every output, so a stale program would be seen in the result."""
+    from sparkle import api
+    from sparkle.opencl import backend, codegen, runtime
+
+    listed = runtime_device(device_id)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((1, 3, 7, 5)).astype(np.float32)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    spec = api.conv2d_spec(x, w, None, padding=1)
+    expected = reference.conv2d(x, w, padding=1)
+    programs = private_cache / runtime.PROGRAM_CACHE
+
+    def fresh():  # no programs in memory, as in a new process
+        return runtime.OpenCLDevice(listed.index, listed.cl_device)
+
+    def files():
+        return {p.name for p in programs.glob("*.bin")}
+
+    device = fresh()
+    assert_close_to_reference(backend.conv2d(x, w, None, spec, device), expected, np.float32)
+    original = files()
+    assert len(original) == 1
+    program_spy.clear()
+    assert_close_to_reference(backend.conv2d(x, w, None, spec, fresh()), expected, np.float32)
+    assert program_spy == ["binary"]  # the cache is live: an unchanged kernel is loaded, not rebuilt
+
+    # Edit the template's epilogue: the kernel now writes twice the sum.
+    text = codegen.template()
+    assert text.count("    return acc;\n}") == 1
+    edited = text.replace("    return acc;\n}", "    return acc * (real)2;\n}")
+    monkeypatch.setattr(codegen, "template", lambda: edited)
+    for runner in (device, fresh()):  # the device holding the old program in memory, and a new process's
+        program_spy.clear()
+        assert_close_to_reference(backend.conv2d(x, w, None, spec, runner), 2 * expected, np.float32)
+        assert program_spy == (["source"] if runner is device else ["binary"])
+    edited_files = files()
+    assert len(edited_files) == 2 and original < edited_files  # the edited kernel has a binary of its own
+
+    # The original kernel is still served correctly (by its own binary, not the edited one's).
+    monkeypatch.setattr(codegen, "template", lambda: text)
+    program_spy.clear()
+    assert_close_to_reference(backend.conv2d(x, w, None, spec, fresh()), expected, np.float32)
+    assert program_spy == ["binary"]
+
+    # A new driver version is another identity: nothing built by the old driver is loaded.
+    identity = runtime.OpenCLDevice(listed.index, _OtherDriver(listed.cl_device)).identity
+    assert identity != listed.identity and identity.split("|")[:-1] == listed.identity.split("|")[:-1]
+    updated = fresh()
+    updated.identity = identity
+    program_spy.clear()
+    assert_close_to_reference(backend.conv2d(x, w, None, spec, updated), expected, np.float32)
+    assert program_spy == ["source"]
+    assert len(files()) == 3 and edited_files < files()
+
+
+@pytest.mark.parametrize("device_id", opencl_params())
+def test_health_verdict_is_kept_per_driver_identity(device_id, private_cache, monkeypatch):
+    """README, "Device health": the verdict is stored keyed by the device's identity, so later processes do
+    not check again, and a new driver is checked anew."""
+    from sparkle.opencl import health, runtime
+
+    listed = runtime_device(device_id)
+    probed = []
+
+    def probe(device):
+        probed.append(device.identity)
+        return health.Health(True, None)
+
+    monkeypatch.setattr(health, "probe", probe)
+    monkeypatch.setattr(health, "_verdicts", {})
+    assert health.check(listed) == health.Health(True, None)
+    assert probed == [listed.identity]
+    monkeypatch.setattr(health, "_verdicts", {})  # a later process: only the stored verdict
+    assert health.check(listed) == health.Health(True, None)
+    assert probed == [listed.identity]
+    updated = runtime.OpenCLDevice(listed.index, _OtherDriver(listed.cl_device))
+    assert health.check(updated) == health.Health(True, None)
+    assert probed == [listed.identity, updated.identity]
+    assert set(health.DOCUMENT.load()) == {listed.identity, updated.identity}
+
+
+@pytest.mark.parametrize("what", ["all", "programs"])
+def test_cache_clear_forgets_the_health_verdicts(what, private_cache, monkeypatch, capsys):
+    """README, "Device health": `sparkle cache --clear` forgets the verdicts (so devices are checked again)."""
+    pytest.importorskip("pyopencl")
+    from sparkle.cli import main
+    from sparkle.opencl import health
+
+    identity = "Some Platform|1.0|Vendor|Some Device|OpenCL 3.0|driver 1"
+    health._store(identity, health.Health(False, "does not build (stored by the test)"))
+    assert health._stored(identity) == health.Health(False, "does not build (stored by the test)")
+    assert main(["cache", "--clear"] + ([] if what == "all" else [what])) == 0
+    capsys.readouterr()
+    assert health._stored(identity) is None
+    assert not list(private_cache.glob("opencl-health-*"))
+
+
+@pytest.mark.parametrize("device_id", opencl_params())
+def test_calls_never_tune_unless_asked(device_id, private_cache):
+    """README, "Tuning": "Nothing is tuned unless asked" -- calls on a device write no tuning database."""
+    import sparkle
+
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((1, 3, 9, 8)).astype(np.float32)
+    w = rng.standard_normal((5, 3, 3, 3)).astype(np.float32)
+    for _ in range(2):
+        assert_close_to_reference(sparkle.conv2d(x, w, padding=1, device=device_id),
+                                  reference.conv2d(x, w, padding=1), np.float32)
+    assert not list(private_cache.glob("opencl-tuning-*"))

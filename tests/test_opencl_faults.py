@@ -286,6 +286,42 @@ def test_buffer_beyond_the_largest_allocation_falls_back_without_launching(devic
     assert len(launched) == 1
 
 
+@pytest.mark.parametrize("inputs", ["numpy", "device"])
+def test_float64_on_a_device_without_float64_support_falls_back(device, inputs, monkeypatch, launched):
+    """README: "float64 on a device without float64 support falls back the same way". The backend reads
+    the device's ``has_fp64`` (cl_khr_fp64 or a double_fp_config); here the device says it has none."""
+    monkeypatch.setattr(device, "has_fp64", False)
+    operands, kwargs, expected, workload = conv_problem(np.random.default_rng(8), np.float64)
+    with pytest.warns(OpenCLFallbackWarning) as record:
+        result = run_conv(operands, kwargs, device, inputs)
+    messages = [str(w.message) for w in record if issubclass(w.category, OpenCLFallbackWarning)]
+    assert len(messages) == 1, messages
+    assert "no float64 support" in messages[0] and device.id in messages[0] and "CPU backend" in messages[0]
+    host = host_result(result, inputs)  # a DeviceArray again for device inputs
+    assert host.dtype == np.float64
+    assert_close_to_reference(host, expected, np.float64)
+    assert launched == []  # nothing reached the device
+    assert backend.failed_variants(device, workload) == []  # no variant is to blame
+
+    rng = np.random.default_rng(9)
+    a, b = rng.standard_normal((7, 12)), rng.standard_normal((12, 9))
+    args = (a, b) if inputs == "numpy" else (sparkle.to_device(a, device.id), sparkle.to_device(b, device.id))
+    with pytest.warns(OpenCLFallbackWarning, match="no float64 support"):
+        c = sparkle.matmul(*args, device=device.id)
+    c = host_result(c, inputs)
+    assert c.dtype == np.float64
+    assert_close_to_reference(c, reference.matmul(a, b), np.float64)
+    assert launched == []
+
+    # float32 on the same device still runs there.
+    operands32, kwargs32, expected32, _ = conv_problem(np.random.default_rng(8), np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", OpenCLFallbackWarning)
+        result = run_conv(operands32, kwargs32, device, inputs)
+    assert_close_to_reference(host_result(result, inputs), expected32, np.float32)
+    assert len(launched) == 1
+
+
 def test_lost_device_with_device_inputs_still_returns_the_right_values(device, monkeypatch):
     """When even copying the CPU result back to the device fails, the host result is returned."""
     operands, kwargs, expected, _ = conv_problem(np.random.default_rng(5))

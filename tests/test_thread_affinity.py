@@ -258,3 +258,140 @@ def test_calls_follow_numba_set_num_threads():
         assert_close_to_reference(y, expected, np.float32)
     finally:
         numba.set_num_threads(was)
+
+
+# --- README "Threads": workers bound one CPU each, the opt-outs, the failure count -----------------------
+
+WORKER_MASKS = textwrap.dedent("""
+    import json, os, sys
+    import numba
+    import numpy as np
+    import sparkle
+    from sparkle import reference
+    from sparkle.cpu import threads
+
+    if sys.argv[1] == "runtime-off":
+        threads.set_thread_binding(False)
+
+    def masks():
+        found = {}
+        for task in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{task}/status") as status:
+                    found[task] = [line.split(":", 1)[1].strip() for line in status
+                                   if line.startswith("Cpus_allowed_list")][0]
+            except FileNotFoundError:  # a thread that ended meanwhile
+                pass
+        return found
+
+    before = masks()  # the process's threads before Numba's pool exists
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((1, 16, 12, 12)).astype(np.float32)
+    w = rng.standard_normal((24, 16, 3, 3)).astype(np.float32)
+    dw = rng.standard_normal((16, 1, 3, 3)).astype(np.float32)
+    a = rng.standard_normal((40, 30)).astype(np.float32)
+    errors = []
+    for y, expected in ((sparkle.conv2d(x, w, padding=1, device="cpu"), reference.conv2d(x, w, padding=1)),
+                        (sparkle.conv2d(x, dw, padding=1, groups=16, device="cpu"),
+                         reference.conv2d(x, dw, padding=1, groups=16)),
+                        (sparkle.matmul(a, a.T, device="cpu"), reference.matmul(a, a.T))):
+        errors.append(float(np.linalg.norm(y - expected) / np.linalg.norm(expected)))
+    after = masks()
+    print(json.dumps({"enabled": threads.thread_binding_enabled(), "threads": numba.get_num_threads(),
+                      "allowed": sorted(os.sched_getaffinity(0)), "main": str(os.getpid()),
+                      "workers": {task: mask for task, mask in after.items() if task not in before},
+                      "others": {task: mask for task, mask in after.items() if task in before},
+                      "errors": errors, "failures": threads.binding_failures()}))
+""")
+
+
+def _cpu_list(text):
+    """The CPUs of a /proc Cpus_allowed_list value such as "0-3,6"."""
+    cpus = set()
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        cpus.update(range(int(first), int(last or first) + 1))
+    return cpus
+
+
+@linux_only
+@needs_two_cpus
+@pytest.mark.parametrize("mode", ["default", "environment-off", "runtime-off"])
+def test_real_calls_bind_workers_one_cpu_each_unless_turned_off(mode):
+    """Fused, direct and matmul calls in a new process: by default each of Numba's workers ends up bound to
+    one CPU of the caller's allowed set; SPARKLE_BIND_THREADS=0 (read on import) or set_thread_binding(False)
+    leave every thread with the process's mask. The caller's own mask never changes."""
+    environment = {key: value for key, value in os.environ.items() if key != "SPARKLE_BIND_THREADS"}
+    if mode == "environment-off":
+        environment["SPARKLE_BIND_THREADS"] = "0"
+    done = subprocess.run([sys.executable, "-c", WORKER_MASKS, mode], capture_output=True, text=True,
+                          env=environment, cwd=REPO, check=False)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.splitlines()[-1])
+    if result["threads"] < 2:
+        pytest.skip("Numba runs one thread in the child")
+    allowed = set(result["allowed"])
+    assert max(result["errors"]) <= 1e-5
+    assert result["failures"] == 0
+    assert result["workers"], "Numba's pool did not start"
+    assert result["enabled"] is (mode == "default")
+    assert all(_cpu_list(mask) == allowed for mask in result["others"].values()), result  # the caller included
+    worker_cpus = [_cpu_list(mask) for mask in result["workers"].values()]
+    if mode == "default":
+        assert all(len(cpus) == 1 and cpus <= allowed for cpus in worker_cpus), result
+    else:
+        assert all(cpus == allowed for cpus in worker_cpus), result
+
+
+@njit
+def _bind_slot_to(cpu):
+    """What a driver's slot does first, for a slot whose CPU is ``cpu`` (the caller id matches no thread)."""
+    threads.bind_slot(np.array([cpu], dtype=np.int64), np.int64(-1), 0)
+
+
+def _in_new_thread(function):
+    """``function()``'s result, run on a thread started for it (affinity changes die with the thread)."""
+    result = []
+    thread = threading.Thread(target=lambda: result.append(function()))
+    thread.start()
+    thread.join()
+    assert result, "the thread failed"
+    return result[0]
+
+
+@linux_only
+def test_binding_failures_counts_affinity_calls_that_fail():
+    impossible = affinity.MASK_WORDS * 64 - 1  # the last CPU a mask can name
+    if impossible in os.sched_getaffinity(0):
+        pytest.skip(f"CPU {impossible} exists here")
+    process_mask = os.sched_getaffinity(0)
+
+    def failing_slots():
+        _bind_slot_to(impossible)
+        _bind_slot_to(impossible)
+        return os.sched_getaffinity(0)
+
+    before = threads.binding_failures()
+    assert _in_new_thread(failing_slots) == process_mask  # the slot ran unbound
+    assert threads.binding_failures() == before + 2
+    cpu = min(process_mask)
+
+    def good_slot():
+        _bind_slot_to(cpu)
+        return os.sched_getaffinity(0)
+
+    assert _in_new_thread(good_slot) == {cpu}
+    assert threads.binding_failures() == before + 2  # a bind that works is not counted
+    assert os.sched_getaffinity(0) == process_mask
+
+
+def test_binding_is_off_where_the_os_has_no_affinity_calls(monkeypatch):
+    """README: "Linux only; elsewhere nothing is bound" (set_enabled honours affinity.SUPPORTED)."""
+    was = threads.thread_binding_enabled()
+    monkeypatch.setattr(affinity, "SUPPORTED", False)
+    try:
+        threads.set_thread_binding(True)
+        assert threads.thread_binding_enabled() is False
+    finally:
+        monkeypatch.undo()
+        threads.set_thread_binding(was)
