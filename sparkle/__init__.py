@@ -1,11 +1,25 @@
 """Sparkle: conv2d and GEMM, JIT-compiled, fast and checked against a float64 reference."""
 
+from .device_array import DeviceArray
 from .devices import Device, devices
 from .memory import cache_optimal_tile_size, detect_memory_params
-from .device_array import DeviceArray
-from .ops import conv2d, matmul, to_device
-from .opencl.tuner import tune
 
-__all__ = ["conv2d", "matmul", "devices", "Device", "to_device", "DeviceArray", "tune", "detect_memory_params",
-           "cache_optimal_tile_size"]
+# Neither module imports pyopencl: that happens on the first OpenCL call.
+from .opencl.backend import OpenCLFallbackWarning
+from .opencl.tuner import TuneResult, tune
+from .ops import conv2d, matmul, to_device
+
+__all__ = [
+    "Device",
+    "DeviceArray",
+    "OpenCLFallbackWarning",
+    "TuneResult",
+    "cache_optimal_tile_size",
+    "conv2d",
+    "detect_memory_params",
+    "devices",
+    "matmul",
+    "to_device",
+    "tune",
+]
 __version__ = "0.1.0"

@@ -163,6 +163,21 @@ def _resolve_padding(padding, height, width, kernel, stride, dilation):
     return _explicit_padding(padding)
 
 
+def _nhwc_hint(x, w, groups):
+    """A hint when ``x``'s channels do not fit ``w`` read as NCHW but would read as NHWC (x.shape[3] = C).
+
+    An NHWC input whose H equals its C fits both readings, so it cannot be caught; only mismatches are.
+    """
+    channels = x.shape[3]
+    if channels % groups or w.shape[1] != channels // groups:
+        return ""
+    from .device_array import DeviceArray
+
+    transpose = ("sparkle.to_device(x.get().transpose(0, 3, 1, 2), x.device)" if isinstance(x, DeviceArray)
+                 else "x.transpose(0, 3, 1, 2)")
+    return f"; x looks like NHWC; Sparkle takes NCHW ({transpose})"
+
+
 def conv2d_spec(x, w, bias=None, *, stride=1, padding=0, dilation=1, groups=1, activation=None):
     """Validate conv2d arguments and resolve them into a :class:`Conv2dSpec`."""
     x, w = _operand_pair(4, (x, "x", "(N, C, H, W)"), (w, "w", "(K, C // groups, R, S)"))
@@ -174,12 +189,13 @@ def conv2d_spec(x, w, bias=None, *, stride=1, padding=0, dilation=1, groups=1, a
     batch, channels, height, width = x.shape
     out_channels, group_channels, kernel_h, kernel_w = w.shape
     if channels % groups:
-        raise ValueError(f"groups must divide the input channels C={channels}, got groups={groups}")
+        raise ValueError(f"groups must divide the input channels C={channels}, got groups={groups}"
+                         + _nhwc_hint(x, w, groups))
     if out_channels % groups:
         raise ValueError(f"groups must divide the output channels K={out_channels}, got groups={groups}")
     if group_channels != channels // groups:
         raise ValueError(f"w.shape[1] must be C // groups = {channels // groups} for x with C={channels} "
-                         f"and groups={groups}, got w.shape={w.shape}")
+                         f"and groups={groups}, got w.shape={w.shape}" + _nhwc_hint(x, w, groups))
     for name, size in (("x height", height), ("x width", width), ("w kernel height", kernel_h),
                        ("w kernel width", kernel_w), ("x channels", channels), ("w output channels", out_channels)):
         if size < 1:

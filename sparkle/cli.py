@@ -1,13 +1,19 @@
 """The ``sparkle`` command: list devices, tune OpenCL kernels, inspect the cache.
 
     sparkle devices
-    sparkle tune conv2d --input 1,64,56,56 --weight 64,64,3,3 --padding 1 --device opencl:0 --budget 60
-    sparkle tune matmul --m 1024 --k 1024 --n 1024 --device opencl:0 --budget 60
-    sparkle tune resnet50 --batch 1 --device opencl:0 --budget-per-layer 30
+    sparkle tune conv2d --input 1,64,56,56 --weight 64,64,3,3 --padding 1 --device opencl:0 --time-budget 60
+    sparkle tune matmul --m 1024 --k 1024 --n 1024 --device opencl:0 --time-budget 60
+    sparkle tune resnet50 --batch 1 --device opencl:0 --time-budget-per-layer 30
     sparkle cache [--clear]
+    sparkle --version
 
 ``python -m sparkle ...`` is the same command. Exit status: 0 on success, 1 when tuning found no
 correct kernel, 2 for bad arguments (argparse's convention).
+
+Options are the API's keyword names in kebab case (``--time-budget`` is ``time_budget=``, ``--activation
+relu`` is ``activation="relu"``, ``--no-progress`` is ``progress=False``). The spellings of earlier
+releases (``--budget``, ``--budget-per-layer``, ``--relu``, ``--quiet``) still work for one release, with a
+note on stderr, and are not listed by ``--help``.
 """
 
 from __future__ import annotations
@@ -144,15 +150,13 @@ def _random(shape, dtype, rng):
 
 
 def _opencl_target(parser, device):
-    from .devices import resolve_device
+    """The OpenCL device to tune on; a usage error listing only the devices tuning accepts otherwise."""
+    from .devices import resolve_tuning_device
 
     try:
-        target = resolve_device(device)
+        return resolve_tuning_device(device)
     except (ValueError, TypeError) as error:
         parser.error(f"argument --device: {error}")
-    if isinstance(target, str):
-        parser.error(f"argument --device: tuning needs an OpenCL device ('opencl' or 'opencl:N'), got {device!r}")
-    return target
 
 
 def _database_path():
@@ -173,8 +177,8 @@ def _report(result, verbose):
 def _tune(args, op, operands, kwargs):
     import sparkle
 
-    return sparkle.tune(op, *operands, device=args.device, time_budget=args.budget,
-                        max_candidates=args.max_candidates, progress=not args.quiet, seed=args.seed, **kwargs)
+    return sparkle.tune(op, *operands, device=args.device, time_budget=args.time_budget,
+                        max_candidates=args.max_candidates, progress=args.progress, seed=args.seed, **kwargs)
 
 
 def cmd_tune_conv2d(args):
@@ -186,7 +190,7 @@ def cmd_tune_conv2d(args):
     w = _random(args.weight, args.dtype, rng)
     operands = (x, w, _random((args.weight[0],), args.dtype, rng)) if args.bias else (x, w)
     kwargs = {"stride": args.stride, "padding": args.padding, "dilation": args.dilation, "groups": args.groups,
-              "activation": "relu" if args.relu else None}
+              "activation": args.activation}
     try:
         api.conv2d_spec(*operands, **kwargs)
     except (ValueError, TypeError) as error:
@@ -214,7 +218,7 @@ def cmd_tune_resnet50(args):
     from .workloads import RESNET50_LAYERS, layer_inputs
 
     target = _opencl_target(args.parser, args.device)
-    args.budget = args.budget_per_layer
+    args.time_budget = args.time_budget_per_layer
     layers = [layer for layer in RESNET50_LAYERS if not args.layers or layer.name in args.layers]
     rows, failed = [], 0
     for layer in layers:
@@ -333,12 +337,33 @@ def cmd_cache(args):
 
 # ---------------------------------------------------------------------------------------------------------
 
+class _Renamed(argparse.Action):
+    """The old spelling of a renamed option: hidden from --help, still works for one release, and says so
+    on stderr. ``nargs=0`` with ``const`` for a flag, else it takes the value of the new option."""
+
+    def __init__(self, option_strings, dest, renamed_to, **kwargs):
+        self.renamed_to = renamed_to
+        super().__init__(option_strings, dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"{parser.prog}: note: {option_string} is now {self.renamed_to}; the old name will be removed in "
+              "the next release", file=sys.stderr)
+        setattr(namespace, self.dest, self.const if self.nargs == 0 else values)
+
+
+def _version():
+    from . import __version__
+
+    return f"sparkle {__version__}"
+
+
 def build_parser():
     from .workloads import RESNET50_LAYERS
 
     parser = argparse.ArgumentParser(
         prog="sparkle", description="Sparkle: conv2d and GEMM on the CPU and on OpenCL devices, checked against "
                                     "a float64 reference.")
+    parser.add_argument("--version", action="version", version=_version())
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     devices = commands.add_parser("devices", help="list the devices Sparkle can run on",
@@ -350,41 +375,50 @@ def build_parser():
                                description="Search the OpenCL kernel's parameters for a workload on one device: "
                                            "every candidate is checked against the float64 reference before it "
                                            "is timed, and the fastest is stored in the tuning database, which "
-                                           "later calls of that shape (and the nearest untuned shapes) use.")
+                                           "later calls of that shape (and the nearest untuned shapes) use. "
+                                           "The options are the keyword arguments of sparkle.tune.")
     ops = tune.add_subparsers(dest="op", required=True, metavar="OP")
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--device", default="opencl", help="'opencl' (first available GPU, else first available "
-                                                           "OpenCL device) or 'opencl:N' as listed by 'sparkle "
-                                                           "devices' (default: %(default)s)")
+                                                           "OpenCL device) or an available 'opencl:N' as listed "
+                                                           "by 'sparkle devices' (default: %(default)s)")
     common.add_argument("--max-candidates", type=positive_int, default=None, metavar="COUNT",
                         help="stop after this many candidates (default: until the time budget is spent)")
     common.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                         help="(default: %(default)s)")
     common.add_argument("--seed", type=int, default=0, help="order of the search and the random data "
                                                             "(default: %(default)s)")
-    common.add_argument("--quiet", action="store_true", help="no progress bar")
+    common.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    common.add_argument("--quiet", action=_Renamed, renamed_to="--no-progress", dest="progress", nargs=0,
+                        const=False)
     common.add_argument("-v", "--verbose", action="store_true", help="list every rejected candidate")
     budget = argparse.ArgumentParser(add_help=False)
-    budget.add_argument("--budget", type=positive_seconds, default=30.0, metavar="SECONDS",
+    budget.add_argument("--time-budget", type=positive_seconds, default=30.0, metavar="SECONDS",
                         help="time budget of the search (default: %(default)s)")
+    budget.add_argument("--budget", action=_Renamed, renamed_to="--time-budget", dest="time_budget",
+                        type=positive_seconds, metavar="SECONDS")
 
     conv = ops.add_parser("conv2d", parents=[common, budget], help="one convolution",
                           description="Tune one convolution (NCHW input, KCRS weights, as sparkle.conv2d).")
-    conv.add_argument("--input", required=True, type=shape_type("NCHW"), metavar="N,C,H,W")
+    conv.add_argument("--input", required=True, type=shape_type("NCHW"), metavar="N,C,H,W",
+                      help="the shape of x")
     conv.add_argument("--weight", required=True, type=shape_type(("K", "C/groups", "R", "S")),
-                      metavar="K,C/g,R,S")
+                      metavar="K,C/g,R,S", help="the shape of w")
     conv.add_argument("--stride", type=pair_type, default=1, metavar="S|SH,SW", help="(default: 1)")
     conv.add_argument("--padding", type=padding_type, default=0, metavar="P|PH,PW|T,B,L,R|same|valid",
                       help="(default: 0)")
     conv.add_argument("--dilation", type=pair_type, default=1, metavar="D|DH,DW", help="(default: 1)")
     conv.add_argument("--groups", type=positive_int, default=1, help="(default: 1)")
     conv.add_argument("--bias", action="store_true", help="with a bias (fused into the write-back)")
-    conv.add_argument("--relu", action="store_true", help="with ReLU (fused into the write-back)")
+    conv.add_argument("--activation", choices=("relu",), default=None,
+                      help="fused into the write-back after the bias (default: none)")
+    conv.add_argument("--relu", action=_Renamed, renamed_to="--activation relu", dest="activation", nargs=0,
+                      const="relu")
     conv.set_defaults(run=cmd_tune_conv2d, parser=conv)
 
     matmul = ops.add_parser("matmul", parents=[common, budget], help="one matrix product (M, K) @ (K, N)",
-                            description="Tune one matrix product (M, K) @ (K, N).")
+                            description="Tune one matrix product (M, K) @ (K, N), as sparkle.matmul.")
     for name in ("m", "k", "n"):
         matmul.add_argument(f"--{name}", required=True, type=positive_int, metavar=name.upper())
     matmul.set_defaults(run=cmd_tune_matmul, parser=matmul)
@@ -394,8 +428,10 @@ def build_parser():
                             description="Tune every ResNet-50 layer of sparkle.workloads.RESNET50_LAYERS, "
                                         "one after the other.")
     resnet.add_argument("--batch", type=positive_int, default=1, help="(default: %(default)s)")
-    resnet.add_argument("--budget-per-layer", type=positive_seconds, default=30.0, metavar="SECONDS",
+    resnet.add_argument("--time-budget-per-layer", type=positive_seconds, default=30.0, metavar="SECONDS",
                         help="time budget of each layer's search (default: %(default)s)")
+    resnet.add_argument("--budget-per-layer", action=_Renamed, renamed_to="--time-budget-per-layer",
+                        dest="time_budget_per_layer", type=positive_seconds, metavar="SECONDS")
     resnet.add_argument("--layers", nargs="+", choices=names, metavar="LAYER",
                         help=f"only these layers (default: all of {', '.join(names)})")
     resnet.set_defaults(run=cmd_tune_resnet50, parser=resnet)

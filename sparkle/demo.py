@@ -17,7 +17,14 @@ import numba
 import numpy as np
 
 from . import reference
-from .devices import devices, resolve_device
+from .devices import (
+    available_opencl_ids,
+    devices,
+    no_opencl_device_reason,
+    opencl_device_ids,
+    resolve_device,
+)
+from .opencl.backend import OpenCLFallbackWarning
 from .ops import conv2d
 from .timing import interleaved_best, timed
 from .workloads import RESNET50_LAYERS, layer_flops, layer_inputs
@@ -39,26 +46,13 @@ def shape_text(shape):
     return "x".join(str(size) for size in shape)
 
 
-def _fallback_warning():
-    """The OpenCL backend's fallback warning class, or None when pyopencl is not installed."""
-    try:
-        from .opencl.backend import OpenCLFallbackWarning
-    except ImportError:
-        return None
-    return OpenCLFallbackWarning
-
-
 def _recording_fallbacks(call, causes):
     """``call`` made to append the cause of every OpenCL fallback it meets to ``causes`` (and not warn)."""
-    category = _fallback_warning()
-    if category is None:
-        return call
-
     def recorded():
         with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", category)
+            warnings.simplefilter("always", OpenCLFallbackWarning)
             result = call()
-        causes.extend(str(w.message) for w in caught if issubclass(w.category, category))
+        causes.extend(str(w.message) for w in caught if issubclass(w.category, OpenCLFallbackWarning))
         return result
 
     return recorded
@@ -117,8 +111,26 @@ def where_it_ran(device, rows):
             f"CPU backend ({cause})")
 
 
+def _device(parser, device):
+    """The id of the device to run on: "cpu", "opencl" or an available "opencl:N"; a usage error listing
+    only those otherwise (the demo refuses "auto" and "reference": it times a device)."""
+    opencl_ids = available_opencl_ids()
+    accepted = ["cpu", *(["opencl", *opencl_ids] if opencl_ids else [])]
+    # "opencl" and listed but unavailable devices go on to resolve_device, which says why they are unavailable.
+    if device not in (*accepted, "opencl", *opencl_device_ids()):
+        none = "" if opencl_ids else f"; no OpenCL device is available: {no_opencl_device_reason()}"
+        parser.error(f"argument --device: must be one of {accepted}, got {device!r}{none}")
+    try:
+        target = resolve_device(device)
+    except ValueError as error:
+        parser.error(f"argument --device: {error}")
+    return target if isinstance(target, str) else target.id
+
+
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python -m sparkle.demo", description=__doc__.splitlines()[0])
+    # The docstring's first line, without its reST markup: --help prints it as it is.
+    parser = argparse.ArgumentParser(prog="python -m sparkle.demo",
+                                     description=__doc__.splitlines()[0].replace("``", ""))
     parser.add_argument("--device", default="cpu",
                         help="where to run: cpu (default), opencl (first available GPU, else PoCL) or opencl:N; "
                              "OpenCL timings include copying the arrays to the device and back")
@@ -129,13 +141,7 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if args.batch < 1 or args.repeat < 1:
         parser.error("--batch and --repeat must be at least 1")
-    try:
-        target = resolve_device(args.device)
-    except ValueError as error:
-        parser.error(f"--device: {error}")
-    if target == "reference" or args.device == "auto":
-        parser.error("--device must be cpu, opencl or opencl:N")
-    args.device_id = target if isinstance(target, str) else target.id
+    args.device_id = _device(parser, args.device)
     return args
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+import operator
 import weakref
 
 import numpy as np
@@ -54,13 +57,12 @@ class DeviceArray:
         return host if dtype is None else host.astype(dtype, copy=False)
 
     def reshape(self, *shape):
-        """A view of the same buffer with another shape of the same size (no copy)."""
-        shape = shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
-        if int(np.prod(shape, dtype=np.int64)) != self.size or any(int(s) < 0 for s in shape):
-            raise ValueError(f"shape must keep the size {self.size}, got {tuple(shape)}")
+        """A view of the same buffer with another shape of the same size (no copy), as numpy's reshape:
+        ``reshape(64, -1)`` or ``reshape((64, -1))``; one size may be -1, inferred from the others."""
+        new_shape = _new_shape(shape, self.size, self.shape)
         view = object.__new__(DeviceArray)
         view._device, view.buffer, view.dtype = self._device, self.buffer, self.dtype
-        view.shape = tuple(int(s) for s in shape)
+        view.shape = new_shape
         view._base = self  # keeps the owner (and so its buffer) alive
         return view
 
@@ -69,6 +71,33 @@ class DeviceArray:
 
     def __repr__(self):
         return f"DeviceArray(shape={self.shape}, dtype={self.dtype.name}, device={self.device!r})"
+
+
+def _new_shape(args, size, old_shape):
+    """The shape ``reshape(*args)`` asks for, with a -1 resolved; ValueError/TypeError saying why not."""
+    if not args:
+        raise TypeError("reshape() takes the new shape: reshape(2, -1) or reshape((2, -1))")
+    shape = args[0] if len(args) == 1 and not isinstance(args[0], numbers.Integral) else args  # ((2, 3))
+    try:
+        dims = tuple(operator.index(s) for s in shape)
+    except TypeError:
+        raise TypeError(f"shape must be ints (one may be -1), got {shape!r}") from None
+    given = f"got {dims} for an array of shape {old_shape} (size {size})"
+    if dims.count(-1) > 1:
+        raise ValueError(f"shape may have only one -1 (the size inferred from the others), {given}")
+    if any(d < -1 for d in dims):
+        raise ValueError(f"shape sizes must be non-negative, or -1 for one inferred size, {given}")
+    known = math.prod(d for d in dims if d != -1)
+    if -1 in dims:
+        if known == 0:
+            raise ValueError(f"shape cannot infer its -1 when another size is 0, {given}")
+        if size % known:
+            raise ValueError(f"shape must keep the size {size}, which the sizes other than -1 (product {known}) "
+                             f"do not divide, {given}")
+        dims = tuple(size // known if d == -1 else d for d in dims)
+    elif known != size:
+        raise ValueError(f"shape must keep the size {size}, {given}")
+    return dims
 
 
 def to_host(array):

@@ -133,6 +133,42 @@ def _first_available(found):
                      + "".join(reasons))
 
 
+def opencl_device_ids():
+    """Ids ("opencl:N") of every listed OpenCL device, available or not."""
+    return [device.id for device in _opencl_devices()]
+
+
+def available_opencl_ids():
+    """Ids ("opencl:N") of the OpenCL devices that passed Sparkle's health check, in listed order."""
+    return [device.id for device in _opencl_devices() if _health(device).available]
+
+
+def no_opencl_device_reason():
+    """Why no OpenCL device is available: OpenCL itself is unavailable, or each device failed its check."""
+    reasons = [f"{device.id} ({device.name}) is unavailable: {_health(device).reason}"
+               for device in _opencl_devices()]
+    return opencl_unavailable_reason() or "; ".join(reasons) or "no OpenCL device is listed"
+
+
+def resolve_tuning_device(device):
+    """The runtime object of the OpenCL device ``device`` names, for tuning (which runs only there).
+
+    Accepts "opencl" and the ids of available OpenCL devices; the ValueError for anything else lists only
+    those (never "cpu", "auto" or "reference", which tuning refuses), or says why there are none.
+    """
+    if not isinstance(device, str):
+        raise TypeError(f"device must be a string, 'opencl' or 'opencl:N', got {device!r}")
+    if device == "opencl" or device in opencl_device_ids():
+        return opencl_backend_device(device)  # says why if it (or every device, for "opencl") is unavailable
+    accepted = available_opencl_ids()
+    if not accepted:
+        raise ValueError(f"device must be an available OpenCL device to tune, got {device!r}, and there is none: "
+                         f"{no_opencl_device_reason()}")
+    why = " (the cpu backend is not tuned: it takes its tiles from the cache sizes)" if device == "cpu" else ""
+    raise ValueError(f"device must be an OpenCL device to tune, one of {['opencl', *accepted]}, "
+                     f"got {device!r}{why}")
+
+
 def resolve_device(device, operands=()):
     """Map a ``device=`` argument to "cpu", "reference" or an OpenCL runtime device.
 

@@ -3,6 +3,8 @@ itself checked against the convolution's definition."""
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import sparkle
 from sparkle import reference
@@ -177,3 +179,121 @@ def test_numpy_integer_arguments(dtype):
     y = sparkle.conv2d(x, w, bias, **kwargs)
     plain = {k: (tuple(int(i) for i in v) if isinstance(v, tuple) else int(v)) for k, v in kwargs.items()}
     assert_close_to_reference(y, reference.conv2d(x, w, bias, **plain), dtype)
+
+
+def test_new_public_names_are_the_backend_objects():
+    from sparkle.opencl import backend, tuner
+
+    assert sparkle.OpenCLFallbackWarning is backend.OpenCLFallbackWarning
+    assert issubclass(sparkle.OpenCLFallbackWarning, RuntimeWarning)
+    assert sparkle.TuneResult is tuner.TuneResult
+    for name in ["OpenCLFallbackWarning", "TuneResult", "DeviceArray", "tune", "to_device"]:
+        assert name in sparkle.__all__
+    assert all(hasattr(sparkle, name) for name in sparkle.__all__)
+
+
+# --- DeviceArray.reshape follows numpy's reshape (shape logic only: a device without OpenCL) -------------
+
+class _NoDevice:
+    id = "opencl:test"
+    pool = None
+
+
+def shape_only_array(shape):
+    from sparkle import DeviceArray
+
+    return DeviceArray(_NoDevice(), None, shape, np.float32)
+
+
+def numpy_reshape(shape, new):
+    """(shape, None) as numpy reshapes an array of ``shape`` to ``new``, or (None, error type)."""
+    try:
+        return np.empty(shape, np.float32).reshape(new).shape, None
+    except (ValueError, TypeError) as error:
+        return None, type(error)
+
+
+def reshape_outcome(shape, new):
+    try:
+        return shape_only_array(shape).reshape(new).shape, None
+    except (ValueError, TypeError) as error:
+        return None, type(error)
+
+
+@settings(max_examples=300, deadline=None)
+@given(shape=st.lists(st.integers(0, 6), min_size=0, max_size=4),
+       new=st.lists(st.integers(-3, 8), min_size=0, max_size=4), as_tuple=st.booleans())
+def test_device_array_reshape_matches_numpy(shape, new, as_tuple):
+    # Except that only -1 is the inferred size: numpy takes any negative size as -1 (not documented).
+    expected = (None, ValueError) if min(new, default=0) < -1 else numpy_reshape(tuple(shape), tuple(new))
+    array = shape_only_array(tuple(shape))
+    try:
+        got = (array.reshape(tuple(new)) if as_tuple or not new else array.reshape(*new)).shape, None
+    except (ValueError, TypeError) as error:
+        got = None, type(error)
+    assert got == expected, (shape, new)
+
+
+@pytest.mark.parametrize("shape, new, expected", [
+    ((64, 12), (64, -1), (64, 12)), ((64, 12), ((64, -1),), (64, 12)), ((64, 12), ([-1, 3, 4],), (64, 3, 4)),
+    ((3, 4), (-1,), (12,)), ((3, 4), (np.int64(-1), np.int32(2)), (6, 2)), ((0, 3), (-1, 3), (0, 3)),
+    ((1,), ((),), ()), ((2, 3), (np.array([3, -1]),), (3, 2)),
+])
+def test_device_array_reshape_with_minus_one(shape, new, expected):
+    view = shape_only_array(shape).reshape(*new)
+    assert view.shape == expected == np.empty(shape).reshape(*new).shape
+    assert all(type(size) is int for size in view.shape)
+
+
+@pytest.mark.parametrize("new, words", [
+    ((-1, -1), r"^shape may have only one -1 .*got \(-1, -1\) for an array of shape \(3, 4\) \(size 12\)"),
+    ((5, -1), (r"^shape must keep the size 12, which the sizes other than -1 \(product 5\) do not divide, "
+               r"got \(5, -1\)")),
+    ((0, -1), r"^shape cannot infer its -1 when another size is 0, got \(0, -1\)"),
+    ((-2, -6), r"^shape sizes must be non-negative, or -1 for one inferred size, got \(-2, -6\)"),
+    ((4, -3), r"^shape sizes must be non-negative"),
+    ((5, 2), r"^shape must keep the size 12, got \(5, 2\)"),
+])
+def test_device_array_reshape_errors_name_the_argument(new, words):
+    with pytest.raises(ValueError, match=words):
+        shape_only_array((3, 4)).reshape(new)
+
+
+@pytest.mark.parametrize("new", [(1.5,), ((2, "a"),), (None,)])
+def test_device_array_reshape_takes_ints(new):
+    with pytest.raises(TypeError, match=r"^shape must be ints"):
+        shape_only_array((3, 4)).reshape(*new)
+
+
+# --- NHWC input: the channel mismatch says so ---------------------------------------------------------------
+
+NHWC_CASES = [  # (x shape as NHWC, w shape, groups): w fits x.shape[3], not x.shape[1]
+    ((1, 7, 7, 8), (4, 8, 3, 3), 1),
+    ((2, 9, 5, 6), (6, 3, 1, 1), 2),  # grouped: w.shape[1] = C // groups with C = x.shape[3]
+    ((1, 7, 7, 8), (8, 1, 3, 3), 8),  # depthwise: H = 7 is not divisible by groups = 8
+    ((1, 16, 16, 8), (8, 1, 3, 3), 8),  # depthwise: H = 16 is, but w.shape[1] is not 16 // 8
+]
+
+
+@pytest.mark.parametrize("x_shape, w_shape, groups", NHWC_CASES)
+def test_nhwc_input_gets_a_hint(x_shape, w_shape, groups):
+    x, w = np.zeros(x_shape, np.float32), np.zeros(w_shape, np.float32)
+    with pytest.raises(ValueError, match=r"^(w\.shape\[1\]|groups) .*; x looks like NHWC; Sparkle takes NCHW "
+                                         r"\(x\.transpose\(0, 3, 1, 2\)\)$"):
+        sparkle.conv2d(x, w, groups=groups)
+    # The hint is right: the transposed input runs.
+    y = sparkle.conv2d(x.transpose(0, 3, 1, 2), w, groups=groups)
+    assert y.shape[:2] == (x_shape[0], w_shape[0])
+
+
+@pytest.mark.parametrize("x_shape, w_shape", [((1, 5, 7, 7), (4, 3, 3, 3)), ((1, 5, 7, 6), (4, 4, 3, 3))])
+def test_no_nhwc_hint_when_nhwc_would_not_fit_either(x_shape, w_shape):
+    with pytest.raises(ValueError, match=r"^w\.shape\[1\]") as info:
+        sparkle.conv2d(np.zeros(x_shape, np.float32), np.zeros(w_shape, np.float32))
+    assert "NHWC" not in str(info.value)
+
+
+def test_nhwc_input_with_h_equal_to_c_cannot_be_told_apart():
+    # (N, H, W, C) with H == C is also a valid (N, C, H, W): it runs, as NCHW. Nothing can detect that.
+    y = sparkle.conv2d(np.ones((1, 4, 6, 4), np.float32), np.ones((2, 4, 3, 3), np.float32))
+    assert y.shape == (1, 2, 4, 2)

@@ -1,6 +1,8 @@
 """Every malformed call raises ValueError or TypeError whose message names the bad argument,
 and a failing call leaves its inputs untouched."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -171,8 +173,22 @@ def test_device_must_be_a_string(device):
 
 
 def test_unknown_keyword_rejected():
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match=r"^conv2d\(\) got an unexpected keyword argument 'padd'"):
         call_conv(padd=1)
+
+
+@pytest.mark.parametrize("name, call", [
+    ("conv2d", lambda x, w: sparkle.conv2d(x, w, budget=5)),
+    ("matmul", lambda x, w: sparkle.matmul(x[0, 0], w[0, 0], devic="cpu")),
+    ("to_device", lambda x, w: sparkle.to_device(x, devce="cpu")),
+    ("sparkle.tune", lambda x, w: sparkle.tune("conv2d", x, w, budget=5)),
+])
+def test_unknown_keyword_names_the_public_function(name, call):
+    # Explicit signatures: Python's own message names the function; tune's **kwargs say it themselves.
+    x, w, _ = good_inputs()
+    with pytest.raises(TypeError, match=rf"^{re.escape(name)}\(\) got an unexpected keyword argument") as info:
+        call(x, w)
+    assert "_spec" not in str(info.value)
 
 
 def test_arguments_after_bias_are_keyword_only():

@@ -6,6 +6,7 @@ then check that what the command stored is used by the next call and gives the r
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 import subprocess
@@ -104,7 +105,7 @@ def test_tune_matmul_stores_a_correct_winner_and_cache_lists_and_clears_it(devic
     # A shape no other test builds, so the kernels compile here and land in this test's cache.
     m, k, n = 24, 40, 12
     status, out, _ = run(["tune", "matmul", "--m", str(m), "--k", str(k), "--n", str(n), "--device", device_id,
-                          "--budget", "120", "--max-candidates", "2", "--quiet"], capsys)
+                          "--time-budget", "120", "--max-candidates", "2", "--no-progress"], capsys)
     assert status == 0, out
     key = f"matmul:m{m}_k{k}_n{n}:float32"
     assert out.startswith(f"{key} on {device_id}: ")
@@ -143,8 +144,8 @@ def test_tune_matmul_stores_a_correct_winner_and_cache_lists_and_clears_it(devic
 @pytest.mark.parametrize("device_id", opencl_params())
 def test_tune_conv2d_passes_every_option(device_id, private_cache, capsys):
     argv = ["tune", "conv2d", "--input", "2,6,9,7", "--weight", "4,3,3,2", "--stride", "2,1", "--padding", "same",
-            "--dilation", "1,2", "--groups", "2", "--bias", "--relu", "--device", device_id, "--budget", "120",
-            "--max-candidates", "1", "--quiet"]
+            "--dilation", "1,2", "--groups", "2", "--bias", "--activation", "relu", "--device", device_id,
+            "--time-budget", "120", "--max-candidates", "1", "--no-progress"]
     status, out, _ = run(argv, capsys)
     assert status == 0, out
     rng = np.random.default_rng(2)
@@ -168,7 +169,7 @@ def test_tune_resnet50_layers(device_id, private_cache, capsys):
     from sparkle.workloads import RESNET50_LAYERS, layer_inputs
 
     status, out, _ = run(["tune", "resnet50", "--batch", "1", "--layers", "res2_1x1", "--device", device_id,
-                          "--budget-per-layer", "120", "--max-candidates", "1", "--quiet"], capsys)
+                          "--time-budget-per-layer", "120", "--max-candidates", "1", "--no-progress"], capsys)
     assert status == 0, out
     layer = next(layer for layer in RESNET50_LAYERS if layer.name == "res2_1x1")
     x, w = layer_inputs(layer)
@@ -248,12 +249,17 @@ BAD = {
     "padding of 3": ([*CONV, "--padding", "1,2,3"], "argument --padding"),
     "padding word": ([*CONV, "--padding", "full"], "argument --padding"),
     "negative padding": ([*CONV, "--padding", "-1"], "argument --padding"),
-    "budget 0": ([*CONV, "--budget", "0"], "argument --budget: expected a positive number of seconds"),
-    "budget nan": ([*CONV, "--budget", "nan"], "argument --budget"),
+    "time budget 0": ([*CONV, "--time-budget", "0"], "argument --time-budget: expected a positive number of seconds"),
+    "time budget nan": ([*CONV, "--time-budget", "nan"], "argument --time-budget"),
+    "old budget 0": ([*CONV, "--budget", "0"], "argument --budget: expected a positive number of seconds"),
+    "per layer 0": (["tune", "resnet50", "--time-budget-per-layer", "0"], "argument --time-budget-per-layer"),
+    "activation": ([*CONV, "--activation", "sigmoid"], "argument --activation: invalid choice: 'sigmoid'"),
     "max candidates 0": ([*CONV, "--max-candidates", "0"], "argument --max-candidates"),
     "dtype": ([*CONV, "--dtype", "float16"], "argument --dtype: invalid choice: 'float16'"),
-    "cpu cannot be tuned": ([*CONV, "--device", "cpu"], "argument --device: tuning needs an OpenCL device"),
-    "no such device": ([*CONV, "--device", "opencl:99"], "argument --device: device must be one of"),
+    "cpu cannot be tuned": ([*CONV, "--device", "cpu"], "argument --device: device must be an "),
+    "no such device": ([*CONV, "--device", "opencl:99"], "argument --device: device must be an "),
+    "nhwc input": (["tune", "conv2d", "--input", "1,6,6,8", "--weight", "4,8,3,3"],
+                   "x looks like NHWC; Sparkle takes NCHW"),
     "matmul zero": (["tune", "matmul", "--m", "4", "--k", "0", "--n", "3"], "argument --k: expected a positive int"),
     "matmul missing n": (["tune", "matmul", "--m", "4", "--k", "2"], "required: --n"),
     "resnet layer": (["tune", "resnet50", "--layers", "res9"], "argument --layers: invalid choice: 'res9'"),
@@ -276,3 +282,132 @@ def test_tune_without_opencl_exits_2_saying_why(monkeypatch, capsys):
     status, _, err = run(["tune", "matmul", "--m", "4", "--k", "2", "--n", "3"], capsys)
     assert status == 2
     assert "argument --device: device='opencl' is not available: OpenCL is disabled by SPARKLE_OPENCL=0" in err
+    assert "argument --device: device must be an available OpenCL device to tune, got 'opencl:0', and there is " \
+        "none: OpenCL is disabled by SPARKLE_OPENCL=0" in run([*CONV, "--device", "opencl:0"], capsys)[2]
+
+
+@pytest.mark.parametrize("device", ["cpu", "auto", "reference", "opencl:99", "gpu"])
+def test_tune_lists_only_the_devices_it_accepts(device, private_cache, capsys):
+    from sparkle.devices import resolve_tuning_device
+
+    status, _, err = run([*CONV, "--device", device], capsys)
+    assert status == 2
+    ids = opencl_device_ids()
+    if not ids:
+        assert "and there is none: " in err
+        return
+    listed = ast.literal_eval(re.search(r"device must be an OpenCL device to tune, one of (\[[^]]*\])", err)[1])
+    assert listed == ["opencl", *ids]
+    for accepted in listed:  # every id offered is accepted
+        assert resolve_tuning_device(accepted).id in ids
+    assert ("the cpu backend is not tuned" in err) == (device == "cpu")
+
+
+# --- option names: the API's keywords in kebab case; the old spellings still work, hidden -----------------
+
+SHAPES = ["--input", "1,8,6,6", "--weight", "4,8,3,3"]
+RENAMED = {  # old option: (argv with the old spelling, the same argv with the new one)
+    "--budget": (["tune", "conv2d", *SHAPES, "--budget", "7"], ["tune", "conv2d", *SHAPES, "--time-budget", "7"]),
+    "--relu": (["tune", "conv2d", *SHAPES, "--relu"], ["tune", "conv2d", *SHAPES, "--activation", "relu"]),
+    "--quiet": (["tune", "matmul", "--m", "2", "--k", "3", "--n", "4", "--quiet"],
+                ["tune", "matmul", "--m", "2", "--k", "3", "--n", "4", "--no-progress"]),
+    "--budget-per-layer": (["tune", "resnet50", "--budget-per-layer", "7"],
+                           ["tune", "resnet50", "--time-budget-per-layer", "7"]),
+}
+
+
+def parsed(argv):
+    from sparkle.cli import build_parser
+
+    values = vars(build_parser().parse_args(argv))
+    return {key: value for key, value in values.items() if key not in ("parser", "run")}
+
+
+def option_listed(option, text):
+    return re.search(rf"(?<![\w-]){re.escape(option)}(?![\w-])", text) is not None
+
+
+@pytest.mark.parametrize("old", RENAMED)
+def test_old_option_names_still_work_and_are_hidden_from_help(old, capsys):
+    old_argv, new_argv = RENAMED[old]
+    new = new_argv[old_argv.index(old)]
+    assert parsed(old_argv) == parsed(new_argv)  # the same command, defaults included
+    err = capsys.readouterr().err
+    assert f"note: {old} is now {new}" in err
+    assert parsed(new_argv) and capsys.readouterr().err == ""  # the new spelling says nothing
+    status, out, _ = run([*new_argv[:2], "--help"], capsys)
+    assert status == 0
+    assert option_listed(new, out) and not option_listed(old, out), out
+
+
+def test_no_renamed_option_is_listed_anywhere(capsys):
+    for argv in HELP_COMMANDS:
+        _, out, _ = run([*argv, "--help"], capsys)
+        for old in RENAMED:
+            assert not option_listed(old, out), (argv, old)
+
+
+def test_options_named_after_api_keywords(capsys):
+    # The options that set an API keyword are named after it (tune(time_budget=, max_candidates=, seed=,
+    # progress=, device=), conv2d(stride=, padding=, dilation=, groups=, activation=, bias=)).
+    _, conv, _ = run(["tune", "conv2d", "--help"], capsys)
+    for option in ["--device", "--time-budget", "--max-candidates", "--seed", "--no-progress", "--stride",
+                   "--padding", "--dilation", "--groups", "--activation", "--bias"]:
+        assert option_listed(option, conv), option
+    _, resnet, _ = run(["tune", "resnet50", "--help"], capsys)
+    assert option_listed("--time-budget-per-layer", resnet)
+
+
+HELP_COMMANDS = [[], ["devices"], ["tune"], ["tune", "conv2d"], ["tune", "matmul"], ["tune", "resnet50"],
+                 ["cache"]]
+
+
+@pytest.mark.parametrize("argv", HELP_COMMANDS, ids=lambda argv: " ".join(argv) or "sparkle")
+def test_help_is_plain_text(argv, capsys):
+    status, out, _ = run([*argv, "--help"], capsys)
+    assert status == 0 and out.startswith("usage: sparkle")
+    assert "`" not in out and not re.search(r":(func|class|meth|mod|attr):", out), out  # no reST markup
+
+
+def test_version(capsys):
+    status, out, _ = run(["--version"], capsys)
+    assert status == 0
+    assert out == f"sparkle {sparkle.__version__}\n"
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+        installed = version("sparkle")
+    except PackageNotFoundError:
+        installed = None
+    if installed is not None:  # an installed copy describes the same version
+        assert installed == sparkle.__version__
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        return
+    import pathlib
+
+    project = tomllib.loads((pathlib.Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    assert project["version"] == sparkle.__version__
+
+
+# --- exit status 1: no correct candidate -----------------------------------------------------------------
+
+NOTHING_CORRECT = {
+    "conv2d": ["tune", "conv2d", "--input", "1,4,5,5", "--weight", "3,4,3,3"],
+    "matmul": ["tune", "matmul", "--m", "8", "--k", "4", "--n", "8"],
+    "resnet50": ["tune", "resnet50", "--layers", "res2_1x1"],
+}
+
+
+@pytest.mark.parametrize("op", NOTHING_CORRECT)
+@pytest.mark.parametrize("device_id", opencl_params())
+def test_tuning_that_finds_no_correct_candidate_exits_1(op, device_id, private_cache, monkeypatch, capsys):
+    from sparkle.opencl import tuner
+
+    # No error can be below a negative tolerance: every candidate is rejected as wrong.
+    monkeypatch.setattr(tuner, "TOLERANCE", {"float32": -1.0, "float64": -1.0})
+    status, out, _ = run([*NOTHING_CORRECT[op], "--device", device_id, "--max-candidates", "1", "--no-progress"],
+                         capsys)
+    assert status == 1, out
+    assert "no correct candidate in 1 tried" in out
+    assert "rejected {" in out and "wrong result: relative error" in out

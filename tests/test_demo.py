@@ -1,10 +1,13 @@
 """The README's main command, ``python -m sparkle.demo``, on the CPU and on an OpenCL device."""
 
+import ast
+import re
+
 import pytest
 
 from sparkle import demo
 
-from _opencl import opencl_params, sparkle_cache  # noqa: F401  (fixture)
+from _opencl import opencl_device_ids, opencl_params, sparkle_cache  # noqa: F401  (fixture)
 
 
 def test_demo_on_cpu_checks_every_layer(capsys):
@@ -29,3 +32,23 @@ def test_demo_rejects_devices_it_cannot_time(device, capsys):
         demo.main(["--device", device])
     assert info.value.code == 2
     assert "--device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device", ["gpu", "reference", "auto", "opencl:99"])
+def test_demo_lists_only_the_devices_it_accepts(device, capsys):
+    with pytest.raises(SystemExit):
+        demo.main(["--device", device])
+    err = capsys.readouterr().err
+    listed = ast.literal_eval(re.search(r"argument --device: must be one of (\[[^]]*\])", err)[1])
+    ids = opencl_device_ids()
+    assert listed == ["cpu", *(["opencl", *ids] if ids else [])]
+    assert ("no OpenCL device is available: " in err) == (not ids)
+
+
+def test_demo_help_is_plain_text(capsys):
+    with pytest.raises(SystemExit) as info:
+        demo.main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "through sparkle.conv2d, checked against the float64 reference" in " ".join(out.split())
+    assert "`" not in out and not re.search(r":(func|class|meth|mod|attr):", out), out  # no reST markup

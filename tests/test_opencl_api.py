@@ -186,6 +186,38 @@ def test_to_device_round_trip(device_id, dtype, layout):
 
 
 @pytest.mark.parametrize("device_id", DEVICES)
+def test_device_array_reshape_with_minus_one_is_a_view_of_the_same_data(device_id):
+    x = np.arange(2 * 3 * 4 * 5, dtype=np.float32).reshape(2, 3, 4, 5)
+    d = sparkle.to_device(x, device_id)
+    for new in [(6, -1), ((6, -1),), ((-1, 4, 5),), (-1,), ([2, -1],)]:
+        view = d.reshape(*new)
+        assert view.buffer is d.buffer and view.device == device_id
+        np.testing.assert_array_equal(view.get(), x.reshape(*new))
+    with pytest.raises(ValueError, match=r"^shape may have only one -1"):
+        d.reshape(-1, 2, -1)
+    with pytest.raises(ValueError, match=r"^shape must keep the size 120, which .* \(product 7\)"):
+        d.reshape((7, -1))
+    with pytest.raises(ValueError, match=r"^shape sizes must be non-negative"):
+        d.reshape(-2, 60)
+    np.testing.assert_array_equal(d.get(), x)  # refused reshapes change nothing
+
+
+@pytest.mark.parametrize("device_id", DEVICES)
+def test_nhwc_device_array_gets_a_hint_it_can_follow(device_id):
+    rng = np.random.default_rng(4)
+    x_nhwc = rng.standard_normal((1, 7, 6, 8), dtype=np.float32)
+    w = rng.standard_normal((4, 8, 3, 3), dtype=np.float32)
+    x = sparkle.to_device(x_nhwc, device_id)
+    with pytest.raises(ValueError, match=r"; x looks like NHWC; Sparkle takes NCHW "
+                                         r"\(sparkle\.to_device\(x\.get\(\)\.transpose\(0, 3, 1, 2\), x\.device\)\)$"):
+        sparkle.conv2d(x, w)
+    with pytest.raises(ValueError, match=r"; x looks like NHWC; Sparkle takes NCHW \(x\.transpose\(0, 3, 1, 2\)\)$"):
+        sparkle.conv2d(x_nhwc, sparkle.to_device(w, device_id))  # numpy x: numpy's transpose
+    y = sparkle.conv2d(sparkle.to_device(x.get().transpose(0, 3, 1, 2), x.device), w)  # what the hint says
+    assert_close_to_reference(y.get(), reference.conv2d(x_nhwc.transpose(0, 3, 1, 2), w), np.float32)
+
+
+@pytest.mark.parametrize("device_id", DEVICES)
 def test_empty_device_array(device_id):
     d = sparkle.to_device(np.zeros((0, 3), np.float32), device_id)
     assert d.shape == (0, 3) and d.size == 0 and d.get().shape == (0, 3)

@@ -545,14 +545,88 @@ W = np.zeros((3, 2, 3, 3), np.float32)
     (("conv2d", X, W), {"device": "cpu"}, ValueError, "device must be an OpenCL device"),
     (("conv2d", X, W), {"device": "reference"}, ValueError, "device must be an OpenCL device"),
     (("conv2d", X, W), {"device": "auto"}, ValueError, "device must be an OpenCL device"),
-    (("conv2d", X, W), {"device": "opencl:99"}, ValueError, "device must be one of"),
+    (("conv2d", X, W), {"device": "opencl:99"}, ValueError, "device must be an OpenCL device to tune, one of"),
     (("conv2d", X, W), {"device": 0}, TypeError, "device must be a string"),
     (("conv2d", X, W), {"stride": 0}, ValueError, "stride"),
     (("conv2d", X[0], W), {}, ValueError, "x"),
     (("matmul", X[0, 0], X[0, 0]), {"stride": 2}, TypeError, "matmul takes no keyword arguments"),
+    # Argument errors name sparkle.tune(), never an internal function, and suggest the nearest name.
+    (("conv2d", X, W), {"budget": 5}, TypeError,
+     "sparkle.tune() got an unexpected keyword argument 'budget' (did you mean 'time_budget'?)"),
+    (("conv2d", X, W), {"relu": True}, TypeError, "argument 'relu' (did you mean activation='relu'?)"),
+    (("conv2d", X, W), {"paddin": 1}, TypeError, "argument 'paddin' (did you mean 'padding'?)"),
+    (("conv2d", X, W), {"max_candidate": 1}, TypeError, "(did you mean 'max_candidates'?)"),
+    (("conv2d", X, W), {"zzz": 1}, TypeError, "sparkle.tune() got an unexpected keyword argument 'zzz'"),
+    (("matmul", X[0, 0], X[0, 0]), {"budget": 5}, TypeError, "(did you mean 'time_budget'?)"),
+    (("conv2d", X), {}, TypeError, ("sparkle.tune('conv2d', ...) takes the operands x, w and optionally bias, "
+                                    "got 1 operand")),
+    (("conv2d", X, W, W[:, 0, 0, 0], W), {}, TypeError, "got 4 operands"),
+    (("matmul", X[0, 0]), {}, TypeError, "sparkle.tune('matmul', ...) takes the operands a and b, got 1 operand"),
+    (("conv2d", X, W, W[:, 0, 0, 0]), {"bias": W[:, 0, 0, 0]}, TypeError,
+     "sparkle.tune() got multiple values for argument 'bias'"),
 ])
 def test_tune_bad_arguments(args, kwargs, error, words, tuner_env):
     import sparkle
 
     with pytest.raises(error, match=re.escape(words)):
         sparkle.tune(*args, progress=False, **kwargs)
+
+
+@pytest.mark.parametrize("args, kwargs", [(("conv2d", X, W), {"budget": 5}), (("conv2d", X), {}),
+                                          (("matmul", X[0, 0]), {"stride": 1})])
+def test_tune_argument_errors_never_name_internal_functions(args, kwargs):
+    import sparkle
+
+    with pytest.raises(TypeError) as info:
+        sparkle.tune(*args, progress=False, **kwargs)
+    assert str(info.value).startswith("sparkle.tune(") and "_spec" not in str(info.value)
+
+
+def test_tune_without_pyopencl_says_how_to_install_it():
+    """Without pyopencl, sparkle imports (with OpenCLFallbackWarning and TuneResult), and tune, like conv2d
+    and the command line, raises the ValueError that says how to install OpenCL support."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import sys
+        sys.modules["pyopencl"] = None  # as if it were not installed: importing it raises ImportError
+        import numpy as np
+        import sparkle
+        from sparkle.devices import opencl_unavailable_reason
+        from sparkle.opencl import backend, tuner
+
+        assert sparkle.OpenCLFallbackWarning is backend.OpenCLFallbackWarning
+        assert sparkle.TuneResult is tuner.TuneResult
+        reason = opencl_unavailable_reason()
+        assert "pip install 'sparkle[opencl]'" in reason, reason
+        a = np.ones((4, 4), np.float32)
+        x, w = np.ones((1, 2, 5, 5), np.float32), np.ones((3, 2, 3, 3), np.float32)
+        calls = {"conv2d": lambda: sparkle.conv2d(x, w, device="opencl"),
+                 "to_device": lambda: sparkle.to_device(a),
+                 "tune": lambda: sparkle.tune("matmul", a, a, progress=False),
+                 "tune opencl:0": lambda: sparkle.tune("conv2d", x, w, device="opencl:0", progress=False)}
+        for name, call in calls.items():
+            try:
+                call()
+            except ValueError as error:
+                assert str(error).startswith("device") and reason in str(error), (name, str(error))
+            else:
+                raise AssertionError(name + " did not raise")
+        from sparkle.cli import main
+        try:
+            main(["tune", "matmul", "--m", "4", "--k", "4", "--n", "4"])
+        except SystemExit as exit_:
+            assert exit_.code == 2
+        print("ok")
+    """)
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
+    env.pop("SPARKLE_OPENCL", None)  # the reason must be pyopencl, not the variable
+    result = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
+                            timeout=300, check=False)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stdout + result.stderr
+    assert "pip install 'sparkle[opencl]'" in result.stderr  # the command line's usage error says it too

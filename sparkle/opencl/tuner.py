@@ -6,6 +6,7 @@ counts; every other outcome is recorded as rejected, with the reason. Tuning run
 
 from __future__ import annotations
 
+import difflib
 import numbers
 import random
 import time
@@ -14,7 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import api, reference
-from ..devices import resolve_device
+from ..device_array import DeviceArray
+from ..devices import resolve_tuning_device
 from . import launch, transfer
 from .codegen import Workload
 from .tuning import database, space
@@ -95,15 +97,44 @@ class _Problem:
         return float(np.linalg.norm(got - self.expected) / (scale if scale else 1.0))
 
 
+TUNE_KEYWORDS = ("device", "time_budget", "max_candidates", "progress", "seed")
+OPERANDS = {"conv2d": ("x", "w", "bias"), "matmul": ("a", "b")}  # positional, in order
+CONV2D_KEYWORDS = ("stride", "padding", "dilation", "groups", "activation")
+
+
+def _unexpected_keyword(name, known):
+    """TypeError naming sparkle.tune() for an unknown keyword, with the nearest known name as a hint."""
+    hint = ""
+    if name == "relu":
+        hint = " (did you mean activation='relu'?)"
+    else:
+        close = difflib.get_close_matches(name, known, n=1)
+        if close:
+            hint = f" (did you mean {close[0]!r}?)"
+    return TypeError(f"sparkle.tune() got an unexpected keyword argument {name!r}{hint}")
+
+
 def _spec(op, operands, kwargs):
+    """The op's spec; argument errors name sparkle.tune() and the op, never the internal functions."""
     name = getattr(op, "__name__", op)
+    if not isinstance(name, str) or name not in OPERANDS:
+        raise ValueError(f"op must be 'conv2d' or 'matmul' (or the sparkle function), got {op!r}")
+    op_keywords = CONV2D_KEYWORDS + ("bias",) if name == "conv2d" else ()
+    for keyword in kwargs:
+        if name == "matmul" and keyword in CONV2D_KEYWORDS + ("bias",):
+            raise TypeError(f"sparkle.tune() got an unexpected keyword argument {keyword!r}: matmul takes no "
+                            "keyword arguments (its operands give every size)")
+        if keyword not in op_keywords:
+            raise _unexpected_keyword(keyword, TUNE_KEYWORDS + op_keywords)
+    if not 2 <= len(operands) <= len(OPERANDS[name]):
+        expected = "x, w and optionally bias" if name == "conv2d" else "a and b"
+        raise TypeError(f"sparkle.tune({name!r}, ...) takes the operands {expected}, "
+                        f"got {len(operands)} operand{'s' if len(operands) != 1 else ''}")
+    if "bias" in kwargs and len(operands) == 3:
+        raise TypeError("sparkle.tune() got multiple values for argument 'bias'")
     if name == "conv2d":
         return api.conv2d_spec(*operands, **kwargs)
-    if name == "matmul":
-        if kwargs:
-            raise TypeError(f"matmul takes no keyword arguments, got {sorted(kwargs)}")
-        return api.matmul_spec(*operands)
-    raise ValueError(f"op must be 'conv2d' or 'matmul' (or the sparkle function), got {op!r}")
+    return api.matmul_spec(*operands)
 
 
 def _likely_first(found, rng):
@@ -152,6 +183,21 @@ def _time(device, workload, params, problem, min_seconds=0.05, max_runs=50):
     return float(np.median(runs))
 
 
+def _target(device, operands):
+    """The OpenCL device to tune on: ``device`` ("opencl", "opencl:N", or "auto" for the device of the
+    DeviceArray operands); ValueError listing the devices tuning accepts otherwise."""
+    if device == "auto":
+        resident = [a for a in operands if isinstance(a, DeviceArray)]
+        if resident:
+            return resident[0]._device
+        try:
+            return resolve_tuning_device(device)
+        except ValueError as error:
+            raise ValueError(f"{error} ('auto' tunes on the device of DeviceArray operands, and there is none)") \
+                from None
+    return resolve_tuning_device(device)
+
+
 def tune(op, *operands, device="opencl", time_budget=30.0, max_candidates=None, progress=True, seed=0,
          **kwargs):
     """Search the kernel space for ``op`` ("conv2d" or "matmul") on the shapes of ``operands``.
@@ -160,20 +206,22 @@ def tune(op, *operands, device="opencl", time_budget=30.0, max_candidates=None, 
     candidate against the float64 reference, times the correct ones with OpenCL events, and stores the
     fastest in the tuning database for that device. Stops after ``time_budget`` seconds or
     ``max_candidates`` candidates. Returns a :class:`TuneResult`.
-    """
-    import pyopencl as cl
-    from tqdm import tqdm  # plain text bar: tqdm.auto needs ipywidgets in notebooks and warns without them
 
+    ``device`` is "opencl", an available "opencl:N", or "auto" (the device of DeviceArray operands);
+    ``kwargs`` are conv2d's keyword arguments (stride, padding, dilation, groups, activation; matmul takes
+    none). Without pyopencl, or with no OpenCL device, it raises the ValueError conv2d raises, saying why.
+    """
     spec = _spec(op, operands, kwargs)
     if isinstance(time_budget, bool) or not (isinstance(time_budget, numbers.Real) and time_budget > 0):
         raise ValueError(f"time_budget must be a positive number of seconds, got {time_budget!r}")
     if max_candidates is not None and (isinstance(max_candidates, bool)
                                        or not isinstance(max_candidates, numbers.Integral) or max_candidates < 1):
         raise ValueError(f"max_candidates must be a positive int or None, got {max_candidates!r}")
-    target = resolve_device(device, operands)
-    if isinstance(target, str):
-        raise ValueError(f"device must be an OpenCL device ('opencl' or 'opencl:N') to tune, got {device!r}: "
-                         "the cpu backend takes its tiles from the cache sizes")
+    target = _target(device, operands)  # without pyopencl: says so and how to install it
+    # (tqdm's plain text bar: tqdm.auto needs ipywidgets in notebooks and warns without them.)
+    import pyopencl as cl
+    from tqdm import tqdm
+
     workload = Workload.from_spec(spec)
     limits = space.DeviceLimits.of(target)
     rng = random.Random(seed)
