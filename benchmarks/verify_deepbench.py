@@ -4,7 +4,7 @@ The test suite runs scaled-down DeepBench shapes; this script runs the real size
 by default, to keep the float64 reference affordable) and prints error and speed per shape. Exits
 non-zero if any relative L2 error exceeds 1e-5 (float32).
 
-    python benchmarks/verify_deepbench.py [--oracles ../shared/oracles] [--batch 1] [--limit N]
+    python benchmarks/verify_deepbench.py [--oracles tests/oracles] [--batch 1] [--limit N]
 """
 
 import argparse
@@ -19,7 +19,7 @@ import sparkle
 from sparkle import reference
 
 TOLERANCE = 1e-5
-DEFAULT_ORACLES = pathlib.Path(__file__).resolve().parents[2] / "shared" / "oracles"
+DEFAULT_ORACLES = pathlib.Path(__file__).resolve().parents[1] / "tests" / "oracles"  # the copy in the repository
 
 
 def unique_problems(oracles):

@@ -1,14 +1,24 @@
-"""sparkle.matmul against the float64 reference: dtypes, layouts, degenerate sizes, devices."""
+"""sparkle.matmul on the CPU against the float64 reference: dtypes, layouts, degenerate sizes; the
+reference device against numpy's float64 product, "auto" against the CPU device, and matmul against the
+equivalent 1x1 convolution, each against independent float64 values.
+
+The cases run on device="cpu" only: on "reference" they would compare the reference with itself,
+and "auto" with numpy inputs is the CPU path (test_auto_device_is_the_cpu_device checks that).
+"""
 
 import numpy as np
 import pytest
+from _helpers import (
+    DTYPES,
+    LAYOUTS,
+    Unchanged,
+    assert_close_to_reference,
+    make_array,
+    rel_l2,
+)
 
 import sparkle
 from sparkle import reference
-
-from _helpers import DTYPES, LAYOUTS, Unchanged, assert_close_to_reference, make_array
-
-DEVICES = ["cpu", "reference", "auto"]
 
 
 def check_matmul(a, b, device):
@@ -23,15 +33,14 @@ def check_matmul(a, b, device):
 
 
 @pytest.mark.boundscheck
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("mkn", [(1, 1, 1), (3, 64, 5), (37, 29, 41), (64, 300, 9), (128, 96, 200)],
                          ids=lambda s: "x".join(map(str, s)))
-def test_matmul_matches_reference(device, dtype, mkn):
+def test_matmul_matches_reference(dtype, mkn):
     m, k, n = mkn
     rng = np.random.default_rng(m + 7 * k + 31 * n)
     a, b = make_array(rng, (m, k), dtype), make_array(rng, (k, n), dtype)
-    c = check_matmul(a, b, device)
+    c = check_matmul(a, b, "cpu")
     assert_close_to_reference(c, reference.matmul(a, b), dtype)
 
 
@@ -49,30 +58,74 @@ def test_matmul_any_memory_layout(dtype, layout_a, layout_b):
     np.testing.assert_array_equal(c, sparkle.matmul(np.ascontiguousarray(a), np.ascontiguousarray(b), device="cpu"))
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("mkn", [(0, 4, 5), (4, 0, 5), (4, 5, 0), (0, 0, 0), (0, 3, 0)],
                          ids=lambda s: "x".join(map(str, s)))
-def test_matmul_zero_sizes(device, dtype, mkn):
+def test_matmul_zero_sizes(dtype, mkn):
     # An empty reduction (K = 0) is a sum of nothing: exact zeros.
     m, k, n = mkn
     rng = np.random.default_rng(4)
     a, b = make_array(rng, (m, k), dtype), make_array(rng, (k, n), dtype)
-    c = check_matmul(a, b, device)
+    c = check_matmul(a, b, "cpu")
     np.testing.assert_array_equal(c, np.zeros((m, n), dtype))
 
 
 @pytest.mark.boundscheck
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("mkn", [(1, 9, 11), (9, 1, 11), (9, 11, 1), (1, 1, 50), (50, 1, 1), (1, 50, 1)],
                          ids=lambda s: "x".join(map(str, s)))
-def test_matmul_unit_sizes(device, dtype, mkn):
+def test_matmul_unit_sizes(dtype, mkn):
     m, k, n = mkn
     rng = np.random.default_rng(5)
     a, b = make_array(rng, (m, k), dtype, "F"), make_array(rng, (k, n), dtype, "negative")
-    c = check_matmul(a, b, device)
+    c = check_matmul(a, b, "cpu")
     assert_close_to_reference(c, reference.matmul(a, b), dtype)
+
+
+def numpy_float64_product(a, b):
+    """a @ b from numpy in float64 (its BLAS or einsum, none of Sparkle's code)."""
+    return np.asarray(a, dtype=np.float64) @ np.asarray(b, dtype=np.float64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mkn", [(1, 1, 1), (3, 64, 5), (37, 29, 41), (4, 0, 5), (0, 3, 2), (1, 50, 1)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_reference_device_matches_numpy_float64(dtype, mkn):
+    # The oracle itself: the float64 product rounded once to the input dtype.
+    m, k, n = mkn
+    rng = np.random.default_rng(m + 7 * k + 31 * n + 1)
+    a, b = make_array(rng, (m, k), dtype, "F"), make_array(rng, (k, n), dtype, "negative")
+    c = check_matmul(a, b, "reference")
+    expected = numpy_float64_product(a, b)
+    if dtype == np.float64:
+        assert rel_l2(c, expected) <= 1e-14
+    else:  # within half a float32 ulp of the float64 value, give or take float64 rounding
+        np.testing.assert_allclose(c, expected, rtol=2.0 ** -24 * (1 + 1e-6), atol=1e-30)
+    assert rel_l2(reference.matmul(a, b), expected) <= 1e-14
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mkn", [(37, 29, 41), (1, 9, 11), (4, 0, 5)], ids=lambda s: "x".join(map(str, s)))
+def test_auto_device_is_the_cpu_device(dtype, mkn):
+    # With numpy inputs, "auto" runs the CPU backend: the same numbers, bit for bit.
+    m, k, n = mkn
+    rng = np.random.default_rng(m + 7 * k + 31 * n + 2)
+    a, b = make_array(rng, (m, k), dtype), make_array(rng, (k, n), dtype)
+    np.testing.assert_array_equal(check_matmul(a, b, "auto"), check_matmul(a, b, "cpu"))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_matmul_equals_pointwise_conv(dtype):
+    # (M, K) @ (K, N) is a 1x1 convolution of a (1, K, 1, N) image: both public paths against numpy's
+    # float64 product (matmul) and einsum over the convolution's own axes (conv2d).
+    rng = np.random.default_rng(5)
+    a, b = make_array(rng, (9, 14), dtype), make_array(rng, (14, 11), dtype)
+    image, weights = b.reshape(1, 14, 1, 11), a.reshape(9, 14, 1, 1)
+    via_conv = sparkle.conv2d(image, weights, device="cpu")
+    expected_conv = np.einsum("nchw,kc->nkhw", image.astype(np.float64), weights[:, :, 0, 0].astype(np.float64))
+    assert via_conv.dtype == dtype
+    assert_close_to_reference(via_conv, expected_conv, dtype)
+    assert_close_to_reference(sparkle.matmul(a, b, device="cpu"), numpy_float64_product(a, b), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -1,9 +1,10 @@
-"""The external oracles on every OpenCL device: the ONNX Conv node tests (expected outputs written outside
-this project) and DeepBench problems at batch 1 and full size, checked against the float64 reference
-(convolutions at sampled output points, GEMMs in full).
+"""The oracles on every OpenCL device: the ONNX Conv node tests (expected outputs written outside this
+project), the fused-path cases (expected outputs from PyTorch in float64), and DeepBench problems at
+batch 1 and full size, checked against the float64 reference (convolutions at sampled output points,
+GEMMs in full).
 
-The oracle files are found as tests/test_oracles.py finds them (../shared/oracles or $SPARKLE_ORACLES);
-a missing directory fails, as there.
+The oracle files are found as tests/test_oracles.py finds them (tests/oracles, or $SPARKLE_ORACLES);
+a missing directory fails, as there. Expected outputs are checked with test_oracles' float32 tolerance.
 """
 
 from __future__ import annotations
@@ -13,13 +14,20 @@ import pytest
 
 pytest.importorskip("pyopencl")
 
-import sparkle  # noqa: E402
-from sparkle import reference  # noqa: E402
+from _helpers import Unchanged, assert_close_to_reference, make_array
+from _opencl import opencl_params, runtime_device, sparkle_cache  # noqa: F401
+from test_oracles import (
+    DEEPBENCH_SEED,
+    check_fused_case,
+    check_onnx_case,
+    deepbench_conv_sample,
+    fused_case_names,
+    onnx_case_ids,
+    read_json,
+)
 
-from _helpers import Unchanged, assert_close_to_reference, make_array  # noqa: E402
-from _opencl import opencl_params, sparkle_cache  # noqa: E402,F401
-from test_oracles import (DEEPBENCH_SEED, check_onnx_case, deepbench_conv_sample, onnx_case_ids,  # noqa: E402
-                          read_json)
+import sparkle
+from sparkle import reference
 
 pytestmark = [pytest.mark.usefixtures("sparkle_cache"),
               pytest.mark.filterwarnings("error::sparkle.opencl.backend.OpenCLFallbackWarning")]
@@ -27,14 +35,30 @@ pytestmark = [pytest.mark.usefixtures("sparkle_cache"),
 DEVICES = opencl_params()
 
 
-@pytest.mark.parametrize("suite, name", onnx_case_ids(), ids=lambda v: str(v))
-@pytest.mark.parametrize("device_id", DEVICES)
-def test_onnx_conv_expected_output(device_id, suite, name):
-    out, operands, kwargs = check_onnx_case(suite, name, device_id)
+def assert_same_on_device(out, operands, kwargs, device_id):
     # The same problem with the operands already on the device gives the same numbers.
     on_device = sparkle.conv2d(*(None if a is None else sparkle.to_device(a, device_id) for a in operands),
                                **kwargs)
     np.testing.assert_array_equal(on_device.get(), out)
+
+
+@pytest.mark.parametrize("suite, name", onnx_case_ids(), ids=lambda v: str(v))
+@pytest.mark.parametrize("device_id", DEVICES)
+def test_onnx_conv_expected_output(device_id, suite, name):
+    out, operands, kwargs = check_onnx_case(suite, name, device_id)
+    assert_same_on_device(out, operands, kwargs, device_id)
+
+
+@pytest.mark.parametrize("name", fused_case_names())
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("device_id", DEVICES)
+def test_fused_case_expected_output(device_id, dtype, name):
+    # Asymmetric and odd SAME_UPPER padding, dilation, groups and unequal strides at float32's (and,
+    # where the device has float64, float64's) accuracy.
+    if dtype == np.float64 and not runtime_device(device_id).has_fp64:
+        pytest.skip(f"{device_id} has no float64 support")
+    out, operands, kwargs = check_fused_case(name, device_id, dtype)
+    assert_same_on_device(out, operands, kwargs, device_id)
 
 
 # --- DeepBench at batch 1 ----------------------------------------------------------------------------
@@ -49,7 +73,6 @@ def deepbench_convs(count=6):
     first ``count``: each costs a program build)."""
     picks, geometries = [], set()
     for problem in deepbench_conv_sample():
-        _, c, h, w = problem["x_shape_nchw"]
         k, cg, r, s = problem["w_shape_kcrs"]
         _, _, p, q = problem["y_shape_nkpq"]
         geometry = (r, s, tuple(problem["torch"]["stride"]), tuple(problem["torch"]["padding_tblr"]))
@@ -80,8 +103,8 @@ def test_deepbench_conv_batch_1(device_id, problem):
     x = make_array(rng, (1, *problem["x_shape_nchw"][1:]), np.float32)
     w = make_array(rng, problem["w_shape_kcrs"], np.float32)
     bias = make_array(rng, problem["w_shape_kcrs"][:1], np.float32)
-    kwargs = dict(stride=tuple(torch["stride"]), padding=tuple(torch["padding_tblr"]),
-                  dilation=tuple(torch["dilation"]), groups=torch["groups"])
+    kwargs = {"stride": tuple(torch["stride"]), "padding": tuple(torch["padding_tblr"]),
+              "dilation": tuple(torch["dilation"]), "groups": torch["groups"]}
     y = sparkle.conv2d(x, w, bias, device=device_id, **kwargs)
     assert y.shape == (1, *problem["y_shape_nkpq"][1:]) and y.dtype == np.float32
     assert np.isfinite(y).all()
