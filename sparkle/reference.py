@@ -69,8 +69,8 @@ def conv2d_at(x, w, bias=None, *, points, stride=1, padding=0, dilation=1, group
         inside = (rows[:, None] >= 0) & (rows[:, None] < spec.height) & (cols >= 0) & (cols < spec.width)
         window = x[n, g * c_per_group:(g + 1) * c_per_group][:, rows.clip(0, spec.height - 1)][
             :, :, cols.clip(0, spec.width - 1)].astype(np.float64)
-        products = window * np.asarray(w[k], dtype=np.float64)
-        values[index] = products[:, inside].sum()  # taps over padding contribute nothing
+        window = np.where(inside, window, 0.0)  # the zero padding, multiplied like any input (inf * 0 is NaN)
+        values[index] = (window * np.asarray(w[k], dtype=np.float64)).sum()
     if bias is not None:
         values += np.asarray(bias, dtype=np.float64)[points[:, 1]]
     if activation == "relu":

@@ -267,11 +267,20 @@ def source_files(modules):
 def drivers():
     isa = active_isa()
     mr, nv = isa.default_microkernel
+    from sparkle.cpu.direct import direct_conv2d
+
     return {"packed": fused_conv2d_driver(mr, nv, nv * isa.lanes(4)),
-            "implicit": implicit_conv2d_driver(mr, nv, nv * isa.lanes(4))}
+            "implicit": implicit_conv2d_driver(mr, nv, nv * isa.lanes(4)),
+            "direct": direct_conv2d}
 
 
-@pytest.mark.parametrize("path", ["packed", "implicit"])
+# The modules each kernel must be seen to take code from (the check that compiled_modules finds them).
+KERNEL_SOURCES = {"packed": {"microkernel.py", "threads.py", "affinity.py", "atomics.py", "conv2d.py"},
+                  "implicit": {"microkernel.py", "threads.py", "affinity.py", "atomics.py", "conv2d.py"},
+                  "direct": {"threads.py", "affinity.py", "atomics.py", "direct.py"}}
+
+
+@pytest.mark.parametrize("path", ["packed", "implicit", "direct"])
 def test_driver_cache_key_hashes_every_source_it_compiles(path, tmp_path, monkeypatch):
     """Numba keys a disk-cache entry by the function's own file and its closure; the drivers carry a
     fingerprint of the sources they compile in their closure. Editing any module the driver takes code
@@ -282,7 +291,7 @@ def test_driver_cache_key_hashes_every_source_it_compiles(path, tmp_path, monkey
     fingerprint = conv2d_module.kernel_source_fingerprint()
     assert fingerprint in [cell.cell_contents for cell in driver.py_func.__closure__]
     files = source_files(compiled_modules(driver))
-    assert {"microkernel.py", "threads.py", "affinity.py", "atomics.py", "conv2d.py"} <= set(files), files
+    assert KERNEL_SOURCES[path] <= set(files), files
     copy = tmp_path / "cpu"
     shutil.copytree(Path(conv2d_module.__file__).parent, copy, ignore=shutil.ignore_patterns("__pycache__"))
     monkeypatch.setattr(conv2d_module, "__file__", str(copy / "conv2d.py"))
@@ -292,15 +301,6 @@ def test_driver_cache_key_hashes_every_source_it_compiles(path, tmp_path, monkey
         (copy / name).write_bytes(original + b"\n# edited\n")
         assert conv2d_module.kernel_source_fingerprint() != fingerprint, f"editing {name} keeps the cache key"
         (copy / name).write_bytes(original)
-
-
-@pytest.mark.xfail(strict=True, reason="direct.py's direct_conv2d compiles in code from threads.py, affinity.py "
-                                       "and atomics.py, but Numba keys its cache entry by direct.py alone "
-                                       "(it has no source fingerprint): an edit to those modules is served stale")
-def test_direct_kernel_cache_key_covers_every_source_it_compiles():
-    from sparkle.cpu.direct import direct_conv2d
-
-    assert source_files(compiled_modules(direct_conv2d)) == ["direct.py"]
 
 
 def test_cache_key_includes_the_cpu_features():
@@ -337,21 +337,26 @@ EDIT_BEFORE = "    if cpus.size == 0 or current_thread_id() == caller:\n        
 EDITED_KERNELS = """
     import json, numpy as np, sparkle
     from sparkle.cpu import backend, threads
+    from sparkle.cpu.conv2d import fused_conv2d_driver
     from sparkle.cpu.direct import direct_conv2d
     from sparkle.cpu.implicit import implicit_conv2d_driver
     rng = np.random.default_rng(0)
     x = rng.standard_normal((1, 8, 10, 10)).astype(np.float32)
     report = {"file": sparkle.__file__}
+    # Each path forced, whatever this CPU's planner would pick: the direct kernel (no plan), the implicit
+    # and the packed GEMM drivers.
     for name, w, groups in (("direct", rng.standard_normal((8, 1, 3, 3)), 8),
-                            ("implicit", rng.standard_normal((16, 8, 3, 3)), 1)):
+                            ("implicit", rng.standard_normal((16, 8, 3, 3)), 1),
+                            ("packed", rng.standard_normal((16, 8, 3, 3)), 1)):
         w = w.astype(np.float32)
         spec = sparkle.api.conv2d_spec(x, w, padding=1, groups=groups)
         assert backend.uses_direct_kernel(spec) == (name == "direct")
-        plan = backend.plan_conv2d(spec)
-        assert name == "direct" or plan.implicit
-        kernel = direct_conv2d if name == "direct" else implicit_conv2d_driver(plan.mr, plan.nv, plan.nr)
+        plan = None if name == "direct" else backend.plan_conv2d(spec, implicit=name == "implicit")
+        kernel = {"direct": lambda: direct_conv2d,
+                  "implicit": lambda: implicit_conv2d_driver(plan.mr, plan.nv, plan.nr),
+                  "packed": lambda: fused_conv2d_driver(plan.mr, plan.nv, plan.nr)}[name]()
         before = threads.binding_failures()
-        y = sparkle.conv2d(x, w, padding=1, groups=groups, device="cpu")
+        y = backend.conv2d(x, w, None, spec, plan)
         assert np.allclose(y, sparkle.reference.conv2d(x, w, padding=1, groups=groups), rtol=1e-4, atol=1e-4)
         report[name] = dict(counted=threads.binding_failures() - before,
                             compiled=sum(kernel.stats.cache_misses.values()))
@@ -385,9 +390,7 @@ def edited_kernel_runs(tmp_path_factory):
     return before, run()
 
 
-@pytest.mark.parametrize("kernel", ["implicit", pytest.param("direct", marks=pytest.mark.xfail(
-    strict=True, reason="the direct kernel's disk-cache entry is keyed by direct.py alone: edits to "
-                        "threads.py, affinity.py or atomics.py are served stale"))])
+@pytest.mark.parametrize("kernel", ["implicit", "packed", "direct"])
 def test_a_new_process_runs_an_edited_kernel_not_the_cached_one(kernel, edited_kernel_runs):
     before, after = edited_kernel_runs
     assert before[kernel]["counted"] == 0

@@ -194,7 +194,7 @@ def test_to_device_device_must_be_a_string(device):
 @pytest.mark.parametrize("device_id", DEVICES)
 def test_device_array_reshape_must_keep_the_size(device_id):
     d = sparkle.to_device(np.arange(12, dtype=np.float32).reshape(3, 4), device_id)
-    for shape in [(5, 2), (13,), (12, 2), (-1, 12), (0, 12)]:
+    for shape in [(5, 2), (13,), (12, 2), (-1, 5), (-1, -1), (0, 12)]:
         with pytest.raises(ValueError, match=r"^shape\b"):
             d.reshape(shape)
     np.testing.assert_array_equal(d.get(), np.arange(12, dtype=np.float32).reshape(3, 4))

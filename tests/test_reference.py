@@ -111,10 +111,6 @@ def test_conv2d_at_propagates_nan_from_the_input_and_through_relu():
     assert np.isnan(values).any()
 
 
-@pytest.mark.xfail(strict=True, reason="conv2d_at skips the taps that fall on padding, while reference.conv2d "
-                                       "multiplies them by the zero padding: an infinite weight gives "
-                                       "inf * 0 = NaN there in reference.conv2d (and in the CPU kernels), "
-                                       "a finite value in conv2d_at")
 def test_conv2d_at_agrees_with_the_full_reference_for_a_non_finite_weight_on_padding():
     x, w, _bias, _kwargs = case_inputs("plain", np.float64)
     w = w.copy()

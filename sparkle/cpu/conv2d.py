@@ -72,7 +72,7 @@ def kernel_source_fingerprint():
     inlines code from its sibling modules, so their contents go into its cache key.
     """
     digest = hashlib.sha256()
-    for module in ("affinity.py", "atomics.py", "conv2d.py", "implicit.py", "microkernel.py", "packing.py",
+    for module in ("affinity.py", "atomics.py", "conv2d.py", "direct.py", "implicit.py", "microkernel.py", "packing.py",
                    "threads.py"):
         digest.update((pathlib.Path(__file__).parent / module).read_bytes())
     return int.from_bytes(digest.digest()[:7], "little")
