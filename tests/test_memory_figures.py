@@ -91,3 +91,25 @@ def test_unpadded_stride_1_input_is_read_in_place():
     peak, _ = measured(x, w, spec, plan)
     output = 2 * K * (H - 2) * (W - 2) * FLOAT32
     assert output <= peak <= output + SLACK, peak
+
+
+@pytest.mark.parametrize("l1d, l2, mib", [(32 * 1024, 512 * 1024, 0.28), (48 * 1024, 2 * MIB, 0.97)],
+                         ids=["epyc-512k-l2", "xeon-2m-l2"])
+def test_packed_path_scratch_follows_the_cache_sizes(monkeypatch, l1d, l2, mib):
+    """README: the packed path's per-thread scratch for res2 3x3 at N = 8 on 2 threads (AVX2 family) is
+    0.28 MiB with a 512 KiB L2 and 0.97 MiB with a 2 MiB L2: it is sized from the caches."""
+    from sparkle import memory
+    from sparkle.cpu import plan as plan_module
+    from sparkle.cpu.isa import isa_by_name
+
+    params = memory.MemoryParams(l1d, l2, 32 * MIB, 64, "test")
+    monkeypatch.setattr(memory, "detect_memory_params", lambda: params)
+    monkeypatch.setattr(plan_module, "detect_memory_params", lambda: params)
+    plan_module._plan.cache_clear()
+    try:
+        _x, _w, spec = res2_call()
+        plan = backend.plan_conv2d(spec, threads=2, isa=isa_by_name("avx2"))
+        assert not plan.implicit
+        assert round(backend.workspace_bytes(spec, plan) / MIB, 2) == mib
+    finally:
+        plan_module._plan.cache_clear()
