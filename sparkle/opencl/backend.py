@@ -4,19 +4,19 @@ Parameters come from the tuning database (this workload, else the nearest tuned 
 kind's defaults. A fault (build failure, launch beyond device resources, out of memory, lost device)
 makes the call run on the Numba CPU backend instead, with a warning naming the cause; the variant that
 failed is not tried again for that workload in this process.
+
+``prepare_conv2d``/``prepare_matmul`` decide all of that once for a call signature and return a callable
+(see ``prepared.py``); ``conv2d``/``matmul`` prepare for the one call they make.
 """
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 import warnings
 
-import numpy as np
-
-from ..cpu import backend as cpu_backend
-from ..device_array import DeviceArray, to_host
-from . import buildlog, launch, transfer
-from .codegen import Workload
+from . import buildlog, transfer
 from .tuning import database, space
 
 
@@ -74,60 +74,72 @@ def _fault_name(error, device):
     return f"{names.get(code, 'OpenCL error')} ({text})"
 
 
+class OpenCLFault(RuntimeError):
+    """A prepared call made with ``on_fault="raise"`` could not run on its device; ``cause`` says why.
+
+    The variant that faulted is excluded as after a fallback; the prepared call chose another already.
+    """
+
+    def __init__(self, device, cause):
+        super().__init__(f"{device.id} ({device.name}): {cause}")
+        self.device_id, self.cause = device.id, cause
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+
+def _caller_stacklevel():
+    """The stacklevel, for a warning issued by this function's caller, of the first frame outside Sparkle
+    (the line that called sparkle.conv2d, matmul or a prepared call, however many Sparkle frames are between)."""
+    frame, level = sys._getframe(2), 2  # level 1 is the caller, which warns
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def _fallback(device, cause, run_on_cpu, to_device):
     warnings.warn(f"{device.id} ({device.name}): {cause}; this call ran on the Numba CPU backend instead",
-                  OpenCLFallbackWarning, stacklevel=5)  # the line that called sparkle.conv2d/matmul
+                  OpenCLFallbackWarning, stacklevel=_caller_stacklevel())
     result = run_on_cpu()
     if to_device:
         try:
             return transfer.upload(device, result, result.dtype)
-        except Exception:  # the device is gone: the host result is still correct
+        except Exception:  # noqa: BLE001 (the device is gone, however it says so: the host result is right)
             return result
     return result
 
 
-def _run(device, workload, image, weights, bias, out_shape, relu, run_on_cpu):
-    """Launch on ``device``, falling back to ``run_on_cpu`` on faults. Returns numpy or a DeviceArray."""
-    import pyopencl as cl
+def prepare_conv2d(spec, device, *, on_fault="fallback"):
+    """A callable ``prepared(x, w, bias)`` for conv2d calls of ``spec`` on the runtime OpenCL ``device``,
+    with ``variant``, ``compiled``, ``on_device``, ``build()`` and ``quarantine()`` (see ``prepared.py``).
 
-    on_device = any(isinstance(a, DeviceArray) for a in (image, weights, bias))
-    dtype = np.dtype(workload.dtype)
-    if int(np.prod(out_shape)) == 0 or workload.gemm_k == 0:
-        host = run_on_cpu()  # nothing to launch; sizes with zeros are exact on the host
-        return transfer.upload(device, host, dtype) if on_device else host
-    params, source = choose_params(device, workload)
-    if params is None:
-        return _fallback(device, source, run_on_cpu, on_device)
-    largest = max(int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-                  for shape in (image.shape, weights.shape, out_shape))
-    if largest > device.max_alloc:
-        return _fallback(device, f"a buffer of {largest / 2**20:.0f} MiB exceeds the device's largest allocation "
-                                 f"({device.max_alloc / 2**20:.0f} MiB)", run_on_cpu, on_device)
-    try:
-        x_dev = transfer.upload(device, image, dtype)
-        w_dev = transfer.upload(device, weights, dtype)
-        b_dev = transfer.upload(device, bias, dtype) if bias is not None else transfer.empty(device, (1,), dtype)
-        out = transfer.empty(device, out_shape, dtype)
-        launch.enqueue(device, workload, params, x_dev.buffer, w_dev.buffer, b_dev.buffer, out.buffer,
-                       has_bias=bias is not None, relu=relu)
-        return out if on_device else out.get()
-    except (cl.Error, MemoryError) as error:
-        _mark_failed(device, workload, params)  # the next call tries the next variant
-        cause = _fault_name(error, device) if isinstance(error, cl.Error) else f"the host is out of memory ({error})"
-        return _fallback(device, cause, run_on_cpu, on_device)
+    It does not build: ``build()`` does, else the first call. Results as :func:`conv2d`: numpy operands give
+    a numpy array, any DeviceArray operand a DeviceArray. ``on_fault``: "fallback" (run on the CPU backend
+    with an OpenCLFallbackWarning) or "raise" (:class:`OpenCLFault`).
+    """
+    from .prepared import PreparedConv2d
+
+    return PreparedConv2d(spec, device, on_fault=on_fault)
+
+
+def prepare_matmul(spec, device, *, on_fault="fallback"):
+    """A callable ``prepared(a, b)`` for matmul calls of ``spec``; otherwise as :func:`prepare_conv2d`."""
+    from .prepared import PreparedMatmul
+
+    return PreparedMatmul(spec, device, on_fault=on_fault)
 
 
 def conv2d(x, w, bias, spec, device):
-    workload = Workload.from_spec(spec)
-    return _run(device, workload, x, w, bias, spec.output_shape, spec.activation == "relu",
-                lambda: cpu_backend.conv2d(to_host(x), to_host(w), to_host(bias), spec))
+    from .prepared import PreparedConv2d
+
+    return PreparedConv2d(spec, device, one_shot=True)(x, w, bias)
 
 
 def matmul(a, b, spec, device):
-    workload = Workload.from_spec(spec)
-    image = b.reshape(1, spec.k, 1, spec.n) if isinstance(b, DeviceArray) else b
-    return _run(device, workload, image, a, None, (spec.m, spec.n), False,
-                lambda: cpu_backend.matmul(to_host(a), to_host(b), spec))
+    from .prepared import PreparedMatmul
+
+    return PreparedMatmul(spec, device, one_shot=True)(a, b)
 
 
-__all__ = ["conv2d", "matmul", "choose_params", "OpenCLFallbackWarning", "failed_variants"]
+__all__ = ["OpenCLFallbackWarning", "OpenCLFault", "choose_params", "conv2d", "failed_variants", "matmul",
+           "prepare_conv2d", "prepare_matmul"]

@@ -50,12 +50,12 @@ class BufferPool:
     max_kept_per_size: int = 8
 
     def take(self, nbytes):
-        cl = _import_pyopencl()
         nbytes = max(int(nbytes), 1)
         with self.lock:
             kept = self.free.get(nbytes)
             if kept:
                 return kept.pop()
+        cl = _import_pyopencl()  # only on a miss: a prepared call's warm path takes kept buffers
         return cl.Buffer(self.context, cl.mem_flags.READ_WRITE, nbytes)
 
     def give(self, buffer):
@@ -128,9 +128,27 @@ class OpenCLDevice:
         self._ensure_context()
         return self.pool.take(nbytes)
 
-    def program(self, source, options=()):
-        """The built program for ``source``: from memory, else from the disk cache, else compiled now."""
-        key = cache.digest(source, " ".join(options), self.identity)
+    def program_key(self, source, options=()):
+        """The key of ``source`` built with ``options`` on this device, in memory and in the disk cache."""
+        return cache.digest(source, " ".join(options), self.identity)
+
+    def has_program(self, key):
+        """Whether the program with ``key`` (see ``program_key``) is built in this process already."""
+        return key in self._programs
+
+    def has_cached_binary(self, key):
+        """Whether the disk cache holds a binary for ``key``: building then loads it instead of compiling."""
+        try:
+            return _binary_path(key).is_file()
+        except OSError:  # an unusable cache directory
+            return False
+
+    def program(self, source, options=(), key=None):
+        """The built program for ``source``: from memory, else from the disk cache, else compiled now.
+
+        ``key`` is ``program_key(source, options)`` when the caller has it already (hashing a source is not free).
+        """
+        key = key or self.program_key(source, options)
         program = self._programs.get(key)
         if program is None:
             program = _build(self, source, list(options), key)

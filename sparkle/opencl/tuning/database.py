@@ -6,10 +6,9 @@ never tuned borrows the parameters of the nearest tuned shape on the same device
 
 from __future__ import annotations
 
+import json
 import math
 import time
-
-import json
 from functools import lru_cache
 from importlib import resources
 

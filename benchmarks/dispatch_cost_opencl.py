@@ -1,0 +1,325 @@
+"""Host cost of one OpenCL call with its data already on the device (issue 9, "Dispatch in microseconds").
+
+Run from the repository root:
+
+    python benchmarks/dispatch_cost_opencl.py [--device opencl:0] [--layers tiny res2_3x3 ...]
+        [--calls 256] [--markdown PATH] [--json PATH]
+
+float32, DeviceArray operands, N=1. For each layer (a tiny 1x4x8x8 3x3 conv, the ResNet-50 layers of
+``sparkle.workloads``, a 64x64x64 matmul), each way of calling is timed two ways:
+
+- queued: ``--calls`` calls in a row, then one ``finish``; the host time until the last call returned,
+  divided by the number of calls (best of a few rounds). What a caller pays per call when it does not wait.
+- latency: one call, then ``finish``; best of many. What a caller waits for one result.
+
+The ways of calling:
+- prepared: ``sparkle.opencl.backend.prepare_conv2d(spec, device)`` (``prepare_matmul``), built once, then
+  called (what the scheduler does for a repeated call signature);
+- one-shot: ``sparkle.conv2d(..., device="opencl:N")``, which validates and prepares for every call;
+- raw: PyOpenCL's own kernel call, ``kernel(queue, global, local, *buffers)``, on a kernel object of the
+  same program (sets the four buffer arguments and enqueues: the floor for a Python caller);
+- torch: ``torch.nn.functional.conv2d`` (``@``) on CUDA tensors, TF32 off, where torch sees a CUDA GPU.
+
+The kernel's own time (OpenCL events, median of 10) is given beside, so that latency minus kernel time
+shows what a call adds around the work.
+
+Before any timing, each way's result is compared with the float64 reference (relative L2 error at most
+1e-5); a wrong result stops the run instead of being timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+
+import sparkle
+from sparkle import api, reference
+from sparkle.devices import resolve_device
+from sparkle.workloads import RESNET50_LAYERS, ConvLayer, layer_inputs
+
+try:
+    import torch
+except ImportError:
+    torch = None
+
+TOLERANCE = 1e-5
+TINY = ConvLayer("tiny_1x4x8x8_3x3", 4, 4, 8, 3, 1, 1)
+MATMUL_SIZE = 64
+
+
+def rel_error(result, expected):
+    result = np.asarray(result, dtype=np.float64)
+    return float(np.linalg.norm(result - expected) / max(np.linalg.norm(expected), 1e-300))
+
+
+def checked(name, way, result, expected):
+    error = rel_error(result, expected)
+    if not error <= TOLERANCE:  # `not <=` catches NaN
+        raise SystemExit(f"{name}: WRONG RESULT from {way}: relative error {error:.2e} over {TOLERANCE:g}")
+    return error
+
+
+def queued_seconds(call, finish, calls, rounds):
+    """Best over ``rounds`` of (host time for ``calls`` calls in a row) / calls; the queue drains between rounds."""
+    best = math.inf
+    for _ in range(rounds):
+        finish()
+        start = time.perf_counter()
+        for _ in range(calls):
+            call()
+        best = min(best, (time.perf_counter() - start) / calls)
+        finish()
+    return best
+
+
+def latency_seconds(call, finish, budget, most=300):
+    """(best, median) of call + finish, repeated up to ``most`` times or ``budget`` seconds."""
+    times = []
+    deadline = time.perf_counter() + budget
+    while len(times) < most and (len(times) < 5 or time.perf_counter() < deadline):
+        start = time.perf_counter()
+        call()
+        finish()
+        times.append(time.perf_counter() - start)
+    return min(times), statistics.median(times)
+
+
+def time_way(call, finish, args):
+    """{queued_us, latency_us, latency_median_us} for one way of calling (warm: called a few times first)."""
+    for _ in range(3):
+        call()
+    finish()
+    best, median = latency_seconds(call, finish, args.latency_budget)
+    # Few calls where each one is slow (PoCL's kernels run on the host's own cores): the round stays short.
+    calls = max(8, min(args.calls, int(args.queue_budget / max(best, 1e-6))))
+    queued = queued_seconds(call, finish, calls, args.rounds)
+    return {"queued_us": queued * 1e6, "latency_us": best * 1e6, "latency_median_us": median * 1e6,
+            "queued_calls": calls}
+
+
+def raw_call(device, prepared, image, weights):
+    """PyOpenCL's own kernel call of the prepared variant's program, on a kernel object of its own."""
+    import pyopencl as cl
+
+    variant = prepared._variant
+    kernel = cl.Kernel(device.program(variant.source, key=variant.program_key), "conv2d")
+    bias = prepared.unused_bias if prepared.unused_bias is not None else sparkle.to_device(
+        np.zeros(1, prepared.dtype), device.id)
+    out = device.pool_buffer(math.prod(prepared.out_shape) * prepared.dtype.itemsize)
+    buffers = (image.buffer, weights.buffer, bias.buffer, out)
+
+    def call():
+        return kernel(device.queue, variant.global_size, variant.local_size, *buffers)
+
+    def result():
+        host = np.empty(prepared.out_shape, prepared.dtype)
+        cl.enqueue_copy(device.queue, host, out, is_blocking=True)
+        return host
+
+    return call, result
+
+
+def torch_ways(host, conv_kwargs):
+    """(call, finish, result) on CUDA, or None where torch or a CUDA GPU is missing."""
+    if torch is None or not torch.cuda.is_available():
+        return None
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.benchmark = True
+    first, second = (torch.from_numpy(a).cuda() for a in host)
+
+    def call():
+        if conv_kwargs is None:
+            return first @ second
+        return torch.nn.functional.conv2d(first, second, **conv_kwargs)
+
+    return call, torch.cuda.synchronize, lambda: call().cpu().numpy()
+
+
+def measure(device, name, host, conv_kwargs, args):
+    from sparkle.opencl import backend, launch
+
+    is_matmul = conv_kwargs is None
+    operands = [sparkle.to_device(a, device.id) for a in host]
+    if is_matmul:
+        spec = api.matmul_spec(*host)
+        expected = reference.matmul(*host)
+        prepared = backend.prepare_matmul(spec, device)
+        image, weights = operands[1], operands[0]  # b is the kernel's image, a its weights
+    else:
+        spec = api.conv2d_spec(*host, **conv_kwargs)
+        expected = reference.conv2d(*host, **conv_kwargs)
+        prepared = backend.prepare_conv2d(spec, device)
+        image, weights = operands
+
+    def one_shot():
+        if is_matmul:
+            return sparkle.matmul(*operands, device=device.id)
+        return sparkle.conv2d(*operands, device=device.id, **conv_kwargs)
+
+    def call():
+        return prepared(*operands)
+
+    compiled_before = prepared.compiled
+    start = time.perf_counter()
+    if not prepared.build():
+        raise SystemExit(f"{name}: no kernel variant runs on {device.id}: {prepared.variant}")
+    build_seconds = time.perf_counter() - start
+    finish = device.queue.finish
+    raw, raw_result = raw_call(device, prepared, image, weights)
+    row = {"workload": name, "variant": prepared.variant, "compiled_at_prepare": compiled_before,
+           "build_s": build_seconds, "gflop": spec.flops / 1e9}
+    row["error"] = {"prepared": checked(name, "the prepared call", call().get(), expected),
+                    "prepared_numpy": checked(name, "the prepared call (numpy)", prepared(*host), expected),
+                    "one_shot": checked(name, "sparkle.conv2d", one_shot().get(), expected)}
+    raw()
+    row["error"]["raw"] = checked(name, "the raw kernel call", raw_result(), expected)
+    events = [raw() for _ in range(10)]
+    row["kernel_us"] = statistics.median(launch.event_seconds(event) for event in events) * 1e6
+    ways = {"prepared": (call, finish), "one_shot": (one_shot, finish), "raw": (raw, finish)}
+    torch_call = torch_ways(host, conv_kwargs) if not args.no_torch else None
+    if torch_call is not None:
+        t_call, t_finish, t_result = torch_call
+        row["error"]["torch"] = checked(name, "torch", t_result(), expected)
+        ways["torch"] = (t_call, t_finish)
+    for way, (run, wait) in ways.items():
+        row[way] = time_way(run, wait, args)
+    return row
+
+
+def step_seconds(call, repeat=200, rounds=5):
+    best = math.inf
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(repeat):
+            call()
+        best = min(best, (time.perf_counter() - start) / repeat)
+    return best
+
+
+def one_shot_breakdown(device, layer):
+    """Host µs of each step ``sparkle.conv2d(..., device="opencl:N")`` takes for device operands, timed alone
+    (best of a few rounds): where a call that prepares for itself spends its time."""
+    from sparkle.devices import resolve_device as resolve
+    from sparkle.opencl import backend, codegen, transfer
+    from sparkle.opencl.codegen import Workload
+
+    x, w = layer_inputs(layer)
+    kwargs = layer.conv_kwargs()
+    xd, wd = sparkle.to_device(x, device.id), sparkle.to_device(w, device.id)
+    spec = api.conv2d_spec(xd, wd, **kwargs)
+    workload = Workload.from_spec(spec)
+    params, _ = backend.choose_params(device, workload)
+    source = codegen.render(workload, params)
+    kernel = device.kernel(source, "conv2d")
+    global_size, local_size = codegen.launch_geometry(workload, params)
+    out = transfer.empty(device, spec.output_shape, spec.dtype)
+    unused = transfer.empty(device, (1,), spec.dtype)
+    steps = {
+        "validate the arguments (api.conv2d_spec)": lambda: api.conv2d_spec(xd, wd, **kwargs),
+        "resolve the device id": lambda: resolve(device.id, (xd, wd)),
+        "workload of the spec": lambda: Workload.from_spec(spec),
+        "choose the parameters (tuning database)": lambda: backend.choose_params(device, workload),
+        "render the kernel source": lambda: codegen.render(workload, params),
+        "find the kernel object (source as key)": lambda: device.kernel(source, "conv2d"),
+        "output and unused-bias DeviceArrays": lambda: (transfer.empty(device, spec.output_shape, spec.dtype),
+                                                        transfer.empty(device, (1,), spec.dtype)),
+        "enqueue (PyOpenCL's kernel call)": lambda: kernel(device.queue, global_size, local_size, xd.buffer,
+                                                           wd.buffer, unused.buffer, out.buffer),
+    }
+    rows = {name: step_seconds(call) * 1e6 for name, call in steps.items()}
+    device.queue.finish()
+    rows["whole call: sparkle.conv2d(..., device=id)"] = step_seconds(
+        lambda: sparkle.conv2d(xd, wd, device=device.id, **kwargs)) * 1e6
+    device.queue.finish()
+    return rows
+
+
+def fmt(value):
+    return "–" if value is None else (f"{value:.1f}" if value < 100 else f"{value:.0f}")
+
+
+def markdown(rows, header):
+    has_torch = any("torch" in r for r in rows)
+    ways = ["prepared", "one_shot", "raw"] + (["torch"] if has_torch else [])
+    names = {"prepared": "prepared", "one_shot": "sparkle.conv2d", "raw": "raw pyopencl", "torch": "torch CUDA"}
+    head = ["layer"] + [f"{names[w]} queued µs" for w in ways] + [f"{names[w]} latency µs" for w in ways] \
+        + ["kernel µs (events)"]
+    lines = [header, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["workload"]] + [fmt(r.get(w, {}).get("queued_us")) for w in ways] \
+            + [fmt(r.get(w, {}).get("latency_us")) for w in ways] + [fmt(r["kernel_us"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", ("Variants (parameters, and where they came from), build time at first prepare, and the largest "
+                   "relative error of any way against the float64 reference:"), ""]
+    lines += ["| layer | variant | built in | max error |", "|---|---|---|---|"]
+    for r in rows:
+        built = "in memory already" if r["compiled_at_prepare"] else f"{r['build_s'] * 1e3:.0f} ms"
+        lines.append(f"| {r['workload']} | {r['variant']} | {built} | {max(r['error'].values()):.1e} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="opencl", help="OpenCL device id (default: first GPU, else first)")
+    parser.add_argument("--layers", nargs="+",
+                        default=[TINY.name, *(layer.name for layer in RESNET50_LAYERS), f"matmul_{MATMUL_SIZE}"])
+    parser.add_argument("--calls", type=int, default=256, help="calls queued per round (fewer where calls are slow)")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--queue-budget", type=float, default=0.5, help="seconds of device work per queued round")
+    parser.add_argument("--latency-budget", type=float, default=0.5, help="seconds per latency measurement")
+    parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also time each step of sparkle.conv2d(device=id) alone, on the tiny layer")
+    parser.add_argument("--markdown", default=None)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    device = resolve_device(args.device)
+    if isinstance(device, str):
+        parser.error(f"--device must be an OpenCL device, got {args.device!r}")
+    cuda = torch is not None and torch.cuda.is_available() and not args.no_torch
+    header = (f"Device: {device.id} {device.name} ({device.identity}); host {platform.processor() or platform.machine()}"
+              f", Python {platform.python_version()}; torch {torch.__version__ if torch else 'absent'}"
+              f"{' with CUDA ' + torch.cuda.get_device_name() if cuda else ' (no CUDA: no torch figures)'}; "
+              f"{time.strftime('%Y-%m-%d %H:%M')}")
+    print(header, flush=True)
+    layers = {layer.name: layer for layer in (TINY, *RESNET50_LAYERS)}
+    rows = []
+    for name in args.layers:
+        if name.startswith("matmul_"):
+            size = int(name.split("_")[1])
+            rng = np.random.default_rng(1)
+            host = [rng.standard_normal((size, size)).astype(np.float32) for _ in range(2)]
+            rows.append(measure(device, name, host, None, args))
+        else:
+            layer = layers[name]
+            rows.append(measure(device, name, layer_inputs(layer), layer.conv_kwargs(), args))
+        r = rows[-1]
+        print(f"  {name}: prepared {r['prepared']['queued_us']:.1f} µs queued, {r['prepared']['latency_us']:.1f} µs "
+              f"latency; raw {r['raw']['queued_us']:.1f} / {r['raw']['latency_us']:.1f}", flush=True)
+    report = markdown(rows, header) + "\n"
+    breakdown = None
+    if args.breakdown:
+        breakdown = one_shot_breakdown(device, TINY)
+        report += ("\nWhere `sparkle.conv2d(xd, wd, device=id)` spends its host time, each step timed alone on the "
+                   "tiny layer (µs per call, queued):\n\n| step | µs |\n|---|---|\n"
+                   + "".join(f"| {name} | {fmt(us)} |\n" for name, us in breakdown.items()))
+    print("\n" + report)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(report)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"header": header, "rows": rows, "one_shot_breakdown": breakdown}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,362 @@
+"""Prepared OpenCL calls: what one call signature needs, decided once, so a warm call only enqueues.
+
+``backend.prepare_conv2d(spec, device)`` and ``backend.prepare_matmul(spec, device)`` make one. Preparing
+chooses the kernel variant (tuned, else the nearest tuned shape, else the device kind's defaults), the
+launch geometry, the output's shape and size, and checks the buffers against the device's limits. It does
+not build: ``build()`` does (from memory, the disk cache, or the compiler), else the first call does.
+
+A built prepared call owns its kernel object, with the bias argument set once when the call has no bias.
+A call whose operands are all DeviceArrays on the device takes an output buffer from the pool, sets the
+buffer arguments that change and enqueues: no file access, no hashing, no shape arithmetic, no numpy
+reduction on that path. Other operands (numpy arrays, arrays of another device) are copied first, as
+``sparkle.conv2d`` does.
+
+The variant stays until it faults or is quarantined; the call then chooses again at once, passing over
+every variant that failed for this workload on this device in this process. A tuning result stored after
+preparing is not picked up: prepare again for it.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import weakref
+
+import numpy as np
+import pyopencl as cl  # imported by backend.prepare_* only, which run on an OpenCL device
+
+from ..api import Conv2dSpec, MatmulSpec
+from ..cpu import backend as cpu_backend
+from ..device_array import DeviceArray, to_host
+from . import backend, codegen, launch, transfer
+from .codegen import Workload
+
+ON_FAULT = ("fallback", "raise")
+KERNEL_NAME = "conv2d"
+BIAS_ARG, OUT_ARG = 2, 3  # the kernel's arguments: x (image), w (weights), bias, out
+
+
+def variant_name(params, origin):
+    """A short id of a parameter set and where it came from: "TM=64 TN=128 ... VN=1 (tuned)"."""
+    complete = {**codegen.DEFAULTS, **params}
+    return " ".join(f"{name}={complete[name]}" for name in codegen.TUNABLES) + f" ({origin.split()[0]})"
+
+
+class _Variant:
+    """One kernel variant of a prepared call: its parameters and, once built, its own kernel object."""
+
+    def __init__(self, call, params, origin):
+        self.params = params
+        self.origin = origin  # "tuned", "nearest <workload key>" or "default"
+        self.name = variant_name(params, origin)
+        self.global_size, self.local_size = codegen.launch_geometry(call.workload, params)
+        self._call = call
+        self._source = self._key = None
+        self.kernel = None
+        self.lock = threading.Lock()  # clSetKernelArg + enqueue on one kernel object is not thread-safe
+
+    @property
+    def source(self):
+        if self._source is None:
+            call = self._call
+            self._source = codegen.render(call.workload, self.params, has_bias=call.has_bias, relu=call.relu)
+        return self._source
+
+    @property
+    def program_key(self):
+        if self._key is None:
+            self._key = self._call.device.program_key(self.source)
+        return self._key
+
+    def build(self):
+        """Build (or take from the program caches) and make the kernel object; raises the driver's error."""
+        device = self._call.device
+        kernel = cl.Kernel(device.program(self.source, key=self.program_key), KERNEL_NAME)
+        if not self._call.has_bias:
+            kernel.set_arg(BIAS_ARG, self._call.unused_bias.buffer)  # never read, but must be a buffer
+        self.kernel = kernel
+
+
+class PreparedCall:
+    """A conv2d or matmul of one signature on one OpenCL device; see the module's docstring.
+
+    ``variant``: the kernel variant that runs (parameters and their source: tuned, nearest or default),
+    or "none: <reason>" when calls run on the CPU; it changes when a fault or ``quarantine()`` excludes the
+    variant (``faults`` lists the causes), so read it again after one. ``compiled``: whether its program is built in this
+    process already (False: the first call, or ``build()``, builds; ``binary_cached`` then says whether
+    that loads a binary from the disk cache instead of compiling). ``on_device``: whether calls run on
+    the device. ``on_fault``: "fallback" runs a faulting call on the CPU backend with an
+    OpenCLFallbackWarning, as ``sparkle.conv2d`` does; "raise" raises :class:`backend.OpenCLFault`.
+    """
+
+    def __init__(self, spec, device, workload, shapes, out_shape, has_bias, relu, on_fault, one_shot):
+        if on_fault not in ON_FAULT:
+            raise ValueError(f"on_fault must be one of {ON_FAULT}, got {on_fault!r}")
+        self.spec = spec
+        self.device = device
+        self.workload = workload
+        self.has_bias, self.relu = has_bias, relu
+        self.on_fault = on_fault
+        # one_shot: a call made once (sparkle.conv2d): launch through the device's shared kernel objects
+        # (launch.enqueue) rather than making a kernel object of its own that is used once.
+        self._one_shot = one_shot
+        self.dtype = np.dtype(workload.dtype)
+        self._shapes = shapes  # {operand name: shape} in call order
+        self.out_shape = tuple(int(s) for s in out_shape)
+        self._out_nbytes = math.prod(self.out_shape) * self.dtype.itemsize
+        self._queue = device.queue  # makes the context and its buffer pool (no build)
+        self._give = device.pool.give
+        self._lock = threading.Lock()  # choosing and building
+        self.faults = []  # the cause of each fault met, in order
+        self.unused_bias = None
+        # Why calls run on the host without any fault: nothing to launch (sizes with zeros are exact there).
+        self._empty = self._out_nbytes == 0 or workload.gemm_k == 0
+        largest = max(math.prod(shape) for shape in (*shapes.values(), self.out_shape)) * self.dtype.itemsize
+        self._too_large = None
+        if largest > device.max_alloc:
+            self._too_large = (f"a buffer of {largest / 2**20:.0f} MiB exceeds the device's largest allocation "
+                               f"({device.max_alloc / 2**20:.0f} MiB)")
+        self._variant = self._no_variant = None
+        self._ready = None  # the built variant while calls of resident operands may take the direct path
+        if not self._empty:
+            self._choose()
+
+    # ---- what the scheduler reads ----
+
+    @property
+    def variant(self):
+        if self._empty:
+            return "none: empty output (computed on the host)"
+        reason = self._no_variant or self._too_large
+        return f"none: {reason}" if reason else self._variant.name
+
+    @property
+    def on_device(self):
+        return not self._empty and self._no_variant is None and self._too_large is None
+
+    @property
+    def params(self):
+        """The current variant's parameters (a copy), or None."""
+        return dict(self._variant.params) if self._variant is not None else None
+
+    @property
+    def compiled(self):
+        variant = self._variant
+        if not self.on_device:
+            return True  # nothing will be built
+        return variant.kernel is not None or self.device.has_program(variant.program_key)
+
+    @property
+    def binary_cached(self):
+        """Whether building loads a binary from the disk cache (True when built already)."""
+        return self.compiled or self.device.has_cached_binary(self._variant.program_key)
+
+    def build(self):
+        """Build the variant now (the first call does otherwise). A variant that fails to build is excluded
+        and the next is tried, so afterwards the call holds a built variant or none (``on_device`` False).
+        Returns ``on_device``."""
+        while self.on_device:
+            variant = self._variant
+            try:
+                self._build(variant)
+                return True
+            except cl.Error as error:
+                cause = backend._fault_name(error, self.device)
+                self.faults.append(cause)
+                self._exclude(variant)
+                if getattr(error, "code", None) != cl.status_code.BUILD_PROGRAM_FAILURE:
+                    break  # not this variant's fault alone (a lost device): the next call meets it
+        return False
+
+    def quarantine(self):
+        """Exclude the current variant for this workload on this device (in this process; a wrong result,
+        say) and choose another. Returns the new ``variant``."""
+        with self._lock:
+            if self._variant is not None:
+                backend._mark_failed(self.device, self.workload, self._variant.params)
+                self._choose()
+        return self.variant
+
+    # ---- state changes ----
+
+    def _choose(self):
+        """Pick the variant for the next calls, passing over the failed ones (caller holds the lock or
+        nothing else has the object yet)."""
+        self._ready = None
+        params, origin = backend.choose_params(self.device, self.workload)
+        if params is None:
+            self._variant, self._no_variant = None, origin
+        else:
+            self._variant, self._no_variant = _Variant(self, params, origin), None
+
+    def _build(self, variant):
+        with self._lock:
+            if self._one_shot or variant is not self._variant:
+                return  # one-shot calls build inside launch.enqueue; a replaced variant is not built
+            if variant.kernel is None:
+                if not self.has_bias and self.unused_bias is None:
+                    self.unused_bias = transfer.empty(self.device, (1,), self.dtype)
+                variant.build()
+            self._ready = variant
+
+    def _exclude(self, variant):
+        backend._mark_failed(self.device, self.workload, variant.params)
+        with self._lock:
+            if self._variant is variant:
+                self._choose()
+
+    # ---- calls ----
+
+    def _mismatch(self, operands):
+        """The ValueError for operands that are not of this call's shapes and dtype (a kernel reads exactly
+        those sizes: anything else would read or write outside a buffer)."""
+        for (name, shape), operand in zip(self._shapes.items(), operands):
+            got = (getattr(operand, "shape", None), getattr(operand, "dtype", None))
+            if got != (shape, self.dtype):
+                return ValueError(f"{name} must have shape {shape} and dtype {self.dtype} for this prepared call, "
+                                  f"got {type(operand).__name__} of shape {got[0]} and dtype {got[1]}")
+        return ValueError(f"the operands must have the shapes {list(self._shapes.values())} and dtype {self.dtype} "
+                          "for this prepared call")
+
+    def _launch_resident(self, variant, image, weights, bias, run_on_cpu):
+        """The direct path: buffers on the device already, the variant built. Returns a DeviceArray."""
+        out = None
+        try:
+            out = self.device.pool_buffer(self._out_nbytes)
+            kernel = variant.kernel
+            with variant.lock:
+                kernel.set_arg(0, image.buffer)
+                kernel.set_arg(1, weights.buffer)
+                if bias is not None:
+                    kernel.set_arg(BIAS_ARG, bias.buffer)
+                kernel.set_arg(OUT_ARG, out)
+                cl.enqueue_nd_range_kernel(self._queue, kernel, variant.global_size, variant.local_size,
+                                           None, None, False, False)  # positional: keywords cost here
+        except (cl.Error, MemoryError) as error:
+            if out is not None:
+                self._give(out)
+            return self._fault(variant, error, True, run_on_cpu)
+        result = object.__new__(DeviceArray)  # DeviceArray.__init__ without re-checking shape and dtype
+        result._device, result.buffer, result.shape, result.dtype = self.device, out, self.out_shape, self.dtype
+        weakref.finalize(result, self._give, out)  # back to the pool when collected, as DeviceArray does
+        return result
+
+    def _call_general(self, image, weights, bias, on_device, run_on_cpu):
+        """Any operands: copies what is not on the device, builds if needed. numpy or DeviceArray result."""
+        if self._empty:
+            host = run_on_cpu()
+            return transfer.upload(self.device, host, self.dtype) if on_device else host
+        if not self.on_device:
+            return self._give_up(self._no_variant or self._too_large, on_device, None, run_on_cpu)
+        variant = self._variant
+        device, dtype = self.device, self.dtype
+        try:
+            self._build(variant)
+            x_dev = transfer.upload(device, image, dtype)
+            w_dev = transfer.upload(device, weights, dtype)
+            b_dev = transfer.upload(device, bias, dtype) if bias is not None else None
+            out = transfer.empty(device, self.out_shape, dtype)
+            if self._one_shot:
+                unused = b_dev if b_dev is not None else transfer.empty(device, (1,), dtype)
+                launch.enqueue(device, self.workload, variant.params, x_dev.buffer, w_dev.buffer, unused.buffer,
+                               out.buffer, has_bias=bias is not None, relu=self.relu)
+            else:
+                kernel = variant.kernel
+                with variant.lock:
+                    kernel.set_arg(0, x_dev.buffer)
+                    kernel.set_arg(1, w_dev.buffer)
+                    if b_dev is not None:
+                        kernel.set_arg(BIAS_ARG, b_dev.buffer)
+                    kernel.set_arg(OUT_ARG, out.buffer)
+                    cl.enqueue_nd_range_kernel(self._queue, kernel, variant.global_size, variant.local_size,
+                                               None, None, False, False)
+            return out if on_device else out.get()
+        except (cl.Error, MemoryError) as error:
+            return self._fault(variant, error, on_device, run_on_cpu)
+
+    def _fault(self, variant, error, on_device, run_on_cpu):
+        """The variant faulted: exclude it (the next call uses another) and fall back or raise."""
+        cause = backend._fault_name(error, self.device) if isinstance(error, cl.Error) else \
+            f"the host is out of memory ({error})"
+        self.faults.append(cause)
+        self._exclude(variant)
+        return self._give_up(cause, on_device, error, run_on_cpu)
+
+    def _give_up(self, cause, on_device, error, run_on_cpu):
+        if self.on_fault == "raise":
+            raise backend.OpenCLFault(self.device, cause) from error
+        return backend._fallback(self.device, cause, run_on_cpu, on_device)
+
+    def __repr__(self):
+        return f"<{type(self).__name__} {self.workload.key} on {self.device.id}: {self.variant}>"
+
+
+class PreparedConv2d(PreparedCall):
+    """``prepared(x, w, bias)``: conv2d of the prepared spec (bias None when the spec has none)."""
+
+    def __init__(self, spec, device, *, on_fault="fallback", one_shot=False):
+        if not isinstance(spec, Conv2dSpec):
+            raise TypeError(f"spec must be a Conv2dSpec, got {type(spec).__name__}")
+        shapes = {"x": (spec.batch, spec.in_channels, spec.height, spec.width),
+                  "w": (spec.out_channels, spec.in_channels // spec.groups, spec.kernel_h, spec.kernel_w)}
+        if spec.has_bias:
+            shapes["bias"] = (spec.out_channels,)
+        super().__init__(spec, device, Workload.from_spec(spec), shapes, spec.output_shape, spec.has_bias,
+                         spec.activation == "relu", on_fault, one_shot)
+        self._x_shape, self._w_shape = shapes["x"], shapes["w"]
+
+    def __call__(self, x, w, bias=None):
+        dtype = self.dtype
+        try:
+            if (bias is None) == self.has_bias or x.shape != self._x_shape or w.shape != self._w_shape \
+                    or x.dtype != dtype or w.dtype != dtype \
+                    or (bias is not None and (bias.shape != self._shapes["bias"] or bias.dtype != dtype)):
+                raise AttributeError
+        except AttributeError:  # (also an operand that is no array at all)
+            self._refuse(x, w, bias)
+        variant, device = self._ready, self.device
+        x_resident, w_resident = isinstance(x, DeviceArray), isinstance(w, DeviceArray)
+        bias_resident = isinstance(bias, DeviceArray)
+        if variant is not None and x_resident and w_resident and x._device is device and w._device is device \
+                and (bias is None or (bias_resident and bias._device is device)):
+            return self._launch_resident(variant, x, w, bias, lambda: self._on_cpu(x, w, bias))
+        return self._call_general(x, w, bias, x_resident or w_resident or bias_resident,
+                                  lambda: self._on_cpu(x, w, bias))
+
+    def _refuse(self, x, w, bias):
+        if (bias is None) == self.has_bias:
+            raise ValueError(f"this prepared conv2d takes {'a' if self.has_bias else 'no'} bias, "
+                             f"got {'none' if bias is None else 'one'}")
+        raise self._mismatch((x, w, bias)) from None
+
+    def _on_cpu(self, x, w, bias):
+        return cpu_backend.conv2d(to_host(x), to_host(w), to_host(bias), self.spec)
+
+
+class PreparedMatmul(PreparedCall):
+    """``prepared(a, b)``: (M, K) @ (K, N), run as a 1x1 conv2d of b seen as a (1, K, 1, N) image."""
+
+    def __init__(self, spec, device, *, on_fault="fallback", one_shot=False):
+        if not isinstance(spec, MatmulSpec):
+            raise TypeError(f"spec must be a MatmulSpec, got {type(spec).__name__}")
+        shapes = {"a": (spec.m, spec.k), "b": (spec.k, spec.n)}
+        super().__init__(spec, device, Workload.from_spec(spec), shapes, (spec.m, spec.n), False, False, on_fault,
+                         one_shot)
+        self._a_shape, self._b_shape = shapes["a"], shapes["b"]
+
+    def __call__(self, a, b):
+        dtype = self.dtype
+        try:
+            if a.shape != self._a_shape or b.shape != self._b_shape or a.dtype != dtype or b.dtype != dtype:
+                raise AttributeError
+        except AttributeError:  # (also an operand that is no array at all)
+            raise self._mismatch((a, b)) from None
+        variant, device = self._ready, self.device
+        a_resident, b_resident = isinstance(a, DeviceArray), isinstance(b, DeviceArray)
+        if variant is not None and a_resident and b_resident and a._device is device and b._device is device:
+            # b is the kernel's image (K x N read as 1 x K x 1 x N), a its weights
+            return self._launch_resident(variant, b, a, None, lambda: self._on_cpu(a, b))
+        return self._call_general(b, a, None, a_resident or b_resident, lambda: self._on_cpu(a, b))
+
+    def _on_cpu(self, a, b):
+        return cpu_backend.matmul(to_host(a), to_host(b), self.spec)
