@@ -8,14 +8,19 @@ from .memory import cache_optimal_tile_size, detect_memory_params
 from .opencl.backend import OpenCLFallbackWarning
 from .opencl.tuner import TuneResult, tune
 from .ops import conv2d, matmul, to_device
+from .scheduler import Decision, Scheduler, SimulatedDevice, default_scheduler
 
 __all__ = [
+    "Decision",
     "Device",
     "DeviceArray",
     "OpenCLFallbackWarning",
+    "Scheduler",
+    "SimulatedDevice",
     "TuneResult",
     "cache_optimal_tile_size",
     "conv2d",
+    "default_scheduler",
     "detect_memory_params",
     "devices",
     "matmul",

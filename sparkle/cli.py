@@ -5,6 +5,8 @@
     sparkle tune matmul --m 1024 --k 1024 --n 1024 --device opencl:0 --time-budget 60
     sparkle tune resnet50 --batch 1 --device opencl:0 --time-budget-per-layer 30
     sparkle cache [--clear]
+    sparkle explain conv2d --x 1,64,56,56 --w 64,64,3,3 --padding 1
+    sparkle profile [--force]
     sparkle --version
 
 ``python -m sparkle ...`` is the same command. Exit status: 0 on success, 1 when tuning found no
@@ -29,6 +31,7 @@ import numpy as np
 TUNING_GLOB = "opencl-tuning-v*.json"  # every layout version of the tuning database
 PROGRAMS_GLOB = "opencl-programs-v*"  # directories of cached OpenCL program binaries
 HEALTH_GLOB = "opencl-health-v*.json*"  # stored device health verdicts (and their lock files)
+SCHEDULER_GLOB = "scheduler-*-v*.json*"  # the scheduler's profiles, model and quarantine (and lock files)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -310,6 +313,11 @@ def cmd_cache(args):
                 path.unlink(missing_ok=True)
                 if path.suffix == ".json":
                     removed.append(str(path))
+        if args.clear in ("all", "scheduler"):
+            for path in sorted(directory.glob(SCHEDULER_GLOB)):
+                path.unlink(missing_ok=True)
+                if path.suffix == ".json":
+                    removed.append(str(path))
         print(f"cache directory: {directory}")
         print("removed: " + (", ".join(removed) if removed else "nothing (already empty)"))
         return 0
@@ -327,6 +335,9 @@ def cmd_cache(args):
         if shipped:
             print(f"shipped pre-tuned parameters for {device.id} ({device.name}): {len(shipped)} workload"
                   f"{'s' if len(shipped) != 1 else ''} (used where the database has none)")
+    scheduler_files = [path for path in sorted(directory.glob(SCHEDULER_GLOB)) if path.suffix == ".json"]
+    print("scheduler (device profiles, learned model, quarantined kernel variants): "
+          + (", ".join(path.name for path in scheduler_files) if scheduler_files else "nothing learned yet"))
     in_use = directory / runtime.PROGRAM_CACHE
     print("program binaries: " + (_binaries_text(in_use) if in_use.is_dir() else "0 (0 B)"))
     for folder in program_dirs:
@@ -440,11 +451,16 @@ def build_parser():
                                 description="Show Sparkle's cache directory (SPARKLE_CACHE_DIR, else the user "
                                             "cache directory) and what it holds: the tuning database per "
                                             "device and the cached OpenCL program binaries.")
-    cache.add_argument("--clear", nargs="?", const="all", choices=("all", "tuning", "programs"),
-                       help="remove the tuning database and/or the program binaries with the device health "
-                            "checks (default: all)")
+    cache.add_argument("--clear", nargs="?", const="all", choices=("all", "tuning", "programs", "scheduler"),
+                       help="remove the tuning database, the program binaries with the device health checks, "
+                            "and/or what the scheduler learned (default: all)")
     cache.add_argument("-v", "--verbose", action="store_true", help="list the tuned workloads")
     cache.set_defaults(run=cmd_cache, parser=cache)
+
+    from .scheduler.commands import add_commands
+
+    add_commands(commands, dict(shape_type=shape_type, pair_type=pair_type, padding_type=padding_type,
+                                positive_int=positive_int))
     return parser
 
 

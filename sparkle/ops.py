@@ -6,6 +6,7 @@ from . import api, reference
 from .cpu import backend as cpu_backend
 from .device_array import to_host
 from .devices import resolve_device
+from .scheduler.scheduler import UnscheduledDevice, default_scheduler
 
 
 def conv2d(x, w, bias=None, *, stride=1, padding=0, dilation=1, groups=1, activation=None, device="auto"):
@@ -21,11 +22,18 @@ def conv2d(x, w, bias=None, *, stride=1, padding=0, dilation=1, groups=1, activa
         ("same" is ONNX SAME_UPPER: output = ceil(input / stride), odd padding at the end)
     groups : int dividing both C and K
     activation : None or "relu", fused into the write-back after the bias
-    device : "auto", "cpu", "opencl", "opencl:N" or "reference". "auto" runs where the inputs live.
+    device : "auto" (the default: the scheduler places the call, see :class:`sparkle.Scheduler`), "cpu",
+        "opencl", "opencl:N" or "reference".
 
     Returns a new C-contiguous (N, K, OH, OW) array of the input's dtype; a :class:`DeviceArray`
     when the call runs on an OpenCL device and an input was already there. Inputs are never modified.
     """
+    if device == "auto":
+        try:
+            return default_scheduler().conv2d(x, w, bias, stride=stride, padding=padding, dilation=dilation,
+                                              groups=groups, activation=activation)
+        except UnscheduledDevice:
+            pass  # an operand lives on a device the scheduler does not use: run there, as asked
     spec = api.conv2d_spec(x, w, bias, stride=stride, padding=padding, dilation=dilation, groups=groups,
                            activation=activation)
     target = resolve_device(device, (x, w, bias))
@@ -46,6 +54,11 @@ def matmul(a, b, *, device="auto"):
     ``device`` as for :func:`conv2d`; the result is a :class:`DeviceArray` when the call runs on an
     OpenCL device and an input was already there.
     """
+    if device == "auto":
+        try:
+            return default_scheduler().matmul(a, b)
+        except UnscheduledDevice:
+            pass
     spec = api.matmul_spec(a, b)
     target = resolve_device(device, (a, b))
     if target == "reference":

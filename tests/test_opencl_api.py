@@ -233,8 +233,9 @@ def test_chain_of_convs_stays_on_device(device_id, dtype, monkeypatch):
     x_d, w1_d, b1_d, w2_d = (sparkle.to_device(a, device_id) for a in (x, w1, b1, w2))
     with monkeypatch.context() as patch:
         no_host_copies(patch)
-        y1 = sparkle.conv2d(x_d, w1_d, b1_d, padding=1, activation="relu")
-        y2 = sparkle.conv2d(y1, w2_d, stride=(2, 1), groups=2, padding=(1, 0))
+        # The device named: device="auto" may move the data where the scheduler predicts a faster finish.
+        y1 = sparkle.conv2d(x_d, w1_d, b1_d, padding=1, activation="relu", device=device_id)
+        y2 = sparkle.conv2d(y1, w2_d, stride=(2, 1), groups=2, padding=(1, 0), device=device_id)
     for y in (y1, y2):
         assert isinstance(y, DeviceArray) and y.device == device_id and y.dtype == np.dtype(dtype)
     expected1 = reference.conv2d(x, w1, b1, padding=1, activation="relu")
@@ -255,10 +256,10 @@ def test_matmul_chain_and_reshaped_conv_output_stay_on_device(device_id, dtype, 
     a_d, b_d, c_d, x_d, w_d = (sparkle.to_device(v, device_id) for v in (a, b, c, x, w))
     with monkeypatch.context() as patch:
         no_host_copies(patch)
-        ab = sparkle.matmul(a_d, b_d)
-        abc = sparkle.matmul(ab, c_d)
-        y = sparkle.conv2d(x_d, w_d)  # (1, 8, 5, 4): as an (8, 20) matrix on the right of a (2, 8) one
-        z = sparkle.matmul(sparkle.to_device(a[:2, :8].copy(), device_id), y.reshape(8, 20))
+        ab = sparkle.matmul(a_d, b_d, device=device_id)
+        abc = sparkle.matmul(ab, c_d, device=device_id)
+        y = sparkle.conv2d(x_d, w_d, device=device_id)  # (1, 8, 5, 4): as an (8, 20) matrix right of a (2, 8) one
+        z = sparkle.matmul(sparkle.to_device(a[:2, :8].copy(), device_id), y.reshape(8, 20), device=device_id)
     for result, shape in ((ab, (9, 6)), (abc, (9, 5)), (z, (2, 20))):
         assert isinstance(result, DeviceArray) and result.shape == shape and result.device == device_id
     assert_close_to_reference(ab.get(), reference.matmul(a, b), dtype)
@@ -394,3 +395,19 @@ def test_calls_from_many_threads_match_the_reference(device_id):
         thread.join()
     assert not failures, failures
     assert len(errors) == 36 and max(errors) <= 1e-5
+
+
+@pytest.mark.parametrize("device_id", DEVICES)
+def test_auto_returns_device_arrays_where_the_inputs_live(device_id):
+    """device="auto" may run a call elsewhere (the scheduler counts what moving the data costs), but the
+    result lives where the inputs did, so a chain of calls never changes type."""
+    rng = np.random.default_rng(5)
+    x, w = make_array(rng, (2, 4, 10, 9), np.float32), make_array(rng, (6, 4, 3, 3), np.float32)
+    x_d, w_d = sparkle.to_device(x, device_id), sparkle.to_device(w, device_id)
+    for _ in range(3):
+        y = sparkle.conv2d(x_d, w_d, padding=1)
+        assert isinstance(y, DeviceArray) and y.device == device_id
+        assert_close_to_reference(y.get(), reference.conv2d(x, w, padding=1), np.float32)
+    c = sparkle.matmul(sparkle.to_device(x.reshape(8, 90), device_id), x.reshape(90, 8))
+    assert isinstance(c, DeviceArray) and c.device == device_id
+    assert_close_to_reference(c.get(), reference.matmul(x.reshape(8, 90), x.reshape(90, 8)), np.float32)

@@ -1,0 +1,255 @@
+"""The devices as the scheduler sees them: something that prepares a call, runs it, and holds data.
+
+Each executor adapts one backend (the Numba CPU backend, one OpenCL device) or simulates a device for
+tests (:class:`SimulatedDevice`). The scheduler knows a device only through these methods and the times
+it measures around them.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+
+from ..api import matmul_as_conv2d_spec
+from ..device_array import DeviceArray, to_host
+
+
+class DeviceFault(RuntimeError):
+    """A device could not run a call (the scheduler runs it elsewhere and avoids the device for a while)."""
+
+
+class Executor:
+    """Base: ``id`` (what ``device=`` accepts), ``kind``, ``identity`` (a change re-profiles the device
+    and starts its model afresh)."""
+
+    id = "?"
+    kind = "?"
+    identity = "?"
+
+    def holds(self, operand):
+        """Whether ``operand`` already lives in this device's memory."""
+        return False
+
+    def prepare(self, op, spec):
+        """A callable running ``op`` for operands of ``spec`` here, with ``variant`` (the kernel variant
+        that runs, for run-time verification) and ``compiled`` (False while a first call would compile)."""
+        raise NotImplementedError
+
+    def transfer_seconds(self, nbytes):
+        """(host -> device, device -> host) seconds to move ``nbytes``; zeros where memory is the host's."""
+        return 0.0, 0.0
+
+    def compile_seconds(self):
+        """Seconds to build a kernel for a shape seen for the first time (0 where shapes never compile)."""
+        return 0.0
+
+
+class PreparedCall:
+    """A function with the facts the scheduler needs about it. ``source``, when given, is the backend's
+    prepared call: its variant and build state are read live (a fault or a quarantine moves it to the next
+    variant)."""
+
+    __slots__ = ("_compiled", "label", "run", "source", "warm")
+
+    def __init__(self, run, label, compiled=True, source=None):
+        self.run, self.label, self.source, self._compiled = run, label, source, compiled
+        self.warm = False  # the first call pays one-time costs (thread teams, first touch of buffers)
+
+    def __call__(self, *operands):
+        return self.run(*operands)
+
+    @property
+    def variant(self):
+        return f"{self.label} {self.source.variant}" if self.source is not None else self.label
+
+    @property
+    def compiled(self):
+        return self.source.compiled if self.source is not None else self._compiled
+
+    @compiled.setter
+    def compiled(self, value):
+        self._compiled = value
+
+    def quarantine(self):
+        """Move off the current variant (it gave a wrong result); False if there is no other to move to."""
+        if self.source is not None and hasattr(self.source, "quarantine"):
+            self.source.quarantine()
+            return True
+        return False
+
+
+class CpuExecutor(Executor):
+    """The Numba CPU backend on all of Numba's threads."""
+
+    id = "cpu"
+    kind = "cpu"
+
+    def __init__(self):
+        import numba
+
+        from ..cpu.conv2d import kernel_source_fingerprint
+        from ..cpu.isa import active_isa
+        from ..devices import devices
+
+        cpu = devices()[0]
+        self.name = cpu.name
+        self.identity = (f"cpu|{cpu.name}|{active_isa().name}|threads={numba.get_num_threads()}"
+                         f"|kernels={kernel_source_fingerprint():x}")
+
+    def prepare(self, op, spec):
+        return PreparedCall(*_cpu_call(op, spec))
+
+
+def _cpu_call(op, spec):
+    """(function of the operands, variant name) running ``spec`` on the CPU backend."""
+    from ..cpu import backend
+
+    if op == "conv2d":
+        if backend.uses_direct_kernel(spec):
+            return (lambda x, w, bias: backend.conv2d(to_host(x), to_host(w), to_host(bias), spec)), "cpu direct"
+        plan = backend.plan_conv2d(spec)
+        return ((lambda x, w, bias: backend.conv2d(to_host(x), to_host(w), to_host(bias), spec, plan)),
+                f"cpu {'implicit' if plan.implicit else 'packed'} {plan.mr}x{plan.nv}")
+    plan = backend.plan_conv2d(matmul_as_conv2d_spec(spec), implicit=False)
+    return (lambda a, b: backend.matmul(to_host(a), to_host(b), spec, plan)), f"cpu packed {plan.mr}x{plan.nv}"
+
+
+class OpenCLExecutor(Executor):
+    """One OpenCL device through Sparkle's OpenCL backend; faults are raised, not hidden by a fallback."""
+
+    def __init__(self, device):
+        from .. import cache
+        from ..opencl import codegen
+
+        self.device = device
+        self.id = device.id
+        self.kind = device.kind
+        self.name = device.name
+        self.identity = f"{device.identity}|kernels={cache.digest(codegen.template(), codegen.TEMPLATE_VERSION)[:16]}"
+        self._compile_seconds = None
+
+    def holds(self, operand):
+        return isinstance(operand, DeviceArray) and operand._device is self.device
+
+    def prepare(self, op, spec):
+        from ..opencl import backend
+
+        factory = backend.prepare_conv2d if op == "conv2d" else backend.prepare_matmul
+        prepared = factory(spec, self.device, on_fault="raise")
+        return PreparedCall(prepared, self.id, source=prepared)
+
+    def transfer_seconds(self, nbytes):
+        import pyopencl as cl
+
+        host = np.ones(max(1, nbytes // 4), np.float32)
+        back = np.empty_like(host)
+        buffer = self.device.pool_buffer(host.nbytes)
+        try:
+            queue = self.device.queue
+            cl.enqueue_copy(queue, buffer, host, is_blocking=True)  # first touch
+            up = down = float("inf")
+            for _ in range(3):
+                start = time.perf_counter()
+                cl.enqueue_copy(queue, buffer, host, is_blocking=True)
+                up = min(up, time.perf_counter() - start)
+                start = time.perf_counter()
+                cl.enqueue_copy(queue, back, buffer, is_blocking=True)
+                down = min(down, time.perf_counter() - start)
+        finally:
+            self.device.pool.give(buffer)
+        if not np.array_equal(back, host):
+            raise DeviceFault(f"{self.id}: a buffer read back differs from what was written")
+        return up, down
+
+    def compile_seconds(self):
+        """Build the default conv2d kernel of a shape no cache holds (a fresh program, not stored)."""
+        import pyopencl as cl
+
+        from ..opencl import codegen
+        from ..opencl.tuning import space
+
+        workload = codegen.Workload(batch=1, in_channels=16, height=12, width=12, out_channels=16, kernel_h=3,
+                                    kernel_w=3, stride_h=1, stride_w=1, pad_top=1, pad_bottom=1, pad_left=1,
+                                    pad_right=1, dilation_h=1, dilation_w=1, groups=1, out_h=12, out_w=12,
+                                    dtype="float32")
+        source = codegen.render(workload, dict(space.DEVICE_DEFAULTS[self.kind]))
+        source += f"\n// scheduler compile probe {time.time_ns()}\n"  # a source no cache has seen
+        start = time.perf_counter()
+        cl.Program(self.device.context, source).build(devices=[self.device.cl_device])
+        return time.perf_counter() - start
+
+
+class SimulatedDevice(Executor):
+    """A device for testing the scheduler: computes with the CPU backend, then waits until its modelled
+    time (``overhead + flops / flops_per_second``, plus transfers at ``transfer_bytes_per_second``) has
+    passed, so its speed is known exactly.
+
+    Faults and slowdowns: :meth:`slow_down` and :meth:`fail` change it from now on; ``slow_after`` /
+    ``fail_after`` do the same after that many calls (its profile's probes count: about 55 calls).
+    ``wrong`` plants a wrong kernel: ``"conv2d"``, ``"matmul"`` or True (both) compute the last output column
+    wrong, as an edge-handling bug would.
+    """
+
+    kind = "simulated"
+
+    def __init__(self, name, flops_per_second, overhead=20e-6, *, transfer_bytes_per_second=None,
+                 slow_after=None, slow_factor=1.0, fail_after=None, wrong=False):
+        if wrong not in (False, True, "conv2d", "matmul"):
+            raise ValueError(f"wrong must be False, True, 'conv2d' or 'matmul', got {wrong!r}")
+        self.id = f"sim:{name}"
+        self.name = f"simulated {name}"
+        self.identity = f"simulated|{name}|{flops_per_second}|{overhead}|{transfer_bytes_per_second}|{wrong}"
+        self.flops_per_second, self.overhead = flops_per_second, overhead
+        self.transfer_bytes_per_second = transfer_bytes_per_second
+        self.slow_after, self.slow_factor, self.fail_after, self.wrong = slow_after, slow_factor, fail_after, wrong
+        self.calls = 0
+        self._lock = threading.Lock()
+
+    def slow_down(self, factor):
+        """Every later call takes ``factor`` times its modelled compute time."""
+        self.slow_after, self.slow_factor = self.calls, float(factor)
+
+    def fail(self):
+        """Every later call raises :class:`DeviceFault`."""
+        self.fail_after = self.calls
+
+    def transfer_seconds(self, nbytes):
+        if not self.transfer_bytes_per_second:
+            return 0.0, 0.0
+        seconds = nbytes / self.transfer_bytes_per_second
+        return seconds, seconds
+
+    def prepare(self, op, spec):
+        run, variant = _cpu_call(op, spec)
+        flops = spec.flops
+        moved = 0
+        if self.transfer_bytes_per_second:
+            itemsize = spec.dtype.itemsize
+            moved = (spec.batch * spec.in_channels * spec.height * spec.width + spec.out_channels * spec.reduction
+                     + int(np.prod(spec.output_shape)) if op == "conv2d" else
+                     spec.m * spec.k + spec.k * spec.n + spec.m * spec.n) * itemsize
+        planted = self.wrong is True or self.wrong == op
+
+        def simulated(*operands):
+            start = time.perf_counter()
+            with self._lock:
+                self.calls += 1
+                calls = self.calls
+            if self.fail_after is not None and calls > self.fail_after:
+                raise DeviceFault(f"{self.id}: simulated fault (call {calls})")
+            result = run(*operands)
+            if planted and result.size:
+                result = result.copy()
+                result[..., -1] += 1.0 + np.abs(result[..., -1])
+            slow = self.slow_factor if self.slow_after is not None and calls > self.slow_after else 1.0
+            target = self.overhead + slow * flops / self.flops_per_second
+            if moved:
+                target += moved / self.transfer_bytes_per_second
+            remaining = target - (time.perf_counter() - start)
+            if remaining > 0:
+                time.sleep(remaining)
+            return result
+
+        return PreparedCall(simulated, f"{self.id} {'planted-wrong' if planted else variant}")

@@ -1,0 +1,93 @@
+"""Placement: predictions per device, the choice among them (with bounded exploration), and splits.
+
+Pure functions of the profile, the model and the call's features: no device is touched here.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .explain import Prediction
+from .model import MIN_NOISE
+
+EXPLORE_PROBABILITY = 0.15  # try a device that is faster with at least this probability...
+EXPLORE_TRIES = 2  # ...until this many of its calls of the signature are measured
+SPLIT_GAIN = 0.85  # split only when the parts together are predicted to take at most this share of the best
+SPLIT_OVERHEAD_SECONDS = 150e-6  # handing parts to threads and joining them (measured: 60-120 us, 2 cores)
+HOST_COPY_BYTES_PER_SECOND = 4e9  # the parts' outputs are copied into the result
+SPLIT_CANDIDATE_RATIO = 4.0  # a device predicted more than 4x slower than the best takes no part
+
+
+def normal_cdf(z):
+    return 0.5 * (1.0 + math.erf(z / math.sqrt(2.0)))
+
+
+def predict(device, profile, regression, history, features, transfer, compiled, verified):
+    """The device's predicted time for one call: ``transfer`` seconds (from the profiles), overhead from
+    the profile, compute from the regression, all refined by this signature's measured history on the
+    device if there is one."""
+    overhead = profile.overhead_seconds
+    compile_seconds = 0.0 if compiled else profile.compile_seconds
+    mean, variance = regression.predict(features.regressors())
+    compute = math.exp(mean)
+    fixed = transfer + overhead
+    log_total = math.log(fixed + compute)
+    share = compute / (fixed + compute)
+    log_variance = variance * share * share + MIN_NOISE ** 2
+    count = history.count if history is not None else 0
+    if count:
+        history_variance = history.spread ** 2 / count + MIN_NOISE ** 2
+        weight_model, weight_history = 1.0 / log_variance, 1.0 / history_variance
+        log_total = (log_total * weight_model + history.mean * weight_history) / (weight_model + weight_history)
+        log_variance = 1.0 / (weight_model + weight_history)
+    total = math.exp(log_total)
+    return Prediction(device, total + compile_seconds, transfer, max(total - fixed, 0.0), overhead, compile_seconds,
+                      math.sqrt(log_variance), count, verified)
+
+
+def probability_faster(a, b):
+    """P(a's time < b's time) for log-normal times."""
+    spread = math.sqrt(a.spread ** 2 + b.spread ** 2)
+    return normal_cdf((math.log(b.seconds) - math.log(a.seconds)) / spread)
+
+
+def choose(predictions, explore, tried=None):
+    """(best, device to explore or None, confidence that best is the fastest). ``tried``: how many times each
+    device was already tried for this signature (exploration stops after EXPLORE_TRIES)."""
+    tried = tried or {}
+    usable = sorted((p for p in predictions if p.usable), key=lambda p: p.seconds)
+    if not usable:
+        return None, None, 0.0
+    best = usable[0]
+    confidence = min((1.0 - probability_faster(other, best) for other in usable[1:]), default=1.0)
+    if not explore:
+        return best, None, confidence
+    candidates = [(probability_faster(other, best), other) for other in usable[1:]
+                  if max(other.measured_calls, tried.get(other.device, 0)) < EXPLORE_TRIES]
+    candidates = [(chance, other) for chance, other in candidates if chance >= EXPLORE_PROBABILITY]
+    trial = max(candidates, key=lambda item: item[0])[1] if candidates else None
+    return best, trial, confidence
+
+
+def balance(units, parts):
+    """Whole units (images, channels, rows) per device so that the parts finish together.
+
+    ``parts``: (device, fixed seconds, seconds per unit). Returns ((device, units), ...) without empty parts,
+    and the predicted time of the slowest part."""
+    active = list(parts)
+    while active:
+        inverse = sum(1.0 / per_unit for _, _, per_unit in active)
+        finish = (units + sum(fixed / per_unit for _, fixed, per_unit in active)) / inverse
+        too_slow = [part for part in active if part[1] >= finish]
+        if not too_slow:
+            break
+        active = [part for part in active if part[1] < finish]
+    shares = [(device, (finish - fixed) / per_unit) for device, fixed, per_unit in active]
+    counts = [max(0, math.floor(share)) for _, share in shares]
+    # Hand out the rounding remainder to the parts that lose most by rounding down.
+    order = sorted(range(len(shares)), key=lambda i: shares[i][1] - counts[i], reverse=True)
+    for i in order[:units - sum(counts)]:
+        counts[i] += 1
+    split = tuple((shares[i][0], counts[i]) for i in range(len(shares)) if counts[i] > 0)
+    slowest = max(fixed + count * per_unit for (device, fixed, per_unit), count in zip(active, counts) if count)
+    return split, slowest

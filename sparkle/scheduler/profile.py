@@ -1,0 +1,112 @@
+"""Device profiles: sustained GFLOPS on a GEMM probe, per-call overhead, host <-> device bandwidth and the
+cost of compiling a kernel for a new shape, measured once per device identity and kept on disk.
+
+A profile is the cost model's starting point; the model then learns from every real call.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .. import api, cache
+from ..reference import matmul as reference_matmul
+
+PROFILE_VERSION = 1
+TRANSFER_PROBE_BYTES = 16 * 2**20
+# The GEMM probe's size per device kind: large enough to reach sustained speed, small enough to take
+# well under a second (a 2-core CPU: 512^3 in ~5 ms; PoCL there: ~50 ms; a GPU: 2048^3 in < 1 ms; a
+# simulated device: 128^3, as slow as the tests make them).
+PROBE_SIZES = {"gpu": 2048, "cpu": 512, "simulated": 128}
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    device: str
+    identity: str
+    gflops: float  # sustained, float32 GEMM probe
+    overhead_seconds: float  # a warm 8x8 matmul, data on the host
+    upload_bytes_per_second: float  # inf where memory is the host's
+    download_bytes_per_second: float
+    compile_seconds: float  # building a kernel for a shape seen for the first time
+    seconds_to_measure: float
+
+    def transfer_seconds(self, upload_bytes, download_bytes):
+        return upload_bytes / self.upload_bytes_per_second + download_bytes / self.download_bytes_per_second
+
+    def to_json(self):
+        return {key: (value if value != float("inf") else "inf") for key, value in asdict(self).items()}
+
+    @classmethod
+    def from_json(cls, data):
+        return cls(**{key: (float("inf") if value == "inf" else value) for key, value in data.items()})
+
+
+def _best_seconds(call, repeat):
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        call()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _checked_call(executor, a, b):
+    """A prepared matmul on ``executor``, checked once against the float64 reference."""
+    prepared = executor.prepare("matmul", api.matmul_spec(a, b))
+    result = np.asarray(prepared(a, b))
+    expected = reference_matmul(a, b)
+    scale = reference_matmul(np.abs(a), np.abs(b))
+    if not np.all(np.abs(result - expected) <= 1e-4 * scale + 1e-30):
+        raise ValueError(f"{executor.id}: the profile's GEMM probe gave a wrong result")
+    return prepared
+
+
+def measure(executor, progress=None):
+    """Profile one executor (a few seconds at most); ``progress(text)`` is told each step."""
+    started = time.perf_counter()
+    say = progress or (lambda text: None)
+    rng = np.random.default_rng(0)
+    say(f"{executor.id}: per-call overhead")
+    tiny = rng.standard_normal((8, 8)).astype(np.float32)
+    prepared = _checked_call(executor, tiny, tiny)
+    overhead = _best_seconds(lambda: prepared(tiny, tiny), 50)
+    say(f"{executor.id}: GEMM probe")
+    size = PROBE_SIZES.get(executor.kind, 512)
+    a = rng.standard_normal((size, size)).astype(np.float32)
+    b = rng.standard_normal((size, size)).astype(np.float32)
+    prepared = _checked_call(executor, a, b)
+    seconds = _best_seconds(lambda: prepared(a, b), 3)
+    up, down = executor.transfer_seconds(2 * size * size * 4)  # what the probe's data moved
+    compute = max(seconds - up / 2 - down - overhead, seconds * 0.1)
+    gflops = 2 * size ** 3 / compute / 1e9
+    say(f"{executor.id}: transfers")
+    up, down = executor.transfer_seconds(TRANSFER_PROBE_BYTES)
+    say(f"{executor.id}: compile cost")
+    compile_seconds = executor.compile_seconds()
+    return DeviceProfile(executor.id, executor.identity, gflops, overhead,
+                         TRANSFER_PROBE_BYTES / up if up > 0 else float("inf"),
+                         TRANSFER_PROBE_BYTES / down if down > 0 else float("inf"),
+                         compile_seconds, time.perf_counter() - started)
+
+
+class ProfileStore:
+    """Profiles on disk, one per device identity: a new driver, device or kernel source profiles anew."""
+
+    def __init__(self, directory=None):
+        self.document = cache.JsonDocument("scheduler-profiles", PROFILE_VERSION, directory)
+
+    def get(self, identity):
+        data = self.document.load().get(identity)
+        try:
+            return DeviceProfile.from_json(data) if data else None
+        except TypeError:  # written by another layout: measure again
+            return None
+
+    def put(self, profile):
+        self.document.update(lambda document: document.__setitem__(profile.identity, profile.to_json()))
+
+    def clear(self):
+        self.document.update(lambda document: document.clear())

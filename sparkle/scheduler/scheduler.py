@@ -1,0 +1,814 @@
+"""sparkle.Scheduler: places every call on the device predicted fastest (or splits it), learns from what
+it measures, verifies each kernel variant on its first call, and explains its decisions.
+
+Hot path: a repeated call signature finds its plan in a dict and runs the prepared call of its device;
+it then adds the measured time to plain-float statistics and appends one tuple to a list. Everything
+else (decisions, model updates, verification, splits, exploration) runs on the plan's review calls,
+which come at calls 1, 2, 4, 8, ... and then every REVIEW_INTERVAL calls, or at once when a device's
+times change regime or a device faults.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import logging
+import math
+import os
+import threading
+import time
+import weakref
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from .. import api, reference
+from ..device_array import DeviceArray, to_host
+from . import policy, verify
+from .executors import CpuExecutor, DeviceFault, OpenCLExecutor
+from .explain import Decision, Prediction
+from .features import features_of
+from .model import History, LogLinearModel
+from .profile import ProfileStore, measure
+from .store import ModelStore, QuarantineStore
+
+logger = logging.getLogger("sparkle.scheduler")
+
+VERIFY_MODES = ("first", "always", "off")
+VERIFY_ENV, DEVICE_ENV, LOG_ENV = "SPARKLE_VERIFY", "SPARKLE_DEVICE", "SPARKLE_LOG"
+REVIEW_INTERVAL = 64
+EXPLORE_BUDGET_SHARE = 0.05  # exploration may cost at most 5 % of the time spent...
+EXPLORE_ALLOWANCE_SECONDS = 0.05  # ...plus this much
+FAULT_COOLDOWN_SECONDS = 1.0  # a faulting device is avoided 1 s, then 2 s, 4 s, ... (at most 10 min)
+HISTORY_LIMIT = 100_000
+PLANS_KEPT = 512  # call signatures with a cached plan (each holds prepared calls and their buffers)
+
+
+class UnscheduledDevice(ValueError):
+    """An operand lives on a device the scheduler does not place calls on (a simulator, an unavailable device)."""
+
+
+class _DeviceState:
+    """A device as the scheduler keeps it: its executor, profile, learned model and fault record."""
+
+    def __init__(self, executor, model):
+        self.executor = executor
+        self.id = executor.id
+        self.profile = None
+        self.model = model
+        self.faults = 0
+        self.avoid_until = 0.0
+
+    def regression(self, op):
+        model = self.model.regressions.get(op)
+        if model is None:
+            model = self.model.regressions[op] = LogLinearModel.from_rate(self.profile.gflops * 1e9)
+        return model
+
+    def history(self, signature):
+        history = self.model.histories.get(signature)
+        if history is None:
+            history = self.model.histories[signature] = History()
+        return history
+
+
+class _Plan:
+    """Everything about one call signature: its spec, features, decision and prepared calls."""
+
+    def __init__(self, op, spec, operand_homes):
+        self.op, self.spec = op, spec
+        self.features = features_of(spec)
+        self.regressors = self.features.regressors()
+        self.signature = _signature_text(op, spec)
+        self.shape_text = _shape_text(op, spec)
+        self.operand_homes = operand_homes  # the executor holding each operand, None for the host
+        self.home = next((home for home in operand_homes if home is not None), None)
+        self.lock = threading.Lock()
+        self.prepared = {}  # (device id, part) -> PreparedCall
+        self.decision = None
+        self.trial = None  # a device to try on the next call (exploration)
+        self.trials = {}  # device id -> times it was tried for this signature
+        self.calls = 0
+        self.next_review = 0
+        # The fast path: set when the decision is one verified device and nothing is pending.
+        self.runner = None
+        self.state = None
+        self.history = None
+        self.fixed_seconds = 0.0
+        self.predicted = 0.0
+
+    def prepared_call(self, state, part=None):
+        key = (state.id, part)
+        prepared = self.prepared.get(key)
+        if prepared is None:
+            spec = self.spec if part is None else _part_spec(self.op, self.spec, *part)
+            prepared = self.prepared[key] = state.executor.prepare(self.op, spec)
+        return prepared
+
+
+class Scheduler:
+    """Places conv2d and matmul calls on the best device, learning from every call.
+
+    ``devices``: executors or device ids (default: the CPU and every available OpenCL device).
+    ``verify``: "first" (default; check the first call of each device, kernel variant and shape class on a
+    sample of outputs), "always" or "off"; ``$SPARKLE_VERIFY`` sets the default. ``explore``: try a device
+    that may be faster, within a bounded budget. ``persist``: keep profiles and the model in the cache
+    directory (``cache_dir`` overrides it). ``$SPARKLE_DEVICE=<id>`` forces every call onto one device.
+    """
+
+    def __init__(self, devices=None, *, verify=None, explore=True, persist=True, cache_dir=None, progress=True):
+        verify = os.environ.get(VERIFY_ENV, "first") if verify is None else verify
+        if verify not in VERIFY_MODES:
+            raise ValueError(f"verify must be one of {VERIFY_MODES} (argument or ${VERIFY_ENV}), got {verify!r}")
+        self.verify_mode = verify
+        self.explore = bool(explore)
+        self.progress = progress
+        self._lock = threading.RLock()
+        self._profiles = ProfileStore(cache_dir) if persist else None
+        self._models = ModelStore(cache_dir if persist else None, persist)
+        self._quarantine = QuarantineStore(cache_dir if persist else None, persist)
+        executors = _default_executors() if devices is None else [_executor(d) for d in devices]
+        if not executors:
+            raise ValueError("devices must name at least one device, got an empty list")
+        ids = [e.id for e in executors]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"devices must not repeat a device, got {ids}")
+        self._states = [_DeviceState(e, self._models.model(e.identity)) for e in executors]
+        self._by_id = {state.id: state for state in self._states}
+        self._by_executor = {id(state.executor): state for state in self._states}
+        forced = os.environ.get(DEVICE_ENV) or None
+        if forced is not None and forced not in self._by_id:
+            raise ValueError(f"${DEVICE_ENV} must be one of {ids}, got {forced!r}")
+        self.forced = forced
+        self._log_decisions = "decisions" in os.environ.get(LOG_ENV, "").split(",")
+        if self._log_decisions and not logger.handlers:
+            logger.addHandler(logging.StreamHandler())
+            logger.setLevel(logging.INFO)
+        self._plans = {}
+        self._pending = []  # measured calls not yet folded into the regressions
+        self._records = collections.deque(maxlen=HISTORY_LIMIT)
+        self._verified = set()
+        self._spent_seconds = 0.0
+        self._explored_excess = 0.0
+        self._split_pool = None
+        self._rng = np.random.default_rng(0)
+        if persist:
+            atexit.register(_save_at_exit, weakref.ref(self))
+
+    # --- public API ---------------------------------------------------------------------------------
+
+    @property
+    def devices(self):
+        """The ids of the devices this scheduler places calls on."""
+        return [state.id for state in self._states]
+
+    def conv2d(self, x, w, bias=None, *, stride=1, padding=0, dilation=1, groups=1, activation=None):
+        """``sparkle.conv2d`` on the device this scheduler picks (see :func:`sparkle.conv2d`)."""
+        try:
+            key = ("conv2d", _layout(x), _layout(w), None if bias is None else _layout(bias), stride, padding,
+                   dilation, groups, activation)
+            plan = self._plans.get(key)
+        except (AttributeError, TypeError):  # not arrays, or unhashable arguments: the slow path says why
+            key, plan = None, None
+        if plan is None:
+            spec = api.conv2d_spec(x, w, bias, stride=stride, padding=padding, dilation=dilation, groups=groups,
+                                   activation=activation)
+            plan = self._plan(key, "conv2d", spec, (x, w, bias))
+        return self._call(plan, (x, w, bias))
+
+    def matmul(self, a, b):
+        """``sparkle.matmul`` on the device this scheduler picks."""
+        try:
+            key = ("matmul", _layout(a), _layout(b))
+            plan = self._plans.get(key)
+        except (AttributeError, TypeError):
+            key, plan = None, None
+        if plan is None:
+            plan = self._plan(key, "matmul", api.matmul_spec(a, b), (a, b))
+        return self._call(plan, (a, b))
+
+    def explain(self, op, *args, **kwargs):
+        """The :class:`Decision` this scheduler would take for ``op`` ("conv2d" or "matmul") with these
+        arguments (those of ``sparkle.conv2d`` / ``sparkle.matmul``, without ``device``); runs nothing."""
+        if op not in ("conv2d", "matmul"):
+            raise ValueError(f"op must be 'conv2d' or 'matmul', got {op!r}")
+        spec = api.conv2d_spec(*args, **kwargs) if op == "conv2d" else api.matmul_spec(*args, **kwargs)
+        operands = _operands(op, args, kwargs)
+        plan = _Plan(op, spec, tuple(self._home_of(o) for o in operands))
+        with self._lock:
+            self._ensure_profiles()
+            self._fold_pending()
+            return self._decide(plan, explore=False)
+
+    def profile(self, force=False):
+        """Profile every device not yet profiled (or all of them with ``force``); returns {id: DeviceProfile}."""
+        with self._lock:
+            self._ensure_profiles(force=force)
+            return {state.id: state.profile for state in self._states}
+
+    def history(self):
+        """The measured calls, oldest first: dicts of op, shape, device, predicted and measured seconds."""
+        return [dict(op=op, shape=shape, device=device, predicted=predicted, measured=measured)
+                for op, shape, device, predicted, measured in list(self._records)]
+
+    def reset(self):
+        """Forget everything learned (model, histories, verifications, quarantine, plans), here and on disk.
+        Profiles are kept; ``profile(force=True)`` measures them again."""
+        with self._lock:
+            self._plans.clear()
+            self._pending = []
+            self._records.clear()
+            self._verified.clear()
+            self._spent_seconds = self._explored_excess = 0.0
+            self._models.clear()
+            self._quarantine.clear()
+            for state in self._states:
+                state.model = self._models.model(state.executor.identity)
+                state.faults, state.avoid_until = 0, 0.0
+
+    def save(self):
+        """Write the learned model to the cache directory now (also done at exit)."""
+        with self._lock:
+            self._fold_pending()
+            self._models.save()
+
+    # --- the call path --------------------------------------------------------------------------------
+
+    def _plan(self, key, op, spec, operands):
+        plan = _Plan(op, spec, tuple(self._home_of(o) for o in operands))
+        if key is not None:
+            with self._lock:
+                if key not in self._plans and len(self._plans) >= PLANS_KEPT:
+                    del self._plans[next(iter(self._plans))]  # the oldest signature: its prepared calls go too
+                plan = self._plans.setdefault(key, plan)
+        return plan
+
+    def _call(self, plan, operands):
+        runner = plan.runner
+        if runner is not None and plan.calls < plan.next_review:
+            start = time.perf_counter()
+            try:
+                result = runner(*operands)
+            except Exception as error:  # noqa: BLE001 - a device fault: the slow path records it, runs elsewhere
+                return self._after_fault(plan, plan.state, operands, error)
+            seconds = time.perf_counter() - start
+            self._record(plan, plan.state, plan.history, seconds, plan.fixed_seconds, plan.predicted)
+            if plan.home is not None and plan.state.executor is not plan.home:
+                result = _deliver(result, plan.home)
+            if self._log_decisions:
+                logger.info("%s (cached)", plan.decision.summary())
+            return result
+        return self._slow_call(plan, operands)
+
+    def _record(self, plan, state, history, seconds, fixed_seconds, predicted):
+        """Hot-path bookkeeping: plain floats and list appends only."""
+        with plan.lock:
+            plan.calls += 1
+            if history.add(math.log(max(seconds, 1e-9))):
+                plan.next_review = plan.calls  # its times changed regime: decide again on the next call
+        self._pending.append((state, plan.op, plan.regressors, seconds, fixed_seconds))
+        self._records.append((plan.op, plan.shape_text, state.id, predicted, seconds))
+        self._spent_seconds += seconds
+
+    def _slow_call(self, plan, operands):
+        with self._lock:
+            self._ensure_profiles()
+            if plan.decision is None or plan.calls >= plan.next_review:
+                self._review(plan)
+            decision, trial = plan.decision, plan.trial
+            plan.trial = None
+        if self._log_decisions:
+            logger.info("%s%s", decision.summary(), f" (trying {trial} to learn its speed)" if trial else "")
+        if decision.split and trial is None:
+            return self._run_split(plan, decision, operands)
+        if decision.device is None:
+            raise DeviceFault(f"no device can run {plan.op} {plan.shape_text}: {decision.reason}")
+        state = self._by_id[trial or decision.device]
+        return self._run_on(plan, state, operands, decision, explored=trial is not None)
+
+    def _run_on(self, plan, state, operands, decision, explored=False):
+        try:
+            prepared = plan.prepared_call(state)
+            compiled = prepared.compiled
+            start = time.perf_counter()
+            result = prepared(*operands)
+            seconds = time.perf_counter() - start
+        except Exception as error:  # noqa: BLE001 - any failure of a device is a fault (bad input re-raised)
+            return self._after_fault(plan, state, operands, error)
+        prediction = next((p for p in decision.predictions if p.device == state.id), None)
+        predicted = prediction.seconds if prediction else float("nan")
+        fixed = (prediction.transfer + prediction.overhead) if prediction else 0.0
+        result = self._checked(plan, state, prepared, operands, result)
+        if _is_sample(prepared, compiled, seconds, predicted):
+            self._record(plan, state, state.history(plan.signature), seconds, fixed, predicted)
+        else:
+            with plan.lock:
+                plan.calls += 1
+            self._records.append((plan.op, plan.shape_text, state.id, predicted, seconds))
+        with self._lock:
+            if explored:
+                self._explored_excess += max(0.0, seconds - decision.predicted_seconds)
+            if plan.runner is None and self.verify_mode != "always":
+                plan.next_review = plan.calls  # verified, compiled or explored now: the next call can take the fast path
+        if plan.home is not None and state.executor is not plan.home:
+            result = _deliver(result, plan.home)
+        return result
+
+    def _checked(self, plan, state, prepared, operands, result):
+        """The result, checked on a sample of outputs when this (device, variant, shape class) is new (or
+        always, with verify="always"); a wrong variant is quarantined and the result recomputed elsewhere."""
+        key = (state.executor.identity, prepared.variant, plan.features.shape_class)
+        if self.verify_mode == "off" or (self.verify_mode == "first" and key in self._verified):
+            return result
+        host_operands = tuple(None if o is None else to_host(o) for o in operands)
+        host_result = to_host(result)
+        with self._lock:
+            passed, worst = verify.check(plan.op, plan.spec, host_operands, host_result, self._rng)
+            if passed:
+                self._verified.add(key)
+                return result
+            self._quarantine.add(state.executor.identity, prepared.variant, plan.features.shape_class,
+                                 dict(op=plan.op, shape=plan.shape_text, worst_error_over_tolerance=worst))
+            plan.runner, plan.next_review = None, plan.calls  # decide again without the variant
+            bad_variant = prepared.variant
+            prepared.quarantine()  # the backend moves to its next variant, if it has one
+        logger.warning("sparkle scheduler: %s kernel variant %r gave a wrong result for %s %s (error %.3g x "
+                       "the tolerance); it is quarantined and this call's result comes from a verified path",
+                       state.id, bad_variant, plan.op, plan.shape_text, worst)
+        return self._recompute_verified(plan, state, host_operands)
+
+    def _recompute_verified(self, plan, failed_state, host_operands):
+        """The call's result from another device whose variant verifies, else from the float64 reference."""
+        for state in self._states:
+            if state is failed_state or not self._usable(state)[0]:
+                continue
+            try:
+                prepared = plan.prepared_call(state)
+                if self._quarantine.holds(state.executor.identity, prepared.variant, plan.features.shape_class):
+                    continue
+                result = to_host(prepared(*host_operands))
+                passed, _ = verify.check(plan.op, plan.spec, host_operands, result, self._rng)
+            except Exception:  # noqa: BLE001 - any failure here means: try the next path
+                continue
+            if passed:
+                self._verified.add((state.executor.identity, prepared.variant, plan.features.shape_class))
+                return _deliver(result, plan.home) if plan.home is not None else result
+        result = _reference_result(plan.op, plan.spec, host_operands)
+        return _deliver(result, plan.home) if plan.home is not None else result
+
+    def _after_fault(self, plan, state, operands, error):
+        if isinstance(error, (ValueError, TypeError)) and not isinstance(error, DeviceFault):
+            raise error  # bad input is the caller's, not the device's
+        with self._lock:
+            state.faults += 1
+            cooldown = min(600.0, FAULT_COOLDOWN_SECONDS * 2 ** (state.faults - 1))
+            state.avoid_until = time.monotonic() + cooldown
+            plan.runner, plan.next_review = None, plan.calls
+            self._review(plan)
+            decision = plan.decision
+        logger.warning("sparkle scheduler: %s failed on %s %s (%s); avoided for %.0f s, this call runs on %s",
+                       state.id, plan.op, plan.shape_text, error, cooldown, decision.choice())
+        if decision.device is None and not decision.split:
+            raise DeviceFault(f"no device can run {plan.op} {plan.shape_text}: the last error was {error}") from error
+        if decision.split:
+            return self._run_split(plan, decision, operands)
+        return self._run_on(plan, self._by_id[decision.device], operands, decision)
+
+    # --- decisions ------------------------------------------------------------------------------------
+
+    def _review(self, plan):
+        """Fold new measurements into the model and decide this plan's placement again (lock held)."""
+        self._fold_pending()
+        budget = EXPLORE_ALLOWANCE_SECONDS + EXPLORE_BUDGET_SHARE * self._spent_seconds
+        decision = self._decide(plan, explore=self.explore and self._explored_excess < budget)
+        plan.decision = decision
+        plan.trial = decision.device if decision.explored else None
+        if decision.explored:
+            plan.trials[decision.device] = plan.trials.get(decision.device, 0) + 1  # the decision names the trial; the plan keeps the best for later calls
+            plan.decision = _replace(decision, device=self._best_usable(decision).device, explored=False)
+        plan.next_review = plan.calls + min(REVIEW_INTERVAL, max(1, plan.calls))
+        plan.runner = None
+        device = plan.decision.device
+        if device is None or plan.decision.split or plan.trial:
+            return
+        state = self._by_id[device]
+        try:
+            prepared = plan.prepared_call(state)
+        except Exception:  # noqa: BLE001 - preparing faulted: the slow path will meet it and record it
+            return
+        verified = (state.executor.identity, prepared.variant, plan.features.shape_class) in self._verified
+        if prepared.compiled and (verified or self.verify_mode == "off") and self.verify_mode != "always":
+            prediction = next(p for p in plan.decision.predictions if p.device == device)
+            plan.state, plan.history = state, state.history(plan.signature)
+            plan.fixed_seconds = prediction.transfer + prediction.overhead
+            plan.predicted = prediction.seconds
+            plan.runner = prepared
+
+    def _decide(self, plan, explore):
+        predictions = tuple(self._predict(state, plan) for state in self._states)
+        if self.forced is not None:
+            forced = next(p for p in predictions if p.device == self.forced)
+            return Decision(plan.op, plan.shape_text, self.forced, predictions=predictions,
+                            predicted_seconds=forced.seconds, verified=forced.verified, forced=True,
+                            reason=f"${DEVICE_ENV}={self.forced} forces every call onto this device")
+        best, trial, confidence = policy.choose(predictions, explore, plan.trials)
+        if best is None:
+            notes = "; ".join(f"{p.device}: {p.note}" for p in predictions)
+            return Decision(plan.op, plan.shape_text, None, predictions=predictions, confidence=0.0,
+                            reason=f"no device can run it now ({notes})")
+        split = self._split(plan, predictions, best)
+        if split is not None:
+            parts, axis, seconds = split
+            share = ", ".join(f"{device} {fraction:.0%}" for device, fraction in parts)
+            return Decision(plan.op, plan.shape_text, None, split=parts, split_axis=axis, predictions=predictions,
+                            predicted_seconds=seconds, confidence=confidence,
+                            verified=all(p.verified for p in predictions if p.device in dict(parts)),
+                            reason=f"splitting by {axis} ({share}) is predicted to take {seconds / best.seconds:.0%} "
+                                   f"of the fastest single device ({best.device})")
+        if trial is not None:
+            return Decision(plan.op, plan.shape_text, trial.device, predictions=predictions,
+                            predicted_seconds=trial.seconds, confidence=confidence, verified=trial.verified,
+                            explored=True, reason=f"trying {trial.device} to learn its speed: it is faster than "
+                                                  f"{best.device} with probability "
+                                                  f"{policy.probability_faster(trial, best):.0%}")
+        return Decision(plan.op, plan.shape_text, best.device, predictions=predictions,
+                        predicted_seconds=best.seconds, confidence=confidence, verified=best.verified,
+                        reason=_reason(best, predictions))
+
+    def _best_usable(self, decision):
+        return min((p for p in decision.predictions if p.usable), key=lambda p: p.seconds)
+
+    def _usable(self, state):
+        if state.profile is None:
+            return False, "not profiled"
+        if state.avoid_until > time.monotonic():
+            return False, f"avoided after {state.faults} fault(s), for {state.avoid_until - time.monotonic():.0f} s more"
+        return True, ""
+
+    def _predict(self, state, plan, part=None, features=None):
+        usable, note = self._usable(state)
+        features = features or plan.features
+        if state.profile is None:
+            return Prediction(state.id, math.inf, 0.0, 0.0, 0.0, 0.0, 1.0, 0, False, False, note)
+        verified = False
+        compiled = True
+        try:
+            prepared = plan.prepared_call(state, part)
+            compiled = prepared.compiled
+            verified = (state.executor.identity, prepared.variant, features.shape_class) in self._verified
+            if self._quarantine.holds(state.executor.identity, prepared.variant, features.shape_class):
+                usable, note = False, f"kernel variant {prepared.variant!r} is quarantined for this shape class"
+        except Exception as error:  # noqa: BLE001 - a device that cannot prepare the call cannot run it
+            usable, note = False, f"cannot prepare the call: {error}"
+        signature = plan.signature if part is None else f"{plan.signature}|part={part}"
+        history = state.model.histories.get(signature)
+        transfer = self._transfer_seconds(state, plan, features)
+        prediction = policy.predict(state.id, state.profile, state.regression(plan.op), history, features, transfer,
+                                    compiled, verified)
+        if not usable:
+            return _replace(prediction, usable=False, note=note)
+        return prediction
+
+    def _transfer_seconds(self, state, plan, features):
+        """Seconds to bring the operands to ``state``'s device and the result to where it must end up."""
+        seconds = 0.0
+        for size, home in zip(features.operand_bytes, plan.operand_homes):
+            seconds += self._move_seconds(size, home, state.executor)
+        return seconds + self._move_seconds(features.output_bytes, state.executor, plan.home)
+
+    def _move_seconds(self, size, source, target):
+        if source is target or not size:
+            return 0.0
+        seconds = 0.0
+        if source is not None:  # off the source device
+            profile = self._by_executor[id(source)].profile
+            seconds += size / profile.download_bytes_per_second if profile else 0.0
+        if target is not None:
+            profile = self._by_executor[id(target)].profile
+            seconds += size / profile.upload_bytes_per_second if profile else 0.0
+        return seconds
+
+    def _split(self, plan, predictions, best):
+        """((device, fraction), ...), axis and predicted seconds of the best split, or None if none pays."""
+        axis, units = _split_axis(plan.op, plan.spec)
+        if units < 2 or plan.home is not None:
+            return None
+        candidates = [p for p in predictions if p.usable and p.seconds <= policy.SPLIT_CANDIDATE_RATIO * best.seconds]
+        if len(candidates) < 2:
+            return None
+        parts = [(p.device, p.overhead + p.compile, max(p.seconds - p.overhead - p.compile, 1e-9) / units)
+                 for p in candidates]
+        split, slowest = policy.balance(units, parts)
+        for _ in range(2):  # refine with the predictions of the parts themselves (efficiency changes with size)
+            if len(split) < 2:
+                return None
+            refined = []
+            start = 0
+            for device, count in split:
+                part = (start, start + count)
+                start += count
+                prediction = self._predict(self._by_id[device], plan, part,
+                                           plan.features.part(count / units, axis))
+                fixed = prediction.overhead + prediction.compile
+                refined.append((device, fixed, max(prediction.seconds - fixed, 1e-9) / count))
+            split, slowest = policy.balance(units, refined)
+        if len(split) < 2:
+            return None
+        seconds = slowest + policy.SPLIT_OVERHEAD_SECONDS + plan.features.output_bytes / policy.HOST_COPY_BYTES_PER_SECOND
+        if seconds > policy.SPLIT_GAIN * best.seconds:
+            return None
+        return tuple((device, count / units) for device, count in split), axis, seconds
+
+    def _run_split(self, plan, decision, operands):
+        axis, units = _split_axis(plan.op, plan.spec)
+        out = np.empty(_output_shape(plan.op, plan.spec), dtype=plan.spec.dtype)
+        parts, start = [], 0
+        for device, fraction in decision.split:
+            count = max(1, round(fraction * units)) if device != decision.split[-1][0] else units - start
+            parts.append((self._by_id[device], (start, start + count)))
+            start += count
+        if self._split_pool is None:
+            self._split_pool = ThreadPoolExecutor(max_workers=max(2, len(self._states)),
+                                                  thread_name_prefix="sparkle-split")
+        futures = [self._split_pool.submit(self._run_part, plan, state, part, operands, out, axis, units)
+                   for state, part in parts[1:]]
+        self._run_part(plan, *parts[0], operands, out, axis, units)
+        for future in futures:
+            future.result()
+        with plan.lock:
+            plan.calls += 1
+        return out
+
+    def _run_part(self, plan, state, part, operands, out, axis, units):
+        start, stop = part
+        part_operands = _part_operands(plan.op, axis, operands, start, stop)
+        target = _part_view(plan.op, axis, out, start, stop)
+        features = plan.features.part((stop - start) / units, axis)
+        try:
+            prepared = plan.prepared_call(state, part)
+            compiled = prepared.compiled
+            begin = time.perf_counter()
+            result = to_host(prepared(*part_operands))
+            seconds = time.perf_counter() - begin
+        except Exception as error:  # noqa: BLE001 - the part runs on the CPU (or the reference) instead
+            with self._lock:
+                state.faults += 1
+                state.avoid_until = time.monotonic() + min(600.0, FAULT_COOLDOWN_SECONDS * 2 ** (state.faults - 1))
+                plan.next_review = plan.calls
+            logger.warning("sparkle scheduler: %s failed on part %s of %s %s (%s); the part runs elsewhere",
+                           state.id, part, plan.op, plan.shape_text, error)
+            target[...] = _part_elsewhere(self, plan, state, part, part_operands)
+            return
+        part_spec = _part_spec(plan.op, plan.spec, start, stop)
+        key = (state.executor.identity, prepared.variant, features.shape_class)
+        if self.verify_mode == "always" or (self.verify_mode == "first" and key not in self._verified):
+            passed, worst = verify.check(plan.op, part_spec, part_operands, result, self._rng)
+            with self._lock:
+                if passed:
+                    self._verified.add(key)
+                else:
+                    self._quarantine.add(*key, dict(op=plan.op, shape=plan.shape_text, part=part,
+                                                    worst_error_over_tolerance=worst))
+                    plan.next_review = plan.calls
+            if not passed:
+                logger.warning("sparkle scheduler: %s kernel variant %r gave a wrong result; quarantined",
+                               state.id, prepared.variant)
+                result = _reference_result(plan.op, part_spec, part_operands)
+        target[...] = result
+        if _is_sample(prepared, compiled, seconds, self._predict(state, plan, part, features).seconds):
+            history = state.history(f"{plan.signature}|part={part}")
+            with plan.lock:
+                history.add(math.log(max(seconds, 1e-9)))
+            self._pending.append((state, plan.op, features.regressors(), seconds, state.profile.overhead_seconds))
+            self._records.append((plan.op, f"{plan.shape_text} part {start}:{stop} of {axis}", state.id,
+                                  float("nan"), seconds))
+
+    def _fold_pending(self):
+        pending, self._pending = self._pending, []
+        for state, op, regressors, seconds, fixed in pending:
+            if state.profile is None:
+                continue
+            compute = max(seconds - fixed, 0.25 * seconds, 1e-9)
+            state.regression(op).update(regressors, math.log(compute))
+        if pending:
+            self._models.mark_changed(len(pending))
+
+    def _ensure_profiles(self, force=False):
+        missing = [state for state in self._states if force or state.profile is None]
+        if not missing:
+            return
+        for state in missing:
+            stored = None if force or self._profiles is None else self._profiles.get(state.executor.identity)
+            if stored is not None:
+                state.profile = stored
+        missing = [state for state in missing if force or state.profile is None]
+        if not missing:
+            return
+        from tqdm.auto import tqdm
+
+        with tqdm(total=len(missing), desc="sparkle: profiling devices", unit="device", delay=1.0,
+                  disable=not self.progress, leave=False) as bar:
+            for state in missing:
+                try:
+                    state.profile = measure(state.executor, progress=bar.set_postfix_str)
+                except Exception as error:  # noqa: BLE001 - a device that cannot be profiled is not used
+                    logger.warning("sparkle scheduler: profiling %s failed (%s); it is not used", state.id, error)
+                    state.faults += 1
+                    state.avoid_until = math.inf
+                    bar.update()
+                    continue
+                if self._profiles is not None:
+                    self._profiles.put(state.profile)
+                bar.update()
+
+    def _home_of(self, operand):
+        if isinstance(operand, DeviceArray):
+            for state in self._states:
+                if state.executor.holds(operand):
+                    return state.executor
+            raise UnscheduledDevice(f"an operand lives on {operand.device}, which this scheduler does not use "
+                                    f"(its devices: {self.devices})")
+        return None
+
+
+# --- helpers -----------------------------------------------------------------------------------------
+
+
+def _default_executors():
+    from ..devices import opencl_backend_device, opencl_unavailable_reason
+    from ..opencl import runtime
+
+    executors = [CpuExecutor()]
+    if opencl_unavailable_reason() is None:
+        for device in runtime.opencl_devices():
+            if device.simulator:
+                continue
+            try:
+                executors.append(OpenCLExecutor(opencl_backend_device(device.id)))
+            except ValueError:  # unavailable (its health check failed): not a place to run calls
+                continue
+    return executors
+
+
+def _executor(device):
+    from ..devices import opencl_backend_device
+    from .executors import Executor
+
+    if isinstance(device, Executor):
+        return device
+    if device == "cpu":
+        return CpuExecutor()
+    if isinstance(device, str) and device.startswith("opencl"):
+        return OpenCLExecutor(opencl_backend_device(device))
+    raise ValueError(f"devices must hold 'cpu', 'opencl', 'opencl:N' or executors, got {device!r}")
+
+
+def _is_sample(prepared, compiled, seconds, predicted):
+    """Whether a measured call tells the device's speed: not one that compiled, and not a first call far
+    slower than predicted (one-time costs: a thread team started, buffers touched the first time)."""
+    first, prepared.warm = not prepared.warm, True
+    prepared.compiled = True
+    return compiled and not (first and seconds > 2.0 * predicted)
+
+
+def _layout(array):
+    """What a call signature records of an operand: type, shape, dtype and memory layout (or device)."""
+    if array.__class__ is np.ndarray:
+        return array.shape, array.dtype.char, array.strides
+    if array.__class__ is DeviceArray:
+        return array.shape, array.dtype.char, array._device.id
+    raise TypeError("not an array")  # the slow path validates and names the argument
+
+
+def _operands(op, args, kwargs):
+    if op == "conv2d":
+        x = args[0] if args else kwargs.get("x")
+        w = args[1] if len(args) > 1 else kwargs.get("w")
+        bias = args[2] if len(args) > 2 else kwargs.get("bias")
+        return (x, w, bias)
+    return tuple(args[:2])
+
+
+def _signature_text(op, spec):
+    if op == "matmul":
+        return f"matmul {spec.m}x{spec.k}x{spec.n} {spec.dtype.name}"
+    return (f"conv2d {spec.batch}x{spec.in_channels}x{spec.height}x{spec.width} k{spec.out_channels}x"
+            f"{spec.kernel_h}x{spec.kernel_w} s{spec.stride_h},{spec.stride_w} p{spec.pad_top},{spec.pad_bottom},"
+            f"{spec.pad_left},{spec.pad_right} d{spec.dilation_h},{spec.dilation_w} g{spec.groups}"
+            f"{' bias' if spec.has_bias else ''}{' relu' if spec.activation else ''} {spec.dtype.name}")
+
+
+def _shape_text(op, spec):
+    if op == "matmul":
+        return f"({spec.m}x{spec.k}) @ ({spec.k}x{spec.n}) {spec.dtype.name}"
+    return (f"x {spec.batch}x{spec.in_channels}x{spec.height}x{spec.width}, w {spec.out_channels}x"
+            f"{spec.in_channels // spec.groups}x{spec.kernel_h}x{spec.kernel_w} {spec.dtype.name}")
+
+
+def _reason(best, predictions):
+    others = sorted((p for p in predictions if p.usable and p is not best), key=lambda p: p.seconds)
+    if not others:
+        return f"the only usable device ({', '.join(f'{p.device}: {p.note}' for p in predictions if not p.usable)})" \
+            if len(predictions) > 1 else "the only device"
+    runner_up = others[0]
+    ratio = runner_up.seconds / best.seconds
+    why = max((("transfers", runner_up.transfer - best.transfer), ("compute", runner_up.compute - best.compute),
+               ("per-call overhead", runner_up.overhead - best.overhead),
+               ("compiling a new kernel", runner_up.compile - best.compile)), key=lambda item: item[1])[0]
+    return f"predicted {ratio:.1f}x faster than {runner_up.device} (which loses most on {why})"
+
+
+def _replace(decision_or_prediction, **changes):
+    import dataclasses
+
+    return dataclasses.replace(decision_or_prediction, **changes)
+
+
+def _split_axis(op, spec):
+    """The axis a call splits along and its number of units: images, else output channels (conv2d);
+    rows of ``a`` (matmul)."""
+    if op == "matmul":
+        return "rows", spec.m
+    if spec.batch >= 2:
+        return "batch", spec.batch
+    return ("channels", spec.out_channels) if spec.groups == 1 else ("batch", 1)
+
+
+def _part_spec(op, spec, start, stop):
+    import dataclasses
+
+    if op == "matmul":
+        return dataclasses.replace(spec, m=stop - start)
+    if spec.batch >= 2:
+        return dataclasses.replace(spec, batch=stop - start)
+    return dataclasses.replace(spec, out_channels=stop - start)
+
+
+def _part_operands(op, axis, operands, start, stop):
+    if op == "matmul":
+        a, b = operands
+        return (a[start:stop], b)
+    x, w, bias = operands
+    if axis == "batch":
+        return (x[start:stop], w, bias)
+    return (x, w[start:stop], None if bias is None else bias[start:stop])
+
+
+def _part_view(op, axis, out, start, stop):
+    if op == "matmul" or axis == "batch":
+        return out[start:stop]
+    return out[:, start:stop]
+
+
+def _output_shape(op, spec):
+    return (spec.m, spec.n) if op == "matmul" else spec.output_shape
+
+
+def _reference_result(op, spec, host_operands):
+    if op == "matmul":
+        return np.ascontiguousarray(reference.matmul(*host_operands), dtype=spec.dtype)
+    x, w, bias = host_operands
+    return np.ascontiguousarray(reference.conv2d(x, w, bias, **verify.conv2d_arguments(spec)), dtype=spec.dtype)
+
+
+def _part_elsewhere(scheduler, plan, failed_state, part, part_operands):
+    """A failed part's result from the CPU executor if it is usable and not the one that failed, else from the
+    float64 reference."""
+    for state in scheduler._states:
+        if state is failed_state or state.executor.kind != "cpu":
+            continue
+        try:
+            return to_host(plan.prepared_call(state, part)(*part_operands))
+        except Exception:  # noqa: BLE001 - fall through to the reference
+            break
+    return _reference_result(plan.op, _part_spec(plan.op, plan.spec, *part), part_operands)
+
+
+def _deliver(result, home):
+    """The result on ``home``'s device (where the call's device-resident operands live)."""
+    from ..opencl import transfer
+
+    return transfer.upload(home.device, result, result.dtype)
+
+
+def _save_at_exit(reference_to_scheduler):
+    scheduler = reference_to_scheduler()
+    if scheduler is not None:
+        try:
+            scheduler.save()
+        except Exception:  # noqa: BLE001 - never fail an interpreter exit over a cache file
+            pass
+
+
+_default = None
+_default_lock = threading.Lock()
+
+
+def default_scheduler():
+    """The scheduler behind ``device="auto"``: every available device, created on first use."""
+    global _default
+    if _default is None:
+        with _default_lock:
+            if _default is None:
+                _default = Scheduler()
+    return _default

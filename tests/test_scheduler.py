@@ -1,0 +1,419 @@
+"""The scheduler (sparkle.Scheduler): placement, splits, learning, verification, faults, explain, persistence.
+
+Simulated devices (``sparkle.SimulatedDevice``) compute with the CPU backend and then wait until their
+modelled time has passed, so their speeds are known exactly and the scheduler's choices can be checked
+against the truth. Their rates here (0.01-0.8 GFLOPS) keep the CPU work inside them a small part of
+their time even on a loaded machine. Every result is compared with the float64 reference.
+"""
+
+import json
+import logging
+import math
+import threading
+
+import numpy as np
+import pytest
+from _helpers import assert_close_to_reference
+
+import sparkle
+from sparkle import reference
+from sparkle.scheduler import Scheduler, SimulatedDevice
+from sparkle.scheduler import scheduler as scheduler_module
+from sparkle.scheduler import verify as verify_module
+from sparkle.scheduler.model import History, LogLinearModel
+
+
+def conv_inputs(batch=8, channels=16, size=16, out_channels=16, seed=0, dtype=np.float32):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch, channels, size, size)).astype(dtype)
+    w = rng.standard_normal((out_channels, channels, 3, 3)).astype(dtype)
+    return x, w
+
+
+def make(devices, tmp_path, **kwargs):
+    kwargs.setdefault("progress", False)
+    return Scheduler(devices, cache_dir=tmp_path, **kwargs)
+
+
+def single_device_conv(seed=0):
+    """A call the scheduler cannot split (N = 1, groups > 1): it must pick one device."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((1, 16, 24, 24)).astype(np.float32)
+    w = rng.standard_normal((16, 8, 3, 3)).astype(np.float32)
+    return x, w, dict(padding=1, groups=2)
+
+
+# --- placement and learning ---------------------------------------------------------------------------
+
+
+def test_the_faster_device_wins_a_call_that_cannot_split(tmp_path):
+    fast, slow = SimulatedDevice("fast", 4e+08, 2e-4), SimulatedDevice("slow", 1e+08, 2e-4)
+    scheduler = make([slow, fast], tmp_path)
+    scheduler.profile()
+    probes = slow.calls
+    x, w, kwargs = single_device_conv()
+    expected = reference.conv2d(x, w, **kwargs)
+    for _ in range(12):
+        assert_close_to_reference(scheduler.conv2d(x, w, **kwargs), expected, np.float32)
+    decision = scheduler.explain("conv2d", x, w, **kwargs)
+    assert decision.device == "sim:fast" and not decision.split
+    assert slow.calls - probes <= 2  # at most a bounded exploration
+    assert "sim:slow" in decision.reason
+
+
+def test_split_ratio_converges_to_the_speed_ratio(tmp_path):
+    a, b = SimulatedDevice("a", 6e+08, 1e-4), SimulatedDevice("b", 2e+08, 1e-4)
+    scheduler = make([a, b], tmp_path)
+    x, w = conv_inputs(batch=16, size=24)
+    expected = reference.conv2d(x, w, padding=1)
+    for _ in range(20):
+        assert_close_to_reference(scheduler.conv2d(x, w, padding=1), expected, np.float32)
+    decision = scheduler.explain("conv2d", x, w, padding=1)
+    assert decision.split_axis == "batch"
+    shares = dict(decision.split)
+    assert shares["sim:a"] == pytest.approx(0.75, abs=1 / 16 + 1e-9)  # the speed ratio 3:1, to one image
+    single = min(p.seconds for p in decision.predictions)
+    assert decision.predicted_seconds < 0.85 * single
+
+
+def test_matmul_splits_by_rows_in_proportion(tmp_path):
+    scheduler = make([SimulatedDevice("a", 3e+08, 1e-4), SimulatedDevice("b", 3e+08, 1e-4)], tmp_path)
+    rng = np.random.default_rng(1)
+    a, b = rng.standard_normal((256, 384)).astype(np.float32), rng.standard_normal((384, 256)).astype(np.float32)
+    for _ in range(10):
+        assert_close_to_reference(scheduler.matmul(a, b), reference.matmul(a, b), np.float32)
+    decision = scheduler.explain("matmul", a, b)
+    assert decision.split_axis == "rows"
+    assert dict(decision.split)["sim:a"] == pytest.approx(0.5, abs=0.1)
+
+
+def test_a_device_that_slows_down_is_avoided(tmp_path):
+    slowing = SimulatedDevice("slowing", 4e+08, 2e-4)
+    steady = SimulatedDevice("steady", 1.5e+08, 2e-4)
+    scheduler = make([slowing, steady], tmp_path)
+    x, w, kwargs = single_device_conv()
+    expected = reference.conv2d(x, w, **kwargs)
+    for _ in range(6):
+        scheduler.conv2d(x, w, **kwargs)
+    assert scheduler.explain("conv2d", x, w, **kwargs).device == "sim:slowing"
+    slowing.slow_down(30)
+    for _ in range(20):
+        assert_close_to_reference(scheduler.conv2d(x, w, **kwargs), expected, np.float32)
+    assert scheduler.explain("conv2d", x, w, **kwargs).device == "sim:steady"
+    assert [record["device"] for record in scheduler.history()[-5:]] == ["sim:steady"] * 5
+
+
+def test_a_device_that_starts_failing_is_avoided_and_no_call_fails(tmp_path, caplog):
+    failing = SimulatedDevice("failing", 4e+08, 2e-4)
+    steady = SimulatedDevice("steady", 1.5e+08, 2e-4)
+    scheduler = make([failing, steady], tmp_path)
+    x, w, kwargs = single_device_conv()
+    expected = reference.conv2d(x, w, **kwargs)
+    with caplog.at_level(logging.WARNING, logger="sparkle.scheduler"):
+        for call in range(20):
+            if call == 8:
+                assert scheduler.explain("conv2d", x, w, **kwargs).device == "sim:failing"
+                failing.fail()
+            assert_close_to_reference(scheduler.conv2d(x, w, **kwargs), expected, np.float32)
+    assert any("sim:failing failed" in message for message in caplog.messages)
+    decision = scheduler.explain("conv2d", x, w, **kwargs)
+    assert decision.device == "sim:steady"
+    failing_prediction = next(p for p in decision.predictions if p.device == "sim:failing")
+    assert not failing_prediction.usable and "fault" in failing_prediction.note
+
+
+def test_exploration_is_bounded(tmp_path):
+    """A device predicted much slower is tried at most a few times per signature (here: never, since
+    it is slower with near certainty after its profile)."""
+    slow = SimulatedDevice("slow", 2e+07, 2e-4)
+    scheduler = make([SimulatedDevice("fast", 4e+08, 2e-4), slow], tmp_path)
+    x, w, kwargs = single_device_conv()
+    scheduler.profile()
+    probes = slow.calls
+    for _ in range(30):
+        scheduler.conv2d(x, w, **kwargs)
+    assert slow.calls - probes <= 2
+
+
+def test_prediction_improves_with_measurements(tmp_path):
+    # Slow enough that its modelled time (53 ms), not the CPU work inside it (~0.2 ms), sets its speed.
+    device = SimulatedDevice("only", 2.5e+07, 1e-4)
+    scheduler = make([device], tmp_path)
+    x, w, kwargs = single_device_conv()
+    for _ in range(10):
+        scheduler.conv2d(x, w, **kwargs)
+    truth = 1e-4 + 2 * 16 * 24 * 24 * 8 * 9 / 0.025e9  # the simulated device's model
+    predicted = scheduler.explain("conv2d", x, w, **kwargs).predicted_seconds
+    assert predicted == pytest.approx(truth, rel=0.25)
+
+
+# --- run-time verification ------------------------------------------------------------------------------
+
+
+def test_a_planted_wrong_kernel_is_caught_quarantined_and_never_returned(tmp_path, caplog):
+    wrong = SimulatedDevice("wrong", 8e+08, 1e-4, wrong="conv2d")
+    right = SimulatedDevice("right", 1e+08, 1e-4)
+    scheduler = make([wrong, right], tmp_path)
+    x, w, kwargs = single_device_conv()
+    expected = reference.conv2d(x, w, **kwargs)
+    with caplog.at_level(logging.WARNING, logger="sparkle.scheduler"):
+        for _ in range(8):
+            assert_close_to_reference(scheduler.conv2d(x, w, **kwargs), expected, np.float32)
+    assert any("quarantined" in message for message in caplog.messages)
+    decision = scheduler.explain("conv2d", x, w, **kwargs)
+    assert decision.device == "sim:right"
+    wrong_prediction = next(p for p in decision.predictions if p.device == "sim:wrong")
+    assert not wrong_prediction.usable and "quarantined" in wrong_prediction.note
+    stored = json.loads((tmp_path / "scheduler-quarantine-v1.json").read_text())
+    assert any("planted-wrong" in key for entries in stored.values() for key in entries)
+    # A new scheduler on the same cache directory remembers the quarantine.
+    again = make([SimulatedDevice("wrong", 8e+08, 1e-4, wrong="conv2d"), SimulatedDevice("right", 1e+08, 1e-4)], tmp_path)
+    assert again.explain("conv2d", x, w, **kwargs).device == "sim:right"
+
+
+def test_without_verification_the_planted_kernel_would_be_returned(tmp_path):
+    """The check above is what stops it: with verify="off" the wrong result goes through."""
+    scheduler = make([SimulatedDevice("wrong", 8e+08, 1e-4, wrong="conv2d")], tmp_path, verify="off")
+    x, w, kwargs = single_device_conv()
+    result = scheduler.conv2d(x, w, **kwargs)
+    assert not np.allclose(result, reference.conv2d(x, w, **kwargs), rtol=1e-3, atol=1e-3)
+
+
+def test_verification_samples_every_corner(tmp_path):
+    """A bug confined to one edge of the output (here the last column) is inside every sample."""
+    rng = np.random.default_rng(0)
+    points = verify_module.sample_points((2, 3, 5, 7), rng)
+    corners = {(n, k, h, w) for n in (0, 1) for k in (0, 2) for h in (0, 4) for w in (0, 6)}
+    assert corners <= {tuple(p) for p in points}
+
+
+@pytest.mark.parametrize("mode, checks", [("first", 1), ("always", 6), ("off", 0)])
+def test_verify_modes(tmp_path, monkeypatch, mode, checks):
+    counted = []
+    original = verify_module.check
+    monkeypatch.setattr(verify_module, "check", lambda *args: counted.append(1) or original(*args))
+    scheduler = make([SimulatedDevice("only", 2e+08, 1e-4)], tmp_path, verify=mode)
+    x, w, kwargs = single_device_conv()
+    for _ in range(6):
+        scheduler.conv2d(x, w, **kwargs)
+    assert len(counted) == checks
+
+
+def test_verify_mode_from_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARKLE_VERIFY", "off")
+    assert make([SimulatedDevice("only", 2e+08)], tmp_path).verify_mode == "off"
+    monkeypatch.setenv("SPARKLE_VERIFY", "sometimes")
+    with pytest.raises(ValueError, match=r"^verify must be one of .*SPARKLE_VERIFY.*'sometimes'"):
+        make([SimulatedDevice("only", 2e+08)], tmp_path)
+    monkeypatch.delenv("SPARKLE_VERIFY")
+    with pytest.raises(ValueError, match=r"^verify must be one of"):
+        make([SimulatedDevice("only", 2e+08)], tmp_path, verify=True)
+
+
+# --- forcing, logging, explain, history, reset ----------------------------------------------------------
+
+
+def test_sparkle_device_forces_one_device(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARKLE_DEVICE", "sim:slow")
+    scheduler = make([SimulatedDevice("fast", 8e+08), SimulatedDevice("slow", 1e+08)], tmp_path)
+    x, w, kwargs = single_device_conv()
+    for _ in range(3):
+        assert_close_to_reference(scheduler.conv2d(x, w, **kwargs), reference.conv2d(x, w, **kwargs), np.float32)
+    decision = scheduler.explain("conv2d", x, w, **kwargs)
+    assert decision.device == "sim:slow" and decision.forced and "SPARKLE_DEVICE" in decision.reason
+    assert {record["device"] for record in scheduler.history()} == {"sim:slow"}
+    monkeypatch.setenv("SPARKLE_DEVICE", "gpu:7")
+    with pytest.raises(ValueError, match=r"SPARKLE_DEVICE must be one of .*'gpu:7'"):
+        make([SimulatedDevice("fast", 8e+08)], tmp_path)
+
+
+def test_sparkle_log_decisions(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("SPARKLE_LOG", "decisions")
+    scheduler = make([SimulatedDevice("only", 2e+08)], tmp_path)
+    x, w, kwargs = single_device_conv()
+    with caplog.at_level(logging.INFO, logger="sparkle.scheduler"):
+        for _ in range(3):
+            scheduler.conv2d(x, w, **kwargs)
+    lines = [r.getMessage() for r in caplog.records if r.name == "sparkle.scheduler" and r.levelno == logging.INFO]
+    assert len(lines) == 3 and all("conv2d" in line and "sim:only" in line for line in lines)
+
+
+def test_explain_runs_nothing_and_breaks_the_time_down(tmp_path):
+    devices = [SimulatedDevice("a", 4e+08, 1e-4, transfer_bytes_per_second=2e9), SimulatedDevice("b", 1e+08, 1e-4)]
+    scheduler = make(devices, tmp_path)
+    scheduler.profile()
+    calls = [d.calls for d in devices]
+    x, w, kwargs = single_device_conv()
+    decision = scheduler.explain("conv2d", x, w, **kwargs)
+    assert [d.calls for d in devices] == calls
+    assert {p.device for p in decision.predictions} == {"sim:a", "sim:b"}
+    for p in decision.predictions:
+        assert p.seconds == pytest.approx(p.transfer + p.compute + p.overhead + p.compile, rel=1e-9)
+        assert math.isfinite(p.spread) and p.spread > 0
+    assert 0.5 <= decision.confidence <= 1.0
+    assert decision.reason and decision.shape in decision.summary()
+    text = str(decision)
+    assert "sim:a" in text and "sim:b" in text and "transfer" in text and "compile" in text
+    with pytest.raises(ValueError, match=r"^op must be 'conv2d' or 'matmul', got 'conv3d'"):
+        scheduler.explain("conv3d", x, w)
+
+
+def test_history_records_each_measured_call(tmp_path):
+    scheduler = make([SimulatedDevice("only", 2e+08, 1e-4)], tmp_path)
+    x, w, kwargs = single_device_conv()
+    a = np.ones((8, 8), np.float32)
+    for _ in range(3):
+        scheduler.conv2d(x, w, **kwargs)
+        scheduler.matmul(a, a)
+    records = scheduler.history()
+    assert [r["op"] for r in records] == ["conv2d", "matmul"] * 3
+    assert all(r["device"] == "sim:only" and r["measured"] > 0 for r in records)
+    assert all(math.isfinite(r["predicted"]) for r in records[2:])
+    assert "16x24x24" in records[0]["shape"]
+
+
+def test_reset_forgets_what_was_learned(tmp_path):
+    scheduler = make([SimulatedDevice("wrong", 8e+08, wrong="conv2d"), SimulatedDevice("right", 1e+08)], tmp_path)
+    x, w, kwargs = single_device_conv()
+    for _ in range(3):
+        scheduler.conv2d(x, w, **kwargs)
+    scheduler.reset()
+    assert scheduler.history() == []
+    prediction = next(p for p in scheduler.explain("conv2d", x, w, **kwargs).predictions if p.device == "sim:wrong")
+    assert prediction.usable and prediction.measured_calls == 0
+
+
+def test_bad_arguments_are_reported_as_by_sparkle_conv2d(tmp_path):
+    scheduler = make([SimulatedDevice("only", 2e+08)], tmp_path)
+    x, w = conv_inputs()
+    with pytest.raises(ValueError, match=r"^padding must be non-negative"):
+        scheduler.conv2d(x, w, padding=-1)
+    with pytest.raises(TypeError, match=r"^x must be a numpy.ndarray"):
+        scheduler.conv2d([[1.0]], w)
+    with pytest.raises(ValueError, match=r"^a.shape\[1\] must equal b.shape\[0\]"):
+        scheduler.matmul(np.ones((2, 3), np.float32), np.ones((2, 3), np.float32))
+    with pytest.raises(ValueError, match=r"^devices must not repeat a device"):
+        make([SimulatedDevice("x", 1e+08), SimulatedDevice("x", 1e+08)], tmp_path)
+    with pytest.raises(ValueError, match=r"^devices must name at least one device"):
+        make([], tmp_path)
+
+
+# --- the model ------------------------------------------------------------------------------------------
+
+
+def test_one_outlier_barely_moves_a_history_and_a_new_regime_restarts_it():
+    history = History()
+    for _ in range(20):
+        history.add(math.log(1e-3))
+    history.add(math.log(50e-3))  # another process took the core once
+    assert math.exp(history.mean) == pytest.approx(1e-3, rel=0.15)
+    changed = [history.add(math.log(20e-3)) for _ in range(4)]  # the device slowed down 20x
+    assert any(changed) and math.exp(history.mean) == pytest.approx(20e-3, rel=0.01)
+
+
+def test_the_regression_learns_a_rate_and_discounts_outliers():
+    model = LogLinearModel.from_rate(1e9)  # the profile said 1 GFLOPS; the truth is 4
+    rng = np.random.default_rng(0)
+    for index in range(60):
+        m, n, k = (int(v) for v in rng.integers(8, 512, 3))
+        seconds = 2 * m * n * k / 4e9 * (30 if index % 15 == 7 else 1)  # every 15th call an outlier
+        model.update((1.0, math.log(m), math.log(n), math.log(k), 0.0, 0.0), math.log(seconds))
+    mean, _ = model.predict((1.0, math.log(100), math.log(200), math.log(300), 0.0, 0.0))
+    assert math.exp(mean) == pytest.approx(2 * 100 * 200 * 300 / 4e9, rel=0.25)
+
+
+# --- persistence ----------------------------------------------------------------------------------------
+
+
+def test_profiles_and_model_persist_as_json_and_reload(tmp_path):
+    x, w, kwargs = single_device_conv()
+    first = make([SimulatedDevice("only", 2e+08, 1e-4)], tmp_path)
+    for _ in range(5):
+        first.conv2d(x, w, **kwargs)
+    first.save()
+    for name in ("scheduler-profiles-v1.json", "scheduler-model-v1.json"):
+        json.loads((tmp_path / name).read_text())  # JSON, not pickle
+    device = SimulatedDevice("only", 2e+08, 1e-4)
+    second = make([device], tmp_path)
+    prediction = second.explain("conv2d", x, w, **kwargs).predictions[0]
+    assert prediction.measured_calls >= 3
+    assert device.calls == 0  # the stored profile was used: nothing measured again
+
+
+def test_a_changed_device_starts_afresh(tmp_path):
+    x, w, kwargs = single_device_conv()
+    first = make([SimulatedDevice("only", 2e+08, 1e-4)], tmp_path)
+    for _ in range(5):
+        first.conv2d(x, w, **kwargs)
+    first.save()
+    changed = SimulatedDevice("only", 3e+08, 1e-4)  # another speed: another identity (as a new driver would be)
+    second = make([changed], tmp_path)
+    assert second.explain("conv2d", x, w, **kwargs).predictions[0].measured_calls == 0
+    assert changed.calls > 0  # profiled anew
+
+
+def test_a_damaged_model_file_is_ignored_not_fatal(tmp_path):
+    (tmp_path / "scheduler-model-v1.json").write_text("{not json")
+    x, w, kwargs = single_device_conv()
+    with pytest.warns(RuntimeWarning, match="unreadable"):
+        scheduler = make([SimulatedDevice("only", 2e+08)], tmp_path)
+    assert_close_to_reference(scheduler.conv2d(x, w, **kwargs), reference.conv2d(x, w, **kwargs), np.float32)
+
+
+# --- threads --------------------------------------------------------------------------------------------
+
+
+def test_eight_threads_of_mixed_calls_through_one_scheduler(tmp_path):
+    scheduler = make(["cpu", SimulatedDevice("sim", 3e+08, 1e-4)], tmp_path)
+    rng = np.random.default_rng(0)
+    cases = []
+    for index in range(6):
+        if index % 2:
+            a = rng.standard_normal((16 + 8 * index, 24)).astype(np.float32)
+            b = rng.standard_normal((24, 40)).astype(np.float32)
+            cases.append(("matmul", (a, b), {}, reference.matmul(a, b)))
+        else:
+            x, w = conv_inputs(batch=1 + index, size=10 + index, seed=index)
+            cases.append(("conv2d", (x, w), {"padding": 1}, reference.conv2d(x, w, padding=1)))
+    failures = []
+
+    def worker(seed):
+        order = np.random.default_rng(seed).integers(0, len(cases), 50)
+        for index in order:
+            op, args, kwargs, expected = cases[index]
+            try:
+                result = getattr(scheduler, op)(*args, **kwargs)
+                assert_close_to_reference(result, expected, np.float32)
+            except Exception as error:  # noqa: BLE001 - collected and reported below
+                failures.append(repr(error))
+
+    threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+    records = scheduler.history()
+    assert len([r for r in records if "part" not in r["shape"]]) <= 400
+    scheduler.save()
+    for state in scheduler._states:
+        for op, model in state.model.regressions.items():
+            assert np.all(np.isfinite(model.mean)) and np.all(np.isfinite(model.covariance)), op
+            assert np.all(np.linalg.eigvalsh((model.covariance + model.covariance.T) / 2) > -1e-12)
+        for history in state.model.histories.values():
+            assert history.count >= 0 and math.isfinite(history.mean) and history.spread > 0
+
+
+# --- device="auto" --------------------------------------------------------------------------------------
+
+
+def test_auto_uses_the_default_scheduler_and_is_correct():
+    x, w = conv_inputs(batch=2, size=12)
+    bias = np.linspace(-1, 1, 16).astype(np.float32)
+    expected = reference.conv2d(x, w, bias, padding=1, activation="relu")
+    for _ in range(3):
+        result = sparkle.conv2d(x, w, bias, padding=1, activation="relu")
+        assert type(result) is np.ndarray
+        assert_close_to_reference(result, expected, np.float32)
+    assert sparkle.default_scheduler() is scheduler_module.default_scheduler()
+    assert any(record["op"] == "conv2d" for record in sparkle.default_scheduler().history())
