@@ -36,7 +36,7 @@ def test_new_shapes_and_layouts_do_not_compile(implicit):
     rng = np.random.default_rng(0)
     isa = active_isa()
     mr, nv = isa.default_microkernel
-    driver = DRIVER_FACTORIES[implicit](mr, nv, nv * isa.lanes(4))
+    drivers = set()  # the compiled variants that ran: one thread's (small work) or the parallel one
     # Padded and unpadded (the implicit path reads the input in place then, a padded copy otherwise),
     # grouped, odd sizes, three layouts of x.
     problems = [((1, 3, 9, 9), (6, 3, 3, 3), 1), ((2, 8, 17, 5), (12, 4, 2, 1), 1), ((1, 5, 30, 31), (7, 5, 5, 5), 1),
@@ -55,10 +55,13 @@ def test_new_shapes_and_layouts_do_not_compile(implicit):
             y = backend.conv2d(x_variant, w, None, spec, plan)
             np.testing.assert_allclose(y, sparkle.reference.conv2d(x_variant, w, groups=groups, padding=padding),
                                        rtol=1e-4, atol=1e-4)
+            drivers.add(backend.prepare_conv2d(spec, plan).kernel)
             runs += 1
     assert runs == 3 * len(problems)
-    float32_signatures = [sig for sig in driver.signatures if str(sig[0].dtype) == "float32"]
-    assert len(float32_signatures) == 1, f"compiled {len(float32_signatures)} float32 versions: {differences(driver)}"
+    for driver in drivers:
+        float32_signatures = [sig for sig in driver.signatures if str(sig[0].dtype) == "float32"]
+        assert len(float32_signatures) == 1, \
+            f"compiled {len(float32_signatures)} float32 versions: {differences(driver)}"
 
 
 def differences(driver):
@@ -72,15 +75,12 @@ def differences(driver):
 PLANNED_DRIVER = """
     import json, numpy as np, sparkle
     from sparkle.cpu import backend
-    from sparkle.cpu.conv2d import fused_conv2d_driver
-    from sparkle.cpu.implicit import implicit_conv2d_driver
     x = np.ones((1, 8, 6, 6), np.float32); w = np.ones((16, 8, 3, 3), np.float32)
     spec = sparkle.api.conv2d_spec(x, w)
     assert not backend.uses_direct_kernel(spec)
     plan = backend.plan_conv2d(spec)
     np.testing.assert_allclose(sparkle.conv2d(x, w, device="cpu"), sparkle.reference.conv2d(x, w), rtol=1e-5)
-    factory = implicit_conv2d_driver if plan.implicit else fused_conv2d_driver
-    stats = factory(plan.mr, plan.nv, plan.nr).stats
+    stats = backend.prepare_conv2d(spec, plan).kernel.stats  # the compiled variant that call ran
     print(json.dumps(dict(hits=sum(stats.cache_hits.values()), misses=sum(stats.cache_misses.values()),
                           implicit=plan.implicit, driver=[plan.mr, plan.nv, plan.nr])))
 """
@@ -167,16 +167,17 @@ def test_isa_environment_variable_in_a_new_process():
 
 def compiled_versions():
     """Compiled versions of every CPU kernel: both drivers of every family's micro-kernels for both
-    dtypes' register widths, and the direct kernel."""
-    from sparkle.cpu.direct import direct_conv2d
+    dtypes' register widths, and the direct kernel, each in its parallel and its one-thread variant."""
+    from sparkle.cpu.direct import direct_conv2d_kernel
 
     # One dispatcher can serve two families: (6, 2, 8) is AVX2's float64 driver and the portable
     # family's float32 one (4 lanes either way), so count each dispatcher once.
-    drivers = {id(driver): driver for driver in (factory(mr, nv, nv * isa.lanes(itemsize))
+    drivers = {id(driver): driver for driver in (factory(mr, nv, nv * isa.lanes(itemsize), parallel=parallel)
                                                  for factory in DRIVER_FACTORIES.values()
                                                  for isa in supported_isas() for mr, nv in isa.microkernels
-                                                 for itemsize in (4, 8))}
-    return sum(len(dispatcher.signatures) for dispatcher in [*drivers.values(), direct_conv2d])
+                                                 for itemsize in (4, 8) for parallel in (True, False))}
+    direct = [direct_conv2d_kernel(parallel=parallel) for parallel in (True, False)]
+    return sum(len(dispatcher.signatures) for dispatcher in [*drivers.values(), *direct])
 
 
 def test_compiled_versions_counts_both_paths():
@@ -184,15 +185,13 @@ def test_compiled_versions_counts_both_paths():
     w = np.ones((12, 4, 3, 3), np.float64)
     spec = sparkle.api.conv2d_spec(x, w, padding=1)
     before = compiled_versions()
-    isa = active_isa()
-    mr, nv = isa.default_microkernel
-    counted = {implicit: len(DRIVER_FACTORIES[implicit](mr, nv, nv * isa.lanes(8)).signatures)
-               for implicit in (False, True)}
-    for implicit in (False, True):
-        plan = backend.plan_conv2d(spec, microkernel=(mr, nv), implicit=implicit)
+    mr, nv = active_isa().default_microkernel
+    plans = [backend.plan_conv2d(spec, microkernel=(mr, nv), implicit=implicit) for implicit in (False, True)]
+    drivers = [backend.prepare_conv2d(spec, plan).kernel for plan in plans]  # the variants these plans run
+    counted = [len(driver.signatures) for driver in drivers]
+    for plan in plans:
         backend.conv2d(x, w, None, spec, plan)
-    new = sum(1 for implicit in (False, True)
-              if len(DRIVER_FACTORIES[implicit](mr, nv, nv * isa.lanes(8)).signatures) > counted[implicit])
+    new = sum(1 for driver, count in zip(drivers, counted) if len(driver.signatures) > count)
     assert compiled_versions() == before + new
 
 
@@ -309,17 +308,22 @@ def test_cache_key_includes_the_cpu_features():
     import llvmlite.binding as llvm
     from numba.core import config
 
-    from sparkle.cpu.direct import direct_conv2d
+    from sparkle.cpu import prepared
 
     x = np.ones((1, 4, 8, 8), np.float32)
     w = np.ones((8, 4, 3, 3), np.float32)
-    sparkle.conv2d(x, np.ones((4, 1, 3, 3), np.float32), groups=4, padding=1, device="cpu")
+    depthwise = np.ones((4, 1, 3, 3), np.float32)
     spec = sparkle.api.conv2d_spec(x, w, padding=1)
-    dispatchers = [direct_conv2d]
-    for implicit in (False, True):
-        plan = backend.plan_conv2d(spec, implicit=implicit)
-        backend.conv2d(x, w, None, spec, plan)
-        dispatchers.append(DRIVER_FACTORIES[implicit](plan.mr, plan.nv, plan.nr))
+    depthwise_spec = sparkle.api.conv2d_spec(x, depthwise, groups=4, padding=1)
+    dispatchers = []
+    for threads in (1, 2):  # the one-thread (small work) and the parallel variant of each kernel
+        direct = prepared.DirectLaunch(depthwise_spec, threads)
+        direct.run(x, depthwise, None, np.empty(depthwise_spec.output_shape, np.float32).reshape(-1))
+        dispatchers.append(direct.kernel)
+        for implicit in (False, True):
+            plan = backend.plan_conv2d(spec, implicit=implicit, threads=threads)
+            backend.conv2d(x, w, None, spec, plan)
+            dispatchers.append(backend.prepare_conv2d(spec, plan).kernel)
     features = config.CPU_FEATURES or llvm.get_host_cpu_features().flatten()
     name = config.CPU_NAME or llvm.get_host_cpu_name()
     for dispatcher in dispatchers:
@@ -330,16 +334,13 @@ def test_cache_key_includes_the_cpu_features():
             assert features.count("+") > 10
 
 
-# An edit to threads.py's bind_slot, which every parallel kernel runs first in each slot: count a failure.
+# An edit to threads.py's bind_slot, which every kernel runs first in each slot: count a failure.
 # A kernel that runs the edited code shows it in binding_failures(); one served from a stale cache does not.
 EDIT_FILE = "threads.py"
 EDIT_BEFORE = "    if cpus.size == 0 or current_thread_id() == caller:\n        return\n"
 EDITED_KERNELS = """
     import json, numpy as np, sparkle
     from sparkle.cpu import backend, threads
-    from sparkle.cpu.conv2d import fused_conv2d_driver
-    from sparkle.cpu.direct import direct_conv2d
-    from sparkle.cpu.implicit import implicit_conv2d_driver
     rng = np.random.default_rng(0)
     x = rng.standard_normal((1, 8, 10, 10)).astype(np.float32)
     report = {"file": sparkle.__file__}
@@ -352,9 +353,7 @@ EDITED_KERNELS = """
         spec = sparkle.api.conv2d_spec(x, w, padding=1, groups=groups)
         assert backend.uses_direct_kernel(spec) == (name == "direct")
         plan = None if name == "direct" else backend.plan_conv2d(spec, implicit=name == "implicit")
-        kernel = {"direct": lambda: direct_conv2d,
-                  "implicit": lambda: implicit_conv2d_driver(plan.mr, plan.nv, plan.nr),
-                  "packed": lambda: fused_conv2d_driver(plan.mr, plan.nv, plan.nr)}[name]()
+        kernel = backend.prepare_conv2d(spec, plan).kernel  # the compiled variant the call runs
         before = threads.binding_failures()
         y = backend.conv2d(x, w, None, spec, plan)
         assert np.allclose(y, sparkle.reference.conv2d(x, w, padding=1, groups=groups), rtol=1e-4, atol=1e-4)

@@ -1,48 +1,34 @@
-"""The Numba CPU backend: runs validated conv2d and matmul calls on the compiled kernels."""
+"""The Numba CPU backend: runs validated conv2d and matmul calls on the compiled kernels.
 
-import numba
+``conv2d`` and ``matmul`` plan and allocate per call; ``prepare_conv2d`` and ``prepare_matmul`` do that
+once per call signature and return a callable for repeated calls (see ``prepared.py``).
+"""
+
 import numpy as np
 
 from ..api import matmul_as_conv2d_spec
-from .conv2d import fused_conv2d_driver
-from .direct import direct_conv2d
-from .implicit import copy_size, implicit_conv2d_driver, needs_copy, reduction_offsets, virtual_input
-from .operands import allocate_scratch, bias_vector, geometry, read_only_flat, weight_rows
+from .implicit import copy_size, needs_copy
+from .operands import allocate_scratch
 from .plan import plan_conv2d, uses_direct_kernel
+from .prepared import DirectLaunch, FusedLaunch, ImplicitLaunch, PreparedConv2d, PreparedMatmul
 
-__all__ = ["conv2d", "matmul", "plan_conv2d", "uses_direct_kernel"]
+__all__ = ["PreparedConv2d", "PreparedMatmul", "conv2d", "matmul", "plan_conv2d", "prepare_conv2d", "prepare_matmul",
+           "uses_direct_kernel"]
 
 
 def _run_direct(x, w, bias, spec, out):
     """Direct convolution (see ``direct.py``) into ``out``."""
-    threads = numba.get_num_threads()
-    planes = spec.batch * spec.out_channels
-    row_chunks = min(spec.out_h, -(-4 * threads // planes)) if planes < 4 * threads else 1
-    direct_conv2d(read_only_flat(x), read_only_flat(w), bias_vector(bias, spec), out.reshape(-1), geometry(spec),
-                  spec.has_bias, spec.activation == "relu", row_chunks, threads)
+    DirectLaunch(spec).run(x, w, bias, out.reshape(-1))
 
 
 def _run_implicit(x, w, bias, spec, plan, out):
     """Implicit GEMM read straight from the (padded) input (see ``implicit.py``) into ``out``."""
-    w_rows, lda = weight_rows(w)
-    source, layout, plane = virtual_input(read_only_flat(x), spec)
-    offsets = reduction_offsets(spec, layout, plane)
-    driver = implicit_conv2d_driver(plan.mr, plan.nv, plan.nr)
-    shape = (spec.batch, spec.in_channels, spec.out_channels, spec.groups, spec.out_h, spec.out_w, layout.phases)
-    driver(source, plane, layout.pitch, offsets, read_only_flat(w_rows), lda, bias_vector(bias, spec), out.reshape(-1),
-           shape, spec.has_bias, spec.activation == "relu", plan.kc, plan.mc, plan.nc, plan.channel_chunks,
-           plan.threads)
+    ImplicitLaunch(spec, plan).run(x, w, bias, out.reshape(-1))
 
 
 def _run_fused(x, w, bias, spec, plan, out):
     """Fused im2col + GEMM (see ``conv2d.py``) into ``out``."""
-    w_rows, lda = weight_rows(w)
-    scratch = allocate_scratch(spec, plan)
-    driver = fused_conv2d_driver(plan.mr, plan.nv, plan.nr)
-    driver(read_only_flat(x), read_only_flat(w_rows), lda, bias_vector(bias, spec), out.reshape(-1),
-           geometry(spec), spec.has_bias, spec.activation == "relu", plan.kc, plan.mc, plan.nc,
-           plan.channel_chunks, scratch.panel, scratch.origins, scratch.offsets, scratch.runs, scratch.rows,
-           scratch.tile)
+    FusedLaunch(spec, plan).run(x, w, bias, out.reshape(-1))
 
 
 def workspace_bytes(spec, plan):
@@ -84,3 +70,15 @@ def matmul(a, b, spec, plan=None):
     image = b.reshape(1, spec.k, 1, spec.n)
     weights = a.reshape(spec.m, spec.k, 1, 1)
     return conv2d(image, weights, None, conv_spec, plan).reshape(spec.m, spec.n)
+
+
+def prepare_conv2d(spec, plan=None):
+    """A :class:`PreparedConv2d` for repeated calls of ``spec``: ``prepared(x, w, bias)`` returns what
+    ``conv2d(x, w, bias, spec, plan)`` does; ``prepared.variant`` names the kernel variant that runs."""
+    return PreparedConv2d(spec, plan)
+
+
+def prepare_matmul(spec, plan=None):
+    """A :class:`PreparedMatmul` for repeated calls of ``spec``: ``prepared(a, b)`` returns what
+    ``matmul(a, b, spec, plan)`` does; ``prepared.variant`` names the kernel variant that runs."""
+    return PreparedMatmul(spec, matmul_as_conv2d_spec(spec), plan)

@@ -7,17 +7,19 @@ it is hot in cache. Jobs are (image, group, pixel block, channel chunk); threads
 them from a shared atomic counter and work in per-thread scratch buffers.
 """
 
+import functools
 import hashlib
 import pathlib
-from functools import lru_cache
 
 import numpy as np
 from numba import njit, prange
 
 from .atomics import fetch_add
 from .microkernel import microkernel
+from .operands import CHANNEL_CHUNKS, KC, LDA, MC, NC, PADDED_PIXELS, RELU, USE_BIAS, geometry_of
 from .packing import pack_im2col_block, pixel_origins, tap_offsets
 from .threads import bind_slot, capture_binding
+
 
 @njit(cache=True, inline="always")
 def _in_range(offset, extent, size):
@@ -72,14 +74,29 @@ def kernel_source_fingerprint():
     inlines code from its sibling modules, so their contents go into its cache key.
     """
     digest = hashlib.sha256()
-    for module in ("affinity.py", "atomics.py", "conv2d.py", "direct.py", "implicit.py", "microkernel.py", "packing.py",
-                   "threads.py"):
+    for module in ("affinity.py", "atomics.py", "conv2d.py", "direct.py", "implicit.py", "microkernel.py",
+                   "operands.py", "packing.py", "threads.py"):
         digest.update((pathlib.Path(__file__).parent / module).read_bytes())
     return int.from_bytes(digest.digest()[:7], "little")
 
 
-@lru_cache(maxsize=None)
-def fused_conv2d_driver(mr, nv, nr):
+def kernel_variants(build):
+    """Cache a factory of compiled kernels: one dispatcher per variant (its closure constants and
+    ``parallel``), whether ``parallel`` is given by keyword or left to its default (lru_cache alone
+    would key those two calls apart and compile the variant twice). ``parallel`` is keyword-only;
+    ``cache_info`` is lru_cache's."""
+    cached = functools.lru_cache(maxsize=None)(build)
+
+    @functools.wraps(build)
+    def factory(*constants, parallel=True):
+        return cached(*constants, bool(parallel))
+
+    factory.cache_info = cached.cache_info
+    return factory
+
+
+@kernel_variants
+def fused_conv2d_driver(mr, nv, nr, parallel):
     """The compiled driver for an ``mr x nv``-vector micro-kernel of ``nr`` columns
     (``nr // nv`` lanes per vector: the instruction set's width for the dtype).
 
@@ -87,20 +104,24 @@ def fused_conv2d_driver(mr, nv, nr):
     loops (fully unrolled over a panel's ``nr`` pixels) are specialized at compile time,
     while Numba's disk cache still tells the variants apart (it hashes
     closure contents, the source fingerprint included). Shapes are runtime values: a new
-    shape never compiles.
+    shape never compiles. ``parallel=False`` compiles the same code without Numba's parallel
+    launch, for plans of one thread (small work: see ``plan.SERIAL_MAX_FLOPS``).
     """
     source_fingerprint = kernel_source_fingerprint()
     lanes = nr // nv
 
-    @njit(cache=True, parallel=True)
-    def conv2d_fused(x, w, lda, bias, out, geometry, use_bias, relu, kc, mc, nc, channel_chunks,
-                     panel_scratch, origin_scratch, offset_scratch, run_scratch, row_scratch, tile_scratch):
-        """Run the whole convolution. ``x`` and ``out`` are flat C-order NCHW arrays, ``w``
-        the flat K x (C/groups * R * S) weight matrix with rows ``lda`` apart; ``bias`` has
-        K entries (zeros when unused)."""
-        _ = source_fingerprint  # part of the closure, hence of the disk cache key
+    @njit(cache=True, parallel=parallel)
+    def conv2d_fused(x, w, bias, out, params, value_scratch, index_scratch):
+        """Run the whole convolution. ``x`` and ``out`` are flat C-order NCHW arrays, ``w`` the flat
+        K x (C/groups * R * S) weight matrix with rows ``params[LDA]`` apart; ``bias`` has K entries
+        (zeros when unused); ``params``: ``operands.call_params``; the scratch rows, one per thread, are
+        laid out as ``operands.ScratchLayout`` says."""
+        _ = source_fingerprint, parallel  # part of the closure, hence of the disk cache key
         (batch, channels, height, width, k_total, kernel_h, kernel_w, stride_h, stride_w,
-         pad_top, pad_left, dilation_h, dilation_w, groups, out_h, out_w) = geometry
+         pad_top, pad_left, dilation_h, dilation_w, groups, out_h, out_w) = geometry_of(params)
+        use_bias, relu, lda = params[USE_BIAS] != 0, params[RELU] != 0, params[LDA]
+        kc, mc, nc, channel_chunks = params[KC], params[MC], params[NC], params[CHANNEL_CHUNKS]
+        padded_block = params[PADDED_PIXELS]
         c_group = channels // groups
         k_group = k_total // groups
         taps = kernel_h * kernel_w
@@ -110,20 +131,33 @@ def fused_conv2d_driver(mr, nv, nr):
         panels = (k_group + mr - 1) // mr
         pixel_blocks = (pixels + nc - 1) // nc
         jobs = batch * groups * pixel_blocks * channel_chunks
-        threads = panel_scratch.shape[0]
+        threads = value_scratch.shape[0]
         mc_panels = max(1, mc // mr)
+        # Scratch layout (operands.scratch_layout): panel, tile | origins, offsets, runs, rows.
+        panel_size = kc * padded_block
+        offsets_start = 2 * padded_block
+        runs_start = offsets_start + taps * padded_block
+        rows_start = runs_start + taps * (padded_block // nr)
+        # Scratch rows shorter than the parameters say, or blocks wider than padded_block: stop before any
+        # job runs (raising here, outside the parallel loop, costs nothing on the way through).
+        if (value_scratch.shape[1] < panel_size + mr * nr or index_scratch.shape[0] < threads
+                or index_scratch.shape[1] < rows_start + 2 * kc or padded_block % nr
+                or padded_block < (min(nc, pixels) + nr - 1) // nr * nr):
+            raise IndexError("conv2d_fused: the scratch layout falls outside its buffer")
         faults = np.zeros(threads, dtype=np.int64)
         next_job = np.zeros(1, dtype=np.int64)
         cpus, caller = capture_binding(threads)
         for thread in prange(threads):
             bind_slot(cpus, caller, thread)
-            panel = panel_scratch[thread]
-            row_origin = origin_scratch[thread, 0]
-            col_origin = origin_scratch[thread, 1]
-            offsets = offset_scratch[thread]
-            runs = run_scratch[thread]
-            row_sources = row_scratch[thread]
-            tile = tile_scratch[thread]
+            values = value_scratch[thread]
+            indices = index_scratch[thread]
+            panel = values[:panel_size]
+            tile = values[panel_size:panel_size + mr * nr]
+            row_origin = indices[:padded_block]
+            col_origin = indices[padded_block:offsets_start]
+            offsets = indices[offsets_start:runs_start].reshape((taps, padded_block))
+            runs = indices[runs_start:rows_start].reshape((taps, padded_block // nr))
+            row_sources = indices[rows_start:rows_start + 2 * kc].reshape((kc, 2))
             while True:
                 job = fetch_add(next_job, 0, 1)
                 if job >= jobs:

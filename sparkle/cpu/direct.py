@@ -14,7 +14,8 @@ import numpy as np
 from numba import njit, prange, uint64
 
 from .atomics import fetch_add
-from .conv2d import kernel_source_fingerprint
+from .conv2d import kernel_source_fingerprint, kernel_variants
+from .operands import RELU, ROW_CHUNKS, THREADS, USE_BIAS, geometry_of
 from .threads import bind_slot, capture_binding
 
 
@@ -38,22 +39,27 @@ def _add_padding_products(out, destination, out_w, row_begin, row_end, rows, col
                 out[destination + oh * out_w + ow] += weight * 0.0
 
 
-def _compile_direct_conv2d():
+@kernel_variants
+def direct_conv2d_kernel(parallel):
     """The direct kernel, with the fingerprint of the sources it compiles in its closure: Numba keys the
-    disk-cache entry by this file and the closure, and the kernel inlines threads.py, affinity.py and
-    atomics.py, so an edit there must change the key too."""
+    disk-cache entry by this file and the closure, and the kernel inlines threads.py, affinity.py,
+    atomics.py and operands.py, so an edit there must change the key too. ``parallel=False`` compiles it
+    without Numba's parallel launch, for calls of one thread (small work)."""
     source_fingerprint = kernel_source_fingerprint()
 
-    @njit(cache=True, parallel=True)
-    def direct_conv2d(x, w, bias, out, geometry, use_bias, relu, row_chunks, threads):
-        """``x``, ``w``, ``out``: flat C-order NCHW, KCRS, NKHW arrays; ``bias`` has K entries.
+    @njit(cache=True, parallel=parallel)
+    def direct_conv2d(x, w, bias, out, params):
+        """``x``, ``w``, ``out``: flat C-order NCHW, KCRS, NKHW arrays; ``bias`` has K entries; ``params``:
+        ``operands.call_params`` (``params[ROW_CHUNKS]`` jobs per output plane, ``params[THREADS]`` slots).
 
         A job is a band of output rows of one (image, channel) plane, accumulated in place in
         ``out``: per input channel and tap, one weight times the input rectangle the tap reads.
         """
-        _ = source_fingerprint  # part of the closure, hence of the disk cache key
+        _ = source_fingerprint, parallel  # part of the closure, hence of the disk cache key
         (batch, channels, height, width, k_total, kernel_h, kernel_w, stride_h, stride_w,
-         pad_top, pad_left, dilation_h, dilation_w, groups, out_h, out_w) = geometry
+         pad_top, pad_left, dilation_h, dilation_w, groups, out_h, out_w) = geometry_of(params)
+        use_bias, relu = params[USE_BIAS] != 0, params[RELU] != 0
+        row_chunks, threads = params[ROW_CHUNKS], params[THREADS]
         c_group = channels // groups
         k_group = k_total // groups
         taps = kernel_h * kernel_w
@@ -104,4 +110,4 @@ def _compile_direct_conv2d():
     return direct_conv2d
 
 
-direct_conv2d = _compile_direct_conv2d()
+direct_conv2d = direct_conv2d_kernel()

@@ -6,8 +6,8 @@ consecutive ``v``, is a contiguous slice of the padded input starting at
 ``c * plane + r * dilation_h * pitch + s * dilation_w + v``: the micro-kernel loads it
 with plain vector loads through a per-p offset table, and stores only the real columns
 (``ow < out_w``) with masked stores. A strided convolution is the same on phase planes of
-the input (see ``VirtualLayout``). The padded/phase copy is made once per call, in
-parallel; a stride-1 input without padding is read in place.
+the input (see ``VirtualLayout``). The padded/phase copy is made once per call (in
+parallel, unless the plan has one thread); a stride-1 input without padding is read in place.
 
 Packing the im2col patch costs about as much per element as the multiply-adds it feeds
 when a layer has few output channels (64 channels: 2 cycles of FMAs per element on
@@ -21,8 +21,10 @@ import numpy as np
 from numba import njit, prange
 
 from .atomics import fetch_add
-from .conv2d import _in_range, gemm_job, kernel_source_fingerprint
+from .conv2d import _in_range, gemm_job, kernel_source_fingerprint, kernel_variants
 from .microkernel import implicit_microkernel
+from .operands import (CHANNEL_CHUNKS, COPY_PLANES, GRID_ROWS, KC, LDA, MC, NC, PHASES, PITCH, PLANE, RELU, THREADS,
+                       USE_BIAS, geometry_of)
 from .threads import bind_slot, capture_binding
 
 
@@ -83,55 +85,65 @@ def in_place_reads_thrash(spec):
     return plane_bytes % 4096 == 0 or (plane_bytes >= 4096 and rows > IN_PLACE_MAX_PAGE_ROWS)
 
 
-@njit(cache=True, parallel=True)
-def _copy_virtual_input(x, out, planes, height, width, row_phases, col_phases, rows, pitch, plane, stride_h,
-                        stride_w, pad_top, pad_left):
-    """Plane q = ((image * C + c) * len(row_phases) + ia) * len(col_phases) + ib of ``out``:
-    out[q, i, j] = x[image, c, i * stride_h + row_phases[ia] - pad_top, j * stride_w + col_phases[ib] - pad_left],
-    zero outside x."""
-    phases = row_phases.size * col_phases.size
-    for q in prange(planes):
-        source = (q // phases) * height * width
-        a = row_phases[(q % phases) // col_phases.size]
-        b = col_phases[q % col_phases.size]
-        destination = q * plane
-        # Columns [first, end) read inside x; the loop over them has no branch, so it vectorizes.
-        first = min(pitch, max(0, (pad_left - b + stride_w - 1) // stride_w))
-        end = max(first, min(pitch, (width + pad_left - b + stride_w - 1) // stride_w))
-        for i in range(rows):
-            row = i * stride_h + a - pad_top
-            start = destination + i * pitch
-            if row < 0 or row >= height:
-                for j in range(pitch):
+@kernel_variants
+def virtual_input_copier(parallel):
+    """The compiled padded/phase copy of the input (``parallel=False``: without Numba's parallel launch,
+    for plans of one thread)."""
+    source_fingerprint = kernel_source_fingerprint()
+
+    @njit(cache=True, parallel=parallel)
+    def copy_virtual_input(x, out, params, row_phases, col_phases):
+        """Plane q = ((image * C + c) * len(row_phases) + ia) * len(col_phases) + ib of ``out``:
+        out[q, i, j] = x[image, c, i * stride_h + row_phases[ia] - pad_top, j * stride_w + col_phases[ib] - pad_left],
+        zero outside x; planes ``params[PLANE]`` apart, ``params[GRID_ROWS]`` rows of ``params[PITCH]``."""
+        _ = source_fingerprint, parallel  # part of the closure, hence of the disk cache key
+        (_, _, height, width, _, _, _, stride_h, stride_w, pad_top, pad_left, _, _, _, _, _) = geometry_of(params)
+        planes, rows, pitch, plane = params[COPY_PLANES], params[GRID_ROWS], params[PITCH], params[PLANE]
+        phases = row_phases.size * col_phases.size
+        if planes * plane > out.size or rows * pitch > plane or (planes // phases) * height * width > x.size:
+            raise IndexError("copy_virtual_input: the copy or the input fell outside its buffer")
+        for q in prange(planes):
+            source = (q // phases) * height * width
+            a = row_phases[(q % phases) // col_phases.size]
+            b = col_phases[q % col_phases.size]
+            destination = q * plane
+            # Columns [first, end) read inside x; the loop over them has no branch, so it vectorizes.
+            first = min(pitch, max(0, (pad_left - b + stride_w - 1) // stride_w))
+            end = max(first, min(pitch, (width + pad_left - b + stride_w - 1) // stride_w))
+            for i in range(rows):
+                row = i * stride_h + a - pad_top
+                start = destination + i * pitch
+                if row < 0 or row >= height:
+                    for j in range(pitch):
+                        out[start + j] = 0.0
+                    continue
+                for j in range(first):
                     out[start + j] = 0.0
-                continue
-            for j in range(first):
-                out[start + j] = 0.0
-            origin = source + row * width + b - pad_left
-            for j in range(first, end):
-                out[start + j] = x[origin + j * stride_w]
-            for j in range(end, pitch):
-                out[start + j] = 0.0
+                origin = source + row * width + b - pad_left
+                for j in range(first, end):
+                    out[start + j] = x[origin + j * stride_w]
+                for j in range(end, pitch):
+                    out[start + j] = 0.0
+
+    return copy_virtual_input
 
 
 def copy_size(spec):
-    """(planes, plane stride) of the padded/phase copy ``virtual_input`` makes for ``spec``."""
+    """(planes, plane stride) of the padded/phase copy of the input for ``spec``."""
     layout = virtual_layout(spec)
     return spec.batch * spec.in_channels * layout.phases, plane_stride(layout.rows, layout.pitch, spec.dtype.itemsize)
 
 
-def virtual_input(x_flat, spec):
-    """(flat grid the kernel reads, its layout, plane stride): x itself or a parallel phase/padding copy."""
+def grid_plane(spec):
+    """Elements from one plane of the grid the implicit kernel reads to the next: of the copy, or of x."""
     layout = virtual_layout(spec)
-    if not needs_copy(spec):
-        return x_flat, layout, layout.rows * layout.pitch
-    planes, plane = copy_size(spec)
-    out = np.empty(planes * plane, dtype=spec.dtype)
-    _copy_virtual_input(x_flat, out, planes, spec.height, spec.width, np.array(layout.row_phases, np.int64),
-                        np.array(layout.col_phases, np.int64), layout.rows, layout.pitch, plane, spec.stride_h,
-                        spec.stride_w, spec.pad_top, spec.pad_left)
-    out.flags.writeable = False  # as x itself arrives: one compiled driver for both
-    return out, layout, plane
+    return copy_size(spec)[1] if needs_copy(spec) else layout.rows * layout.pitch
+
+
+def phase_arrays(spec):
+    """The row and column phases of the copy as int64 arrays (the copy kernel's arguments)."""
+    layout = virtual_layout(spec)
+    return np.array(layout.row_phases, np.int64), np.array(layout.col_phases, np.int64)
 
 
 @lru_cache(maxsize=256)
@@ -148,24 +160,27 @@ def reduction_offsets(spec, layout, plane):
     return offsets
 
 
-@lru_cache(maxsize=None)
-def implicit_conv2d_driver(mr, nv, nr):
+@kernel_variants
+def implicit_conv2d_driver(mr, nv, nr, parallel):
     """The compiled implicit-GEMM driver for an ``mr x nv``-vector micro-kernel of ``nr`` columns.
 
     As for ``fused_conv2d_driver``, the block shape is a closure constant and shapes are
-    runtime values: a new shape never compiles.
+    runtime values: a new shape never compiles; ``parallel=False`` for plans of one thread.
     """
     source_fingerprint = kernel_source_fingerprint()
     lanes = nr // nv
 
-    @njit(cache=True, parallel=True)
-    def conv2d_implicit(x, plane, pitch, offsets, w, lda, bias, out, shape, use_bias, relu, kc, mc, nc,
-                        channel_chunks, threads):
-        """``x``: the flat virtual input (``virtual_input``), planes ``plane`` apart, rows ``pitch`` apart;
-        ``offsets``: ``reduction_offsets``; ``w``: K x (C/groups * R * S) rows ``lda`` apart;
-        ``shape``: (batch, channels, k_total, groups, out_h, out_w, phase planes per channel)."""
-        _ = source_fingerprint  # part of the closure, hence of the disk cache key
-        batch, channels, k_total, groups, out_h, out_w, phases = shape
+    @njit(cache=True, parallel=parallel)
+    def conv2d_implicit(x, offsets, w, bias, out, params):
+        """``x``: the flat virtual input (the copy ``virtual_input_copier`` makes, or the input itself),
+        planes ``params[PLANE]`` apart, rows ``params[PITCH]`` apart, ``params[PHASES]`` planes per channel;
+        ``offsets``: ``reduction_offsets``; ``w``: K x (C/groups * R * S) rows ``params[LDA]`` apart;
+        ``params``: ``operands.call_params``."""
+        _ = source_fingerprint, parallel  # part of the closure, hence of the disk cache key
+        (batch, channels, _, _, k_total, _, _, _, _, _, _, _, _, groups, out_h, out_w) = geometry_of(params)
+        use_bias, relu, lda = params[USE_BIAS] != 0, params[RELU] != 0, params[LDA]
+        kc, mc, nc, channel_chunks = params[KC], params[MC], params[NC], params[CHANNEL_CHUNKS]
+        threads, phases, plane, pitch = params[THREADS], params[PHASES], params[PLANE], params[PITCH]
         c_group = channels // groups
         k_group = k_total // groups
         reduction = offsets.size

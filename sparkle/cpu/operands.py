@@ -1,21 +1,57 @@
-"""What the compiled kernels are handed: flat read-only inputs, the weight matrix with a
-cache-friendly row stride, the geometry tuple and the per-thread scratch buffers."""
+"""What the compiled kernels are handed: flat read-only inputs, one int64 parameter vector (geometry,
+tiles, flags) and the per-thread scratch buffers."""
 
 from dataclasses import dataclass
 
 import numpy as np
+from numba import njit
 
 from .packing import panel_count
 
-
-# Conv2dSpec fields in the order the compiled kernels unpack their geometry tuple.
+# Conv2dSpec fields in the order the compiled kernels unpack them (``geometry_of``).
 GEOMETRY_FIELDS = ("batch", "in_channels", "height", "width", "out_channels", "kernel_h", "kernel_w",
                    "stride_h", "stride_w", "pad_top", "pad_left", "dilation_h", "dilation_w", "groups",
                    "out_h", "out_w")
 
+# Every scalar a kernel takes, in one int64 vector. Numba's dispatcher takes about 0.1 us per array
+# argument, 0.45 us for a tuple of 16 ints, 0.04-0.07 us per int or bool (benchmarks/dispatch_cost.py
+# --argument-kinds); the packed driver's 18 arguments (10 arrays, the geometry tuple, 2 bools, 5 ints)
+# became 7 arrays, about 1.2 us less on a call that costs 6 us in all. Fields a kernel does not use are 0.
+PARAM_FIELDS = GEOMETRY_FIELDS + (
+    "use_bias", "relu",            # the epilogue (0 or 1)
+    "lda",                         # row stride of the weight matrix
+    "kc", "mc", "nc", "channel_chunks", "threads",  # the plan (GEMM paths)
+    "padded_pixels",               # packed path: pixels of a block, whole nr panels
+    "row_chunks",                  # direct kernel: jobs per output plane
+    "phases", "plane", "pitch", "grid_rows", "copy_planes",  # implicit path: its virtual input
+)
+USE_BIAS, RELU, LDA, KC, MC, NC, CHANNEL_CHUNKS, THREADS, PADDED_PIXELS, ROW_CHUNKS, PHASES, PLANE, PITCH, \
+    GRID_ROWS, COPY_PLANES = range(len(GEOMETRY_FIELDS), len(PARAM_FIELDS))
+
 
 def geometry(spec):
     return tuple(getattr(spec, field) for field in GEOMETRY_FIELDS)
+
+
+def call_params(spec, **fields):
+    """The read-only parameter vector of a kernel call: the spec's geometry and epilogue, and ``fields``
+    (names from PARAM_FIELDS)."""
+    params = np.zeros(len(PARAM_FIELDS), dtype=np.int64)
+    params[:len(GEOMETRY_FIELDS)] = geometry(spec)
+    params[USE_BIAS] = spec.has_bias
+    params[RELU] = spec.activation == "relu"
+    for name, value in fields.items():
+        params[PARAM_FIELDS.index(name)] = value
+    params.flags.writeable = False  # one compiled version: parameters always arrive read-only
+    return params
+
+
+@njit(cache=True, inline="always")
+def geometry_of(params):
+    """(batch, channels, height, width, k_total, kernel_h, kernel_w, stride_h, stride_w, pad_top, pad_left,
+    dilation_h, dilation_w, groups, out_h, out_w) from a parameter vector."""
+    return (params[0], params[1], params[2], params[3], params[4], params[5], params[6], params[7], params[8],
+            params[9], params[10], params[11], params[12], params[13], params[14], params[15])
 
 
 def bias_vector(bias, spec):
@@ -24,33 +60,55 @@ def bias_vector(bias, spec):
 
 
 @dataclass(frozen=True)
-class Scratch:
-    """Per-thread work buffers of one call: all the memory a call uses besides its output
-    (and contiguous copies of inputs that arrive in another layout)."""
+class ScratchLayout:
+    """Where the packed path's per-thread work buffers lie in its two scratch rows (one of the dtype,
+    one of int64): offsets and lengths in elements, shared by the Python side and the driver."""
 
-    panel: np.ndarray    # packed im2col patch, kc x (pixel block)
-    origins: np.ndarray  # input row/column origin of each pixel of the block
-    offsets: np.ndarray  # source offset per tap and pixel
-    runs: np.ndarray     # first offset of each contiguous panel per tap
-    rows: np.ndarray     # channel plane and tap of each reduction row of a block
-    tile: np.ndarray     # one mr x nr edge block
+    panel: int    # packed im2col patch, kc x (pixel block)
+    tile: int     # one mr x nr edge block
+    origins: int  # input row/column origin of each pixel of the block (2 x padded pixels)
+    offsets: int  # source offset per tap and pixel (taps x padded pixels)
+    runs: int     # first offset of each contiguous panel per tap (taps x panels)
+    rows: int     # channel plane and tap of each reduction row of a block (kc x 2)
+
+    @property
+    def values(self):
+        return self.panel + self.tile
+
+    @property
+    def indices(self):
+        return self.origins + self.offsets + self.runs + self.rows
+
+
+@dataclass(frozen=True)
+class Scratch:
+    """Per-thread work buffers of one call: all the memory the packed path uses besides its output
+    (and contiguous copies of inputs that arrive in another layout). Row t belongs to thread t."""
+
+    values: np.ndarray   # threads x ScratchLayout.values, of the dtype
+    indices: np.ndarray  # threads x ScratchLayout.indices, int64
 
     @property
     def nbytes(self):
-        buffers = (self.panel, self.origins, self.offsets, self.runs, self.rows, self.tile)
-        return sum(buffer.nbytes for buffer in buffers)
+        return self.values.nbytes + self.indices.nbytes
+
+
+def padded_block_pixels(spec, plan):
+    """Pixels of the packed path's largest block, rounded up to whole nr panels."""
+    return panel_count(min(plan.nc, spec.out_h * spec.out_w), plan.nr) * plan.nr
+
+
+def scratch_layout(spec, plan):
+    padded_pixels = padded_block_pixels(spec, plan)
+    taps = spec.kernel_h * spec.kernel_w
+    return ScratchLayout(panel=plan.kc * padded_pixels, tile=plan.mr * plan.nr, origins=2 * padded_pixels,
+                         offsets=taps * padded_pixels, runs=taps * (padded_pixels // plan.nr), rows=2 * plan.kc)
 
 
 def allocate_scratch(spec, plan):
-    padded_pixels = panel_count(min(plan.nc, spec.out_h * spec.out_w), plan.nr) * plan.nr
-    taps = spec.kernel_h * spec.kernel_w
-    return Scratch(
-        panel=np.empty((plan.threads, plan.kc * padded_pixels), dtype=spec.dtype),
-        origins=np.empty((plan.threads, 2, padded_pixels), dtype=np.int64),
-        offsets=np.empty((plan.threads, taps, padded_pixels), dtype=np.int64),
-        runs=np.empty((plan.threads, taps, padded_pixels // plan.nr), dtype=np.int64),
-        rows=np.empty((plan.threads, plan.kc, 2), dtype=np.int64),
-        tile=np.empty((plan.threads, plan.mr * plan.nr), dtype=spec.dtype))
+    layout = scratch_layout(spec, plan)
+    return Scratch(values=np.empty((plan.threads, layout.values), dtype=spec.dtype),
+                   indices=np.empty((plan.threads, layout.indices), dtype=np.int64))
 
 
 def weight_rows(w):
@@ -71,3 +129,29 @@ def read_only_flat(array):
     flat = np.require(np.asarray(array), requirements=("C", "A")).reshape(-1).view()  # asarray: no subclasses
     flat.flags.writeable = False
     return flat
+
+
+def flat_view(array):
+    """A read-only flat view of a plain C-contiguous aligned ndarray (about 0.5 us: ``ravel`` and
+    ``setflags``, against 2 us for ``read_only_flat``); None for any other array."""
+    if type(array) is np.ndarray:
+        flags = array.flags
+        if flags.c_contiguous and flags.aligned:
+            flat = array.ravel()  # a view, and always a new array object: the caller's keeps its flags
+            flat.setflags(write=False)
+            return flat
+    return None
+
+
+def flat_input(array):
+    """``read_only_flat(array)``, without its cost for the common layout (see ``flat_view``)."""
+    flat = flat_view(array)
+    return read_only_flat(array) if flat is None else flat
+
+
+def remembered_flat_input(array):
+    """(array, its flat read-only view) to reuse while the same array object comes back (weights, bias:
+    a view sees in-place changes, and holding the array keeps its id from being reused); (None, a flat
+    copy) where the layout needs a copy, which a later call must make again."""
+    flat = flat_view(array)
+    return (None, read_only_flat(array)) if flat is None else (array, flat)

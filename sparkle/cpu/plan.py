@@ -100,13 +100,30 @@ def prefers_implicit(spec):
     return not in_place_reads_thrash(spec)
 
 
+# Calls of at most this many flops run on one thread, in kernels compiled without Numba's parallel
+# launch (plans of one thread do). Measured on 2 Zen 3 cores (benchmarks/dispatch_cost.py --crossover,
+# benchmarks/results/dispatch_cost_cpu_2core.md): the two-thread launch adds 9-15 us to a call while the
+# second core is idle, 60-130 us while other work holds it; up to 0.2 MFLOP one thread was 1.8-4x faster
+# than two, and idle, two threads first matched one at 1.2 MFLOP (3x3 convolutions) and 4 MFLOP (1x1,
+# matmul). A host of n cores needs only n/(n-1) launches' worth of one-thread work to pay back the launch
+# (2 on this machine, about 1 on 16 cores), so the threshold sits below the 2-core crossover.
+SERIAL_MAX_FLOPS = 200_000
+
+
+def default_threads(spec):
+    """Threads for a call when none are asked for: one for small work, else all of Numba's."""
+    return 1 if spec.flops <= SERIAL_MAX_FLOPS else numba.get_num_threads()
+
+
 def plan_conv2d(spec, microkernel=None, tiles=None, threads=None, isa=None, implicit=None):
     """Choose the path, micro-kernel, tile sizes and parallel split for a conv2d spec.
 
     ``isa`` (an ``isa.Isa``) defaults to the family this process runs; ``implicit`` to
-    ``prefers_implicit(spec)``. Plans are remembered per spec, family and thread count.
+    ``prefers_implicit(spec)``; ``threads`` to ``default_threads(spec)`` (a plan of one thread runs
+    the kernels compiled without a parallel launch). Plans are remembered per spec, family and
+    thread count.
     """
-    return _plan(spec, microkernel, tiles, threads or numba.get_num_threads(), isa or active_isa(), implicit)
+    return _plan(spec, microkernel, tiles, threads or default_threads(spec), isa or active_isa(), implicit)
 
 
 @lru_cache(maxsize=512)
