@@ -12,7 +12,6 @@ import time
 
 import numpy as np
 
-from ..api import matmul_as_conv2d_spec
 from ..device_array import DeviceArray, to_host
 
 
@@ -51,10 +50,11 @@ class PreparedCall:
     prepared call: its variant and build state are read live (a fault or a quarantine moves it to the next
     variant)."""
 
-    __slots__ = ("_compiled", "label", "run", "source", "warm")
+    __slots__ = ("_compiled", "host_run", "label", "run", "source", "warm")
 
-    def __init__(self, run, label, compiled=True, source=None):
+    def __init__(self, run, label, compiled=True, source=None, host_run=None):
         self.run, self.label, self.source, self._compiled = run, label, source, compiled
+        self.host_run = host_run or run  # the same, for numpy operands only: no conversions on the hot path
         self.warm = False  # the first call pays one-time costs (thread teams, first touch of buffers)
 
     def __call__(self, *operands):
@@ -99,21 +99,20 @@ class CpuExecutor(Executor):
                          f"|kernels={kernel_source_fingerprint():x}")
 
     def prepare(self, op, spec):
-        return PreparedCall(*_cpu_call(op, spec))
+        run, variant, prepared = _cpu_call(op, spec)
+        return PreparedCall(run, variant, host_run=prepared)
 
 
 def _cpu_call(op, spec):
-    """(function of the operands, variant name) running ``spec`` on the CPU backend."""
+    """(function of any operands, variant name, the backend's prepared call for numpy operands)."""
     from ..cpu import backend
 
     if op == "conv2d":
-        if backend.uses_direct_kernel(spec):
-            return (lambda x, w, bias: backend.conv2d(to_host(x), to_host(w), to_host(bias), spec)), "cpu direct"
-        plan = backend.plan_conv2d(spec)
-        return ((lambda x, w, bias: backend.conv2d(to_host(x), to_host(w), to_host(bias), spec, plan)),
-                f"cpu {'implicit' if plan.implicit else 'packed'} {plan.mr}x{plan.nv}")
-    plan = backend.plan_conv2d(matmul_as_conv2d_spec(spec), implicit=False)
-    return (lambda a, b: backend.matmul(to_host(a), to_host(b), spec, plan)), f"cpu packed {plan.mr}x{plan.nv}"
+        prepared = backend.prepare_conv2d(spec)
+        return ((lambda x, w, bias: prepared(to_host(x), to_host(w), to_host(bias))), f"cpu {prepared.variant}",
+                prepared)
+    prepared = backend.prepare_matmul(spec)
+    return (lambda a, b: prepared(to_host(a), to_host(b))), f"cpu {prepared.variant}", prepared
 
 
 class OpenCLExecutor(Executor):
@@ -222,7 +221,7 @@ class SimulatedDevice(Executor):
         return seconds, seconds
 
     def prepare(self, op, spec):
-        run, variant = _cpu_call(op, spec)
+        run, variant, _ = _cpu_call(op, spec)
         flops = spec.flops
         moved = 0
         if self.transfer_bytes_per_second:

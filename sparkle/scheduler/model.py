@@ -50,13 +50,15 @@ class LogLinearModel:
         phi = np.asarray(regressors)
         return float(phi @ self.mean), float(phi @ self.covariance @ phi) + self.noise ** 2
 
-    def update(self, regressors, log_seconds):
-        """One recursive least-squares step, outliers down-weighted; returns the weight given."""
+    def update(self, regressors, log_seconds, count=1):
+        """One recursive least-squares step for ``count`` calls of one signature whose mean ln(seconds) is
+        ``log_seconds`` (repeats are not independent evidence: callers cap ``count``); outliers are
+        down-weighted. Returns the weight given."""
         phi = np.asarray(regressors)
         mu, variance = self.predict(phi)
         residual = log_seconds - mu
         weight = huber_weight(residual, math.sqrt(variance))
-        noise_variance = self.noise ** 2 / weight
+        noise_variance = self.noise ** 2 / (weight * count)
         gain = self.covariance @ phi / (phi @ self.covariance @ phi + noise_variance)
         self.mean = self.mean + gain * residual
         self.covariance = self.covariance - np.outer(gain, phi @ self.covariance)
@@ -79,11 +81,11 @@ class LogLinearModel:
         return cls(mean, covariance, float(data["noise"]), int(data["updates"]))
 
 
-@dataclass
+@dataclass(slots=True)
 class History:
     """Measured times of one call signature on one device: count, robust mean and spread of ln(seconds).
 
-    Updated on the hot path, so plain floats only."""
+    Updated on the hot path (about 1 us): plain floats, no function calls but one square root."""
 
     count: int = 0
     mean: float = 0.0
@@ -94,25 +96,32 @@ class History:
     def add(self, log_seconds):
         """Add one measured call; True when the times changed regime (REGIME_STREAK outliers in a row on one
         side: the device slowed down or sped up), after which the history restarts from the new level."""
-        if self.count == 0:
+        count = self.count
+        if count == 0:
             self.count, self.mean = 1, log_seconds
             return False
         residual = log_seconds - self.mean
-        weight = huber_weight(residual, self.spread) if self.count >= 3 else 1.0
-        if weight < 1.0:
+        size = residual if residual >= 0.0 else -residual
+        limit = HUBER_LIMIT * self.spread
+        weight = 1.0
+        if count >= 3 and size > limit:  # an outlier: Huber weight, and a streak on its side
+            weight = limit / size
             self.outliers += 1
             side = 1 if residual > 0 else -1
-            self.streak = self.streak + side if self.streak * side > 0 else side
-            if abs(self.streak) >= REGIME_STREAK:
+            streak = self.streak + side if self.streak * side > 0 else side
+            if streak >= REGIME_STREAK or streak <= -REGIME_STREAK:
                 self.count, self.mean, self.spread, self.streak = 1, log_seconds, PRIOR_NOISE, 0
                 return True
+            self.streak = streak
         else:
             self.streak = 0
-        self.count += 1
-        rate = weight * max(0.05, 1.0 / self.count)  # a moving window: recent calls count most
+        count += 1
+        self.count = count
+        rate = weight / count if count < 20 else weight * 0.05  # a moving window: recent calls count most
         self.mean += rate * residual
-        clipped = min(residual ** 2, (HUBER_LIMIT * self.spread) ** 2)
-        self.spread = max(MIN_NOISE, math.sqrt((1 - rate) * self.spread ** 2 + rate * clipped))
+        square = residual * residual if size <= limit else limit * limit
+        spread = math.sqrt((1.0 - rate) * self.spread * self.spread + rate * square)
+        self.spread = spread if spread > MIN_NOISE else MIN_NOISE
         return False
 
     def to_json(self):

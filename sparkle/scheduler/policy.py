@@ -22,12 +22,17 @@ def normal_cdf(z):
     return 0.5 * (1.0 + math.erf(z / math.sqrt(2.0)))
 
 
-def predict(device, profile, regression, history, features, transfer, compiled, verified):
+def predict(device, profile, regression, history, features, transfer, compiled, verified, calls_so_far=0):
     """The device's predicted time for one call: ``transfer`` seconds (from the profiles), overhead from
     the profile, compute from the regression, all refined by this signature's measured history on the
-    device if there is one."""
+    device if there is one.
+
+    A kernel not built yet adds its build time, shared among the calls this signature is expected to get:
+    as many again as it has had (``calls_so_far + 1``). A shape seen once runs where nothing must be
+    built; one called often moves to the faster device and pays the build once (OpenVINO's AUTO starts
+    on the CPU while the GPU compiles; here the cost model decides when)."""
     overhead = profile.overhead_seconds
-    compile_seconds = 0.0 if compiled else profile.compile_seconds
+    compile_seconds = 0.0 if compiled else profile.compile_seconds / (calls_so_far + 1)
     mean, variance = regression.predict(features.regressors())
     compute = math.exp(mean)
     fixed = transfer + overhead

@@ -4,7 +4,7 @@ it measures, verifies each kernel variant on its first call, and explains its de
 Hot path: a repeated call signature finds its plan in a dict and runs the prepared call of its device;
 it then adds the measured time to plain-float statistics and appends one tuple to a list. Everything
 else (decisions, model updates, verification, splits, exploration) runs on the plan's review calls,
-which come at calls 1, 2, 4, 8, ... and then every REVIEW_INTERVAL calls, or at once when a device's
+which come at calls 1, 2, 4, 8, ... and then every REVIEW_INTERVAL (256) calls, or at once when a device's
 times change regime or a device faults.
 """
 
@@ -18,6 +18,8 @@ import os
 import threading
 import time
 import weakref
+from math import log
+from time import perf_counter
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -36,11 +38,13 @@ logger = logging.getLogger("sparkle.scheduler")
 
 VERIFY_MODES = ("first", "always", "off")
 VERIFY_ENV, DEVICE_ENV, LOG_ENV = "SPARKLE_VERIFY", "SPARKLE_DEVICE", "SPARKLE_LOG"
-REVIEW_INTERVAL = 64
+REVIEW_INTERVAL = 256
 EXPLORE_BUDGET_SHARE = 0.05  # exploration may cost at most 5 % of the time spent...
 EXPLORE_ALLOWANCE_SECONDS = 0.05  # ...plus this much
 FAULT_COOLDOWN_SECONDS = 1.0  # a faulting device is avoided 1 s, then 2 s, 4 s, ... (at most 10 min)
 HISTORY_LIMIT = 100_000
+COMPUTE_BOUND = 2.0  # a call teaches the compute regression only if it took at least 2x its fixed costs
+FOLD_COUNT_LIMIT = 4  # repeated calls of one signature count as at most this many independent samples
 PLANS_KEPT = 512  # call signatures with a cached plan (each holds prepared calls and their buffers)
 
 
@@ -92,6 +96,7 @@ class _Plan:
         self.next_review = 0
         # The fast path: set when the decision is one verified device and nothing is pending.
         self.runner = None
+        self.fast_calls = 0  # fast-path calls not yet folded into the model
         self.state = None
         self.history = None
         self.fixed_seconds = 0.0
@@ -145,7 +150,9 @@ class Scheduler:
             logger.addHandler(logging.StreamHandler())
             logger.setLevel(logging.INFO)
         self._plans = {}
-        self._pending = []  # measured calls not yet folded into the regressions
+        self._pending = []  # measured split parts not yet folded into the regressions
+        self._unfolded = {}  # (signature, device) -> [state, op, regressors, history, fixed seconds, new calls]
+        self._dirty = set()  # plans whose fast path ran since the last fold
         self._records = collections.deque(maxlen=HISTORY_LIMIT)
         self._verified = set()
         self._spent_seconds = 0.0
@@ -217,6 +224,8 @@ class Scheduler:
         with self._lock:
             self._plans.clear()
             self._pending = []
+            self._unfolded = {}
+            self._dirty = set()
             self._records.clear()
             self._verified.clear()
             self._spent_seconds = self._explored_excess = 0.0
@@ -246,13 +255,21 @@ class Scheduler:
     def _call(self, plan, operands):
         runner = plan.runner
         if runner is not None and plan.calls < plan.next_review:
-            start = time.perf_counter()
+            start = perf_counter()
             try:
                 result = runner(*operands)
             except Exception as error:  # noqa: BLE001 - a device fault: the slow path records it, runs elsewhere
                 return self._after_fault(plan, plan.state, operands, error)
-            seconds = time.perf_counter() - start
-            self._record(plan, plan.state, plan.history, seconds, plan.fixed_seconds, plan.predicted)
+            seconds = perf_counter() - start
+            # The hot path's bookkeeping: plain floats, a set and a deque; folded into the model on review.
+            with plan.lock:
+                plan.calls += 1
+                plan.fast_calls += 1
+                if plan.history.add(log(seconds) if seconds > 1e-9 else -20.7):
+                    plan.next_review = plan.calls  # its times changed regime: decide again on the next call
+            self._dirty.add(plan)
+            self._records.append((plan.op, plan.shape_text, plan.state.id, plan.predicted, seconds))
+            self._spent_seconds += seconds
             if plan.home is not None and plan.state.executor is not plan.home:
                 result = _deliver(result, plan.home)
             if self._log_decisions:
@@ -266,7 +283,11 @@ class Scheduler:
             plan.calls += 1
             if history.add(math.log(max(seconds, 1e-9))):
                 plan.next_review = plan.calls  # its times changed regime: decide again on the next call
-        self._pending.append((state, plan.op, plan.regressors, seconds, fixed_seconds))
+        entry = self._unfolded.get((plan.signature, state.id))
+        if entry is None:
+            self._unfolded[(plan.signature, state.id)] = [state, plan.op, plan.regressors, history, fixed_seconds, 1]
+        else:
+            entry[5] += 1
         self._records.append((plan.op, plan.shape_text, state.id, predicted, seconds))
         self._spent_seconds += seconds
 
@@ -402,7 +423,8 @@ class Scheduler:
             plan.state, plan.history = state, state.history(plan.signature)
             plan.fixed_seconds = prediction.transfer + prediction.overhead
             plan.predicted = prediction.seconds
-            plan.runner = prepared
+            # Numpy operands (home None) skip the conversions a device array would need.
+            plan.runner = prepared.host_run if plan.home is None else prepared.run
 
     def _decide(self, plan, explore):
         predictions = tuple(self._predict(state, plan) for state in self._states)
@@ -464,7 +486,7 @@ class Scheduler:
         history = state.model.histories.get(signature)
         transfer = self._transfer_seconds(state, plan, features)
         prediction = policy.predict(state.id, state.profile, state.regression(plan.op), history, features, transfer,
-                                    compiled, verified)
+                                    compiled, verified, plan.calls)
         if not usable:
             return _replace(prediction, usable=False, note=note)
         return prediction
@@ -584,14 +606,35 @@ class Scheduler:
                                   float("nan"), seconds))
 
     def _fold_pending(self):
-        pending, self._pending = self._pending, []
-        for state, op, regressors, seconds, fixed in pending:
-            if state.profile is None:
+        """Fold what was measured since the last fold into the regressions: per (signature, device), one update
+        with the history's robust mean (one update costs ~30 us; a signature called 256 times must not cost
+        256 of them, and repeated calls are not independent evidence: they count FOLD_COUNT_LIMIT at most);
+        per split part, one update with the median of its calls."""
+        unfolded, self._unfolded = self._unfolded, {}
+        dirty, self._dirty = self._dirty, set()
+        for plan in dirty:
+            calls, plan.fast_calls = plan.fast_calls, 0
+            if calls and plan.state is not None:
+                key = (plan.signature, plan.state.id)
+                entry = unfolded.setdefault(key, [plan.state, plan.op, plan.regressors, plan.history, plan.fixed_seconds, 0])
+                entry[5] += calls
+        for state, op, regressors, history, fixed, calls in unfolded.values():
+            if state.profile is None or not history.count:
                 continue
-            compute = max(seconds - fixed, 0.25 * seconds, 1e-9)
-            state.regression(op).update(regressors, math.log(compute))
-        if pending:
-            self._models.mark_changed(len(pending))
+            seconds = math.exp(history.mean)
+            if seconds < COMPUTE_BOUND * fixed:
+                continue  # overhead-bound: says little about compute speed (its own history predicts it)
+            state.regression(op).update(regressors, math.log(seconds - fixed), min(calls, FOLD_COUNT_LIMIT))
+        pending, self._pending = self._pending, []
+        groups = collections.defaultdict(list)
+        for state, op, regressors, seconds, fixed in pending:
+            if state.profile is not None and seconds >= COMPUTE_BOUND * fixed:
+                groups[(id(state), op, regressors)].append((state, math.log(seconds - fixed)))
+        for (_, op, regressors), samples in groups.items():
+            values = sorted(value for _, value in samples)
+            samples[0][0].regression(op).update(regressors, values[len(values) // 2], min(len(values), FOLD_COUNT_LIMIT))
+        if unfolded or pending:
+            self._models.mark_changed(len(unfolded) + len(pending))
 
     def _ensure_profiles(self, force=False):
         missing = [state for state in self._states if force or state.profile is None]
@@ -641,7 +684,10 @@ def _default_executors():
     executors = [CpuExecutor()]
     if opencl_unavailable_reason() is None:
         for device in runtime.opencl_devices():
-            if device.simulator:
+            # An OpenCL CPU driver (PoCL) runs on the cores the Numba backend already uses, at 6-12 % of its
+            # speed, and its worker threads compete with Numba's: it is no second device. Name it in
+            # Scheduler(devices=[...]) to include it.
+            if device.simulator or device.kind == "cpu":
                 continue
             try:
                 executors.append(OpenCLExecutor(opencl_backend_device(device.id)))
