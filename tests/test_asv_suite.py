@@ -115,13 +115,13 @@ def test_missing_device_is_skipped(suite, monkeypatch):
 def test_fallback_to_the_cpu_is_skipped(suite, monkeypatch, device_id):
     """Every launch of the backend fails, as on a device out of memory: the calls run on the CPU backend with an
     OpenCLFallbackWarning, and the benchmark is skipped instead of timing the CPU under the device's name."""
-    from sparkle.opencl import backend
+    from sparkle.opencl import backend, prepared
 
     class FailingLaunch:
         def enqueue(*args, **kwargs):
             raise MemoryError("simulated")
 
-    monkeypatch.setattr(backend, "launch", FailingLaunch)  # the backend's launches only, not health checks
+    monkeypatch.setattr(prepared, "launch", FailingLaunch)  # the backend's launches only, not health checks
     monkeypatch.setattr(backend, "_failed", {})  # forget the variants marked failed here afterwards
     for setup in opencl_setups(suite, device_id):
         with pytest.raises(NotImplementedError, match="does not run on the device: .*ran on the Numba CPU backend"):
