@@ -115,9 +115,9 @@ def test_conv2d_at_agrees_with_the_full_reference_for_a_non_finite_weight_on_pad
     x, w, _bias, _kwargs = case_inputs("plain", np.float64)
     w = w.copy()
     w[1, 0, 0, 0] = np.inf
-    with np.errstate(invalid="ignore"):
+    with np.errstate(invalid="ignore"):  # inf * 0 on the padding: NaN, as intended
         full = reference.conv2d(x, w, padding=1)
-    value = reference.conv2d_at(x, w, points=[[0, 1, 0, 0]], padding=1)
+        value = reference.conv2d_at(x, w, points=[[0, 1, 0, 0]], padding=1)
     np.testing.assert_array_equal(np.isnan(value), np.isnan(full[0, 1, 0, 0]))
 
 
