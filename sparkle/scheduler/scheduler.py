@@ -24,9 +24,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from .. import api, reference
+from .. import api
 from ..device_array import DeviceArray, to_host
-from . import policy, verify
+from . import calls, policy, verify
 from .executors import CpuExecutor, DeviceFault, OpenCLExecutor
 from .explain import Decision, Prediction
 from .features import features_of
@@ -83,8 +83,8 @@ class _Plan:
         self.op, self.spec = op, spec
         self.features = features_of(spec)
         self.regressors = self.features.regressors()
-        self.signature = _signature_text(op, spec)
-        self.shape_text = _shape_text(op, spec)
+        self.signature = calls.signature_text(op, spec)
+        self.shape_text = calls.shape_text(op, spec)
         self.operand_homes = operand_homes  # the executor holding each operand, None for the host
         self.home = next((home for home in operand_homes if home is not None), None)
         self.lock = threading.Lock()
@@ -106,7 +106,7 @@ class _Plan:
         key = (state.id, part)
         prepared = self.prepared.get(key)
         if prepared is None:
-            spec = self.spec if part is None else _part_spec(self.op, self.spec, *part)
+            spec = self.spec if part is None else calls.part_spec(self.op, self.spec, *part)
             prepared = self.prepared[key] = state.executor.prepare(self.op, spec)
         return prepared
 
@@ -172,7 +172,7 @@ class Scheduler:
     def conv2d(self, x, w, bias=None, *, stride=1, padding=0, dilation=1, groups=1, activation=None):
         """``sparkle.conv2d`` on the device this scheduler picks (see :func:`sparkle.conv2d`)."""
         try:
-            key = ("conv2d", _layout(x), _layout(w), None if bias is None else _layout(bias), stride, padding,
+            key = ("conv2d", calls.layout(x), calls.layout(w), None if bias is None else calls.layout(bias), stride, padding,
                    dilation, groups, activation)
             plan = self._plans.get(key)
         except (AttributeError, TypeError):  # not arrays, or unhashable arguments: the slow path says why
@@ -186,7 +186,7 @@ class Scheduler:
     def matmul(self, a, b):
         """``sparkle.matmul`` on the device this scheduler picks."""
         try:
-            key = ("matmul", _layout(a), _layout(b))
+            key = ("matmul", calls.layout(a), calls.layout(b))
             plan = self._plans.get(key)
         except (AttributeError, TypeError):
             key, plan = None, None
@@ -200,7 +200,7 @@ class Scheduler:
         if op not in ("conv2d", "matmul"):
             raise ValueError(f"op must be 'conv2d' or 'matmul', got {op!r}")
         spec = api.conv2d_spec(*args, **kwargs) if op == "conv2d" else api.matmul_spec(*args, **kwargs)
-        operands = _operands(op, args, kwargs)
+        operands = calls.operands(op, args, kwargs)
         plan = _Plan(op, spec, tuple(self._home_of(o) for o in operands))
         with self._lock:
             self._ensure_profiles()
@@ -374,7 +374,7 @@ class Scheduler:
             if passed:
                 self._verified.add((state.executor.identity, prepared.variant, plan.features.shape_class))
                 return _deliver(result, plan.home) if plan.home is not None else result
-        result = _reference_result(plan.op, plan.spec, host_operands)
+        result = calls.reference_result(plan.op, plan.spec, host_operands)
         return _deliver(result, plan.home) if plan.home is not None else result
 
     def _after_fault(self, plan, state, operands, error):
@@ -512,7 +512,7 @@ class Scheduler:
 
     def _split(self, plan, predictions, best):
         """((device, fraction), ...), axis and predicted seconds of the best split, or None if none pays."""
-        axis, units = _split_axis(plan.op, plan.spec)
+        axis, units = calls.split_axis(plan.op, plan.spec)
         if units < 2 or plan.home is not None:
             return None
         candidates = [p for p in predictions if p.usable and p.seconds <= policy.SPLIT_CANDIDATE_RATIO * best.seconds]
@@ -542,8 +542,8 @@ class Scheduler:
         return tuple((device, count / units) for device, count in split), axis, seconds
 
     def _run_split(self, plan, decision, operands):
-        axis, units = _split_axis(plan.op, plan.spec)
-        out = np.empty(_output_shape(plan.op, plan.spec), dtype=plan.spec.dtype)
+        axis, units = calls.split_axis(plan.op, plan.spec)
+        out = np.empty(calls.output_shape(plan.op, plan.spec), dtype=plan.spec.dtype)
         parts, start = [], 0
         for device, fraction in decision.split:
             count = max(1, round(fraction * units)) if device != decision.split[-1][0] else units - start
@@ -563,8 +563,8 @@ class Scheduler:
 
     def _run_part(self, plan, state, part, operands, out, axis, units):
         start, stop = part
-        part_operands = _part_operands(plan.op, axis, operands, start, stop)
-        target = _part_view(plan.op, axis, out, start, stop)
+        part_operands = calls.part_operands(plan.op, axis, operands, start, stop)
+        target = calls.part_view(plan.op, axis, out, start, stop)
         features = plan.features.part((stop - start) / units, axis)
         try:
             prepared = plan.prepared_call(state, part)
@@ -581,7 +581,7 @@ class Scheduler:
                            state.id, part, plan.op, plan.shape_text, error)
             target[...] = _part_elsewhere(self, plan, state, part, part_operands)
             return
-        part_spec = _part_spec(plan.op, plan.spec, start, stop)
+        part_spec = calls.part_spec(plan.op, plan.spec, start, stop)
         key = (state.executor.identity, prepared.variant, features.shape_class)
         if self.verify_mode == "always" or (self.verify_mode == "first" and key not in self._verified):
             passed, worst = verify.check(plan.op, part_spec, part_operands, result, self._rng)
@@ -595,7 +595,7 @@ class Scheduler:
             if not passed:
                 logger.warning("sparkle scheduler: %s kernel variant %r gave a wrong result; quarantined",
                                state.id, prepared.variant)
-                result = _reference_result(plan.op, part_spec, part_operands)
+                result = calls.reference_result(plan.op, part_spec, part_operands)
         target[...] = result
         if _is_sample(prepared, compiled, seconds, self._predict(state, plan, part, features).seconds):
             history = state.history(f"{plan.signature}|part={part}")
@@ -717,40 +717,6 @@ def _is_sample(prepared, compiled, seconds, predicted):
     return compiled and not (first and seconds > 2.0 * predicted)
 
 
-def _layout(array):
-    """What a call signature records of an operand: type, shape, dtype and memory layout (or device)."""
-    if array.__class__ is np.ndarray:
-        return array.shape, array.dtype.char, array.strides
-    if array.__class__ is DeviceArray:
-        return array.shape, array.dtype.char, array._device.id
-    raise TypeError("not an array")  # the slow path validates and names the argument
-
-
-def _operands(op, args, kwargs):
-    if op == "conv2d":
-        x = args[0] if args else kwargs.get("x")
-        w = args[1] if len(args) > 1 else kwargs.get("w")
-        bias = args[2] if len(args) > 2 else kwargs.get("bias")
-        return (x, w, bias)
-    return tuple(args[:2])
-
-
-def _signature_text(op, spec):
-    if op == "matmul":
-        return f"matmul {spec.m}x{spec.k}x{spec.n} {spec.dtype.name}"
-    return (f"conv2d {spec.batch}x{spec.in_channels}x{spec.height}x{spec.width} k{spec.out_channels}x"
-            f"{spec.kernel_h}x{spec.kernel_w} s{spec.stride_h},{spec.stride_w} p{spec.pad_top},{spec.pad_bottom},"
-            f"{spec.pad_left},{spec.pad_right} d{spec.dilation_h},{spec.dilation_w} g{spec.groups}"
-            f"{' bias' if spec.has_bias else ''}{' relu' if spec.activation else ''} {spec.dtype.name}")
-
-
-def _shape_text(op, spec):
-    if op == "matmul":
-        return f"({spec.m}x{spec.k}) @ ({spec.k}x{spec.n}) {spec.dtype.name}"
-    return (f"x {spec.batch}x{spec.in_channels}x{spec.height}x{spec.width}, w {spec.out_channels}x"
-            f"{spec.in_channels // spec.groups}x{spec.kernel_h}x{spec.kernel_w} {spec.dtype.name}")
-
-
 def _reason(best, predictions):
     others = sorted((p for p in predictions if p.usable and p is not best), key=lambda p: p.seconds)
     if not others:
@@ -770,53 +736,6 @@ def _replace(decision_or_prediction, **changes):
     return dataclasses.replace(decision_or_prediction, **changes)
 
 
-def _split_axis(op, spec):
-    """The axis a call splits along and its number of units: images, else output channels (conv2d);
-    rows of ``a`` (matmul)."""
-    if op == "matmul":
-        return "rows", spec.m
-    if spec.batch >= 2:
-        return "batch", spec.batch
-    return ("channels", spec.out_channels) if spec.groups == 1 else ("batch", 1)
-
-
-def _part_spec(op, spec, start, stop):
-    import dataclasses
-
-    if op == "matmul":
-        return dataclasses.replace(spec, m=stop - start)
-    if spec.batch >= 2:
-        return dataclasses.replace(spec, batch=stop - start)
-    return dataclasses.replace(spec, out_channels=stop - start)
-
-
-def _part_operands(op, axis, operands, start, stop):
-    if op == "matmul":
-        a, b = operands
-        return (a[start:stop], b)
-    x, w, bias = operands
-    if axis == "batch":
-        return (x[start:stop], w, bias)
-    return (x, w[start:stop], None if bias is None else bias[start:stop])
-
-
-def _part_view(op, axis, out, start, stop):
-    if op == "matmul" or axis == "batch":
-        return out[start:stop]
-    return out[:, start:stop]
-
-
-def _output_shape(op, spec):
-    return (spec.m, spec.n) if op == "matmul" else spec.output_shape
-
-
-def _reference_result(op, spec, host_operands):
-    if op == "matmul":
-        return np.ascontiguousarray(reference.matmul(*host_operands), dtype=spec.dtype)
-    x, w, bias = host_operands
-    return np.ascontiguousarray(reference.conv2d(x, w, bias, **verify.conv2d_arguments(spec)), dtype=spec.dtype)
-
-
 def _part_elsewhere(scheduler, plan, failed_state, part, part_operands):
     """A failed part's result from the CPU executor if it is usable and not the one that failed, else from the
     float64 reference."""
@@ -827,7 +746,7 @@ def _part_elsewhere(scheduler, plan, failed_state, part, part_operands):
             return to_host(plan.prepared_call(state, part)(*part_operands))
         except Exception:  # noqa: BLE001 - fall through to the reference
             break
-    return _reference_result(plan.op, _part_spec(plan.op, plan.spec, *part), part_operands)
+    return calls.reference_result(plan.op, calls.part_spec(plan.op, plan.spec, *part), part_operands)
 
 
 def _deliver(result, home):
