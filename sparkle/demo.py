@@ -1,8 +1,10 @@
 """The ResNet-50 layer suite through ``sparkle.conv2d``, checked against the float64 reference.
 
-Run ``python -m sparkle.demo [--device cpu|opencl|opencl:N] [--batch N] [--dtype float32|float64] [--repeat R]``.
+Run ``python -m sparkle.demo [--device cpu|opencl|opencl:N|auto] [--batch N] [--dtype float32|float64] [--repeat R]``.
 Prints time, GFLOPS and error per layer; exits with status 1 if any layer's relative
 L2 error against ``sparkle.reference.conv2d`` exceeds the tolerance of its dtype.
+With ``--device auto`` the scheduler (``sparkle.default_scheduler()``) places each call; the table says
+which device ran each layer (from the scheduler's history) and why it goes there (``explain``).
 
 """
 
@@ -26,6 +28,7 @@ from .devices import (
 )
 from .opencl.backend import OpenCLFallbackWarning
 from .ops import conv2d
+from .scheduler import default_scheduler
 from .timing import interleaved_best, timed
 from .workloads import RESNET50_LAYERS, layer_flops, layer_inputs
 
@@ -62,18 +65,28 @@ def run_suite(batch, dtype, repeat, device="cpu"):
     """Time every layer, then check every result; one report row per layer.
 
     A row's "fallbacks" lists the causes of the calls that ran on the Numba CPU backend instead of the
-    OpenCL device asked for (its time or its result then is the CPU backend's).
+    OpenCL device asked for (its time or its result then is the CPU backend's). With ``device="auto"``
+    ``default_scheduler()`` places the calls, and a row also has "ran_on" ({device id: calls}, from the
+    scheduler's history) and "decision" (the scheduler's explanation of where the layer runs now).
     """
-    rows, calls, checks = [], {}, []
+    scheduler = default_scheduler() if device == "auto" else None
+    first_record = len(scheduler.history()) if scheduler else 0
+    rows, calls, checks, inputs = [], {}, [], []
     for layer in RESNET50_LAYERS:
         x, w = layer_inputs(layer, batch, dtype)
         kwargs = layer.conv_kwargs()
+        inputs.append((x, w, kwargs))
         fallbacks = []
         calls[layer.name] = _recording_fallbacks(functools.partial(conv2d, x, w, device=device, **kwargs), fallbacks)
         first_s, result = timed(calls[layer.name])  # the first call compiles
         rows.append({"layer": layer.name, "x": x.shape, "w": w.shape, "first_s": first_s, "fallbacks": fallbacks})
         checks.append((result, functools.partial(reference.conv2d, x, w, **kwargs), layer_flops(layer, x, w)))
     best = interleaved_best(calls, repeat)
+    if scheduler:  # read after the timings, so that reading the history is never timed
+        records = scheduler.history()[first_record:]
+        for row, (x, w, kwargs) in zip(rows, inputs):
+            row["decision"] = scheduler.explain("conv2d", x, w, **kwargs)
+            row["ran_on"] = _devices_that_ran(records, row["decision"].shape)
     # Checks come after all timings: numpy's BLAS threads, which they use, keep spinning
     # for a while afterwards and would slow the timings that follow.
     for row, (result, expected, flops) in zip(rows, checks):
@@ -83,8 +96,26 @@ def run_suite(batch, dtype, repeat, device="cpu"):
     return rows
 
 
+def _devices_that_ran(records, shape):
+    """{device id: calls} of the scheduler's history records of one call shape (a split call adds a record
+    per part, its shape followed by " part ...")."""
+    ran_on = {}
+    for record in records:
+        if record["shape"] == shape or record["shape"].startswith(f"{shape} part "):
+            ran_on[record["device"]] = ran_on.get(record["device"], 0) + 1
+    return ran_on
+
+
+def ran_on_text(ran_on):
+    """"cpu" when every call ran there, else each device with its count of calls, most calls first."""
+    if len(ran_on) == 1:
+        return next(iter(ran_on))
+    return ", ".join(f"{device} x{count}" for device, count in sorted(ran_on.items(), key=lambda item: -item[1]))
+
+
 def print_table(rows, tolerance, device_id="cpu"):
-    """The per-layer table; an OpenCL run gets a "ran on" column (the device, or cpu where it fell back)."""
+    """The per-layer table; an OpenCL or auto run gets a "ran on" column (the device, cpu where an OpenCL
+    call fell back, or the devices the scheduler ran the layer's calls on)."""
     ran_on = device_id != "cpu"
     header = f"{'layer':<12} {'x (NCHW)':<15} {'w (KCRS)':<14} {'ms':>8} {'GFLOPS':>7} {'max abs err':>11} " \
              f"{'rel L2 err':>10}  ok" + ("   ran on" if ran_on else "")
@@ -92,7 +123,10 @@ def print_table(rows, tolerance, device_id="cpu"):
     print("-" * len(header))
     for row in rows:
         ok = "yes" if row["rel_l2"] <= tolerance else "NO "
-        where = f"   {'cpu (fallback)' if row['fallbacks'] else device_id}" if ran_on else ""
+        if "ran_on" in row:
+            where = f"   {ran_on_text(row['ran_on'])}"
+        else:
+            where = f"   {'cpu (fallback)' if row['fallbacks'] else device_id}" if ran_on else ""
         print(f"{row['layer']:<12} {shape_text(row['x']):<15} {shape_text(row['w']):<14} "
               f"{row['seconds'] * 1e3:8.2f} {row['gflops']:7.1f} {row['max_abs']:11.2e} {row['rel_l2']:10.2e}  "
               f"{ok}{where}".rstrip())
@@ -112,10 +146,12 @@ def where_it_ran(device, rows):
 
 
 def _device(parser, device):
-    """The id of the device to run on: "cpu", "opencl" or an available "opencl:N"; a usage error listing
-    only those otherwise (the demo refuses "auto" and "reference": it times a device)."""
+    """The id of the device to run on: "auto", "cpu", "opencl" or an available "opencl:N"; a usage error
+    listing only those otherwise (the demo refuses "reference": it times a device)."""
     opencl_ids = available_opencl_ids()
-    accepted = ["cpu", *(["opencl", *opencl_ids] if opencl_ids else [])]
+    accepted = ["auto", "cpu", *(["opencl", *opencl_ids] if opencl_ids else [])]
+    if device == "auto":
+        return device
     # "opencl" and listed but unavailable devices go on to resolve_device, which says why they are unavailable.
     if device not in (*accepted, "opencl", *opencl_device_ids()):
         none = "" if opencl_ids else f"; no OpenCL device is available: {no_opencl_device_reason()}"
@@ -132,8 +168,9 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m sparkle.demo",
                                      description=__doc__.splitlines()[0].replace("``", ""))
     parser.add_argument("--device", default="cpu",
-                        help="where to run: cpu (default), opencl (first available GPU, else PoCL) or opencl:N; "
-                             "OpenCL timings include copying the arrays to the device and back")
+                        help="where to run: cpu (default), opencl (first available GPU, else PoCL), opencl:N, or "
+                             "auto (the scheduler picks a device per call and the table says which ran each "
+                             "layer); OpenCL timings include copying the arrays to the device and back")
     parser.add_argument("--batch", type=int, default=1, help="images per call (default 1)")
     parser.add_argument("--dtype", choices=sorted(TOLERANCES), default="float32")
     parser.add_argument("--repeat", type=int, default=10,
@@ -150,22 +187,29 @@ def main(argv=None):
     dtype, tolerance = np.dtype(args.dtype), TOLERANCES[args.dtype]
     print("Note: the first sparkle.conv2d call compiles the kernels (Numba JIT or the OpenCL build; later runs "
           "load them from the on-disk cache), so it is timed separately.")
-    device = next(d for d in devices() if d.id == args.device_id)
     rows = run_suite(args.batch, dtype, args.repeat, args.device_id)
-    if device.id == "cpu":
+    if args.device_id == "auto":
+        where = f"auto, placed by sparkle.default_scheduler() on {', '.join(default_scheduler().devices)}"
+    elif args.device_id == "cpu":
+        device = next(d for d in devices() if d.id == "cpu")
         threads = numba.get_num_threads()  # also starts Numba's thread pool, so the layer name is known
         where = f"{device.name}, {threads} threads ({numba.threading_layer()})"
     else:  # said after the run: only then is it known whether calls fell back to the CPU backend
+        device = next(d for d in devices() if d.id == args.device_id)
         where = where_it_ran(device, rows)
     print(f"Device: {where}; ResNet-50 layers, "
           f"N={args.batch}, {dtype}; best of {args.repeat} rounds after a warm-up call; "
           f"checked against the float64 reference (rel L2 <= {tolerance:g}).")
     print(f"First call ({rows[0]['layer']}, compile or cache load + run): {rows[0]['first_s'] * 1e3:.0f} ms; "
           f"first calls of all layers: {sum(row['first_s'] for row in rows) * 1e3:.0f} ms\n")
-    print_table(rows, tolerance, device.id)
+    print_table(rows, tolerance, args.device_id)
     total_s = sum(row["seconds"] for row in rows)
     total_flops = sum(row["gflops"] * row["seconds"] for row in rows)
     print(f"\nAll layers: {total_s * 1e3:.1f} ms, {total_flops / total_s:.1f} GFLOPS")
+    if args.device_id == "auto":
+        print("\nWhere the scheduler places each layer now, and why (sparkle explain shows the full breakdown):")
+        for row in rows:
+            print(f"  {row['layer']:<12} -> {row['decision'].choice()}: {row['decision'].reason}")
     failed = [row["layer"] for row in rows if not row["rel_l2"] <= tolerance]  # `not <=` also catches NaN
     if failed:
         print(f"FAILED: relative L2 error above {tolerance:g} on {', '.join(failed)}", file=sys.stderr)

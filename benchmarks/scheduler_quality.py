@@ -1,0 +1,763 @@
+"""How well ``sparkle.Scheduler`` places calls: regret against a per-shape oracle on a mixed workload,
+prediction error on shapes it never ran, and where it moves from the CPU to another device.
+
+Run from the repository root:
+
+    python benchmarks/scheduler_quality.py [--quick] [--device-ids cpu opencl:0] [--passes 5] [--repeat 3]
+        [--json PATH] [--markdown PATH] [--plots DIR] [--seed 0]
+    python benchmarks/scheduler_quality.py --from-json PATH [--markdown PATH] [--plots DIR] [--plot-prefix NAME]
+
+On a GPU machine without a package index (matplotlib absent): ``source .gpu/setup.sh`` first (see
+shared/gpu/README.md), pick the devices with ``--device-ids cpu opencl:0`` (``sparkle devices`` lists them;
+leave PoCL out unless it is to be measured: it is slow), save ``--json``, and make the plots elsewhere with
+``--from-json``.
+
+What is measured (float32 and a few float64 calls, numpy inputs, so every OpenCL call copies its data):
+
+1. Oracle. Each shape runs on each device alone, through ``Scheduler([device_id])`` (the same call path and
+   overhead as auto): one warm-up call (compiles, checked), then the best of ``--repeat`` calls or more, the
+   devices taking turns call by call (a call under 50 ms after an untimed one: see measure_case). The oracle's
+   device for a shape is the one with the best time; the oracle's total is the sum of those best times. All in
+   this process, before the passes, so kernels are compiled and cached before auto's first call: the passes
+   measure placement, not compilation.
+2. Mixed workload. One fresh ``Scheduler(device_ids, persist=False)`` (nothing loaded from disk: it learns from
+   scratch; its profiling is timed separately) runs every shape once per pass, in a new random order each
+   pass. Right before or after each auto call (in random order) the same shape runs once on the oracle's device
+   and once on the best single device, through their own schedulers: the "paired" totals, measured under the
+   same machine conditions as auto's calls. Regret = auto's total / the oracle's total, both paired and against
+   the best-of figures of step 1 (single calls against a best-of: that ratio counts noise against auto).
+3. Unseen shapes. After the passes, ``explain`` predicts shapes never run; then they are measured (median of
+   ``--repeat`` warm calls per device) and run once through auto. Prediction error = |predicted - measured| /
+   measured for the device auto chose (its compile time excluded: the measured calls are warm).
+4. Crossover. matmul n x n x n and one ResNet-50 layer over a batch sweep: each device's best time, and auto's
+   choice before the first call (``explain``) and after three calls.
+
+Every result (oracle, paired, auto, unseen, sweep) is checked against ``sparkle.reference`` in float64: the full
+output where the reference is cheap, otherwise whole images or rows at both ends and two random ones plus
+2048 random output points; an incorrect result stops the run with exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+import sparkle
+from sparkle import api, reference
+from sparkle.device_array import to_host
+from sparkle.workloads import RESNET50_LAYERS
+
+TOLERANCES = {"float32": 1e-5, "float64": 1e-12}  # relative L2 error against the float64 reference
+FULL_REFERENCE_FLOPS = 1e9  # above this, check slices and sampled points: the full reference takes seconds
+SAMPLED_POINTS = 2048
+TARGET_REGRET = 1.10
+TARGET_PREDICTION_ERROR = 0.25
+SLOW_CALL_SECONDS = 2.0  # a device this slow on a shape is timed once after its warm-up call
+MIN_TIMED_SECONDS = 0.05
+LEAD_IN_BELOW_SECONDS = 0.05
+SWEEP_AUTO_CALLS = 3
+SWEEP_SLOW_SECONDS = 5.0
+RESNET = {layer.name: layer for layer in RESNET50_LAYERS}
+
+
+class IncorrectResult(AssertionError):
+    """A result differs from the float64 reference by more than its dtype's tolerance."""
+
+
+# --- workloads --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Case:
+    """One call signature: operands, keyword arguments and the float64 check of its results."""
+
+    name: str
+    op: str  # "conv2d" or "matmul"
+    args: tuple
+    kwargs: dict = field(default_factory=dict)
+    _expected: tuple | None = None
+
+    def __post_init__(self):
+        spec_of = api.conv2d_spec if self.op == "conv2d" else api.matmul_spec
+        self.spec = spec_of(*self.args, **self.kwargs)
+        self.flops = self.spec.flops
+        self.dtype = self.spec.dtype.name
+
+    def run(self, target):
+        """The call through ``target`` (a Scheduler)."""
+        return getattr(target, self.op)(*self.args, **self.kwargs)
+
+    def explain(self, scheduler):
+        return scheduler.explain(self.op, *self.args, **self.kwargs)
+
+    def _reference(self, leading):
+        """float64 reference for the images (conv2d) or rows (matmul) ``leading`` of the first operand."""
+        first, *rest = self.args
+        operands = (first[leading], *rest)
+        if self.op == "conv2d":
+            return reference.conv2d(*operands, **self.kwargs)
+        return reference.matmul(*operands)
+
+    def _reference_at(self, points):
+        if self.op == "conv2d":
+            return reference.conv2d_at(*self.args, points=points, **self.kwargs)
+        return reference.matmul_at(*self.args, points=points)
+
+    def expected(self):
+        """(leading indices, reference there, sampled points or None, reference at the points); computed once."""
+        if self._expected is None:
+            lead = self.args[0].shape[0]
+            if self.flops <= FULL_REFERENCE_FLOPS or lead <= 4:
+                self._expected = (slice(None), self._reference(slice(None)), None, None)
+            else:
+                rng = np.random.default_rng(lead)
+                leading = sorted({0, lead - 1, *(int(i) for i in rng.choice(np.arange(1, lead - 1), 2, replace=False))})
+                shape = (self.spec.m, self.spec.n) if self.op == "matmul" else self.spec.output_shape
+                points = np.stack([rng.integers(0, size, SAMPLED_POINTS) for size in shape], axis=1)
+                self._expected = (leading, self._reference(leading), points, self._reference_at(points))
+        return self._expected
+
+    def check(self, result, where):
+        """Raise IncorrectResult if ``result`` (from ``where``) is off the float64 reference."""
+        result = np.asarray(to_host(result))
+        leading, expected, points, at_points = self.expected()
+        tolerance = TOLERANCES[self.dtype]
+        parts = [(result[leading], expected)]
+        if points is not None:
+            parts.append((result[tuple(points.T)], at_points))
+        for got, exact in parts:
+            error = relative_l2(got, exact)
+            if not error <= tolerance:  # `not <=` also catches NaN
+                raise IncorrectResult(f"{self.name} on {where}: relative L2 error {error:.3g} > {tolerance:g}")
+
+
+def relative_l2(got, exact):
+    norm = np.linalg.norm(exact)
+    return float(np.linalg.norm(got.astype(np.float64) - exact) / (norm if norm else 1.0))
+
+
+def conv_case(name, rng, x_shape, w_shape, bias=False, dtype=np.float32, **kwargs):
+    x = rng.standard_normal(x_shape).astype(dtype)
+    fan_in = w_shape[1] * w_shape[2] * w_shape[3]
+    w = (rng.standard_normal(w_shape) / math.sqrt(fan_in)).astype(dtype)  # as in a trained net
+    args = (x, w, rng.standard_normal(w_shape[0]).astype(dtype)) if bias else (x, w)
+    return Case(name, "conv2d", args, kwargs)
+
+
+def resnet_case(layer_name, batch, rng):
+    layer = RESNET[layer_name]
+    x_shape, w_shape = layer.shapes(batch)
+    return conv_case(f"{layer_name} N={batch}", rng, x_shape, w_shape, **layer.conv_kwargs())
+
+
+def matmul_case(m, k, n, rng, dtype=np.float32, name=None):
+    a = rng.standard_normal((m, k)).astype(dtype)
+    b = (rng.standard_normal((k, n)) / math.sqrt(k)).astype(dtype)
+    label = f"matmul {m}x{k}x{n}" + ("" if dtype == np.float32 else f" {np.dtype(dtype).name}")
+    return Case(name or label, "matmul", (a, b))
+
+
+def mixed_workload(quick, rng):
+    """At least 40 shapes from a 3x3 convolution on 8x8 to ResNet-50 layers at N=32 (fewer with ``quick``)."""
+    f64 = np.float64
+    convs = [
+        ("3x3 on 8x8, 4 ch", (1, 4, 8, 8), (4, 4, 3, 3), {"padding": 1}),
+        ("3x3 on 8x8, 16 ch", (1, 16, 8, 8), (16, 16, 3, 3), {"padding": 1}),
+        ("3x3 16x16 bias relu", (1, 16, 16, 16), (32, 16, 3, 3), {"padding": 1, "bias": True, "activation": "relu"}),
+        ("1x1 16x16", (1, 32, 16, 16), (64, 32, 1, 1), {}),
+        ("3x3/2 stem 32x32", (1, 3, 32, 32), (16, 3, 3, 3), {"stride": 2, "padding": 1}),
+        ("depthwise 3x3 32x32", (1, 32, 32, 32), (32, 1, 3, 3), {"padding": 1, "groups": 32}),
+        ("depthwise 3x3/2 56x56", (1, 64, 56, 56), (64, 1, 3, 3), {"stride": 2, "padding": 1, "groups": 64}),
+        ("grouped 3x3 g4 28x28", (1, 64, 28, 28), (64, 16, 3, 3), {"padding": 1, "groups": 4}),
+        ("dilated 3x3 d2 28x28", (1, 32, 28, 28), (32, 32, 3, 3), {"padding": 2, "dilation": 2}),
+        ("5x5 24x24", (1, 16, 24, 24), (32, 16, 5, 5), {"padding": 2}),
+        ("1x7 17x17", (1, 64, 17, 17), (64, 64, 1, 7), {"padding": (0, 3)}),
+        ("3x3 14x14 N=4", (4, 64, 14, 14), (64, 64, 3, 3), {"padding": 1}),
+        ("1x1 7x7 N=8", (8, 512, 7, 7), (128, 512, 1, 1), {}),
+        ("3x3 56x56 N=8 bias relu", (8, 32, 56, 56), (32, 32, 3, 3),
+         {"padding": 1, "bias": True, "activation": "relu"}),
+        ("3x3 64x64 N=2 float64", (2, 16, 64, 64), (16, 16, 3, 3), {"padding": 1, "dtype": f64}),
+        ("1x1 28x28 float64", (1, 64, 28, 28), (64, 64, 1, 1), {"dtype": f64}),
+    ]
+    matmuls = [(8, 8, 8), (16, 16, 16), (32, 32, 32), (64, 64, 64), (128, 128, 128), (256, 256, 256),
+               (512, 512, 512), (1024, 1024, 1024), (2048, 2048, 2048), (1, 1024, 1024), (4096, 64, 64),
+               (64, 4096, 64), (3136, 64, 256), (256, 2304, 196), (32, 2048, 1000), (100, 300, 200)]
+    big_batch = 32
+    if quick:
+        convs = convs[::2]
+        matmuls = [size for size in matmuls if max(size) <= 1024][::2]
+        big_batch = 4
+    cases = []
+    for name, x_shape, w_shape, kwargs in convs:
+        kwargs = dict(kwargs)
+        bias, dtype = kwargs.pop("bias", False), kwargs.pop("dtype", np.float32)
+        cases.append(conv_case(name, rng, x_shape, w_shape, bias=bias, dtype=dtype, **kwargs))
+    layers = [layer.name for layer in RESNET50_LAYERS]
+    for batch in (1, big_batch):
+        cases += [resnet_case(name, batch, rng) for name in (layers[::2] if quick else layers)]
+    cases += [matmul_case(m, k, n, rng) for m, k, n in matmuls]
+    cases.append(matmul_case(256, 256, 256, rng, dtype=f64))
+    return cases
+
+
+def unseen_workload(quick, rng):
+    """Shapes the mixed workload never ran (about 15; 8 with ``quick``)."""
+    cases = [
+        conv_case("3x3 12x12, 8 ch", rng, (1, 8, 12, 12), (8, 8, 3, 3), padding=1),
+        conv_case("3x3 20x20 N=2", rng, (2, 24, 20, 20), (24, 24, 3, 3), padding=1),
+        conv_case("1x1 28x28 96->48", rng, (1, 96, 28, 28), (48, 96, 1, 1)),
+        conv_case("depthwise 3x3 28x28", rng, (1, 48, 28, 28), (48, 1, 3, 3), padding=1, groups=48),
+        conv_case("3x3 14x14 N=2 128 ch", rng, (2, 128, 14, 14), (128, 128, 3, 3), padding=1),
+        conv_case("5x5 32x32", rng, (1, 8, 32, 32), (16, 8, 5, 5), padding=2),
+        resnet_case("res2_3x3", 4, rng),
+        resnet_case("res4_1x1", 8, rng),
+        matmul_case(96, 96, 96, rng),
+        matmul_case(384, 384, 384, rng),
+        matmul_case(200, 300, 400, rng),
+        matmul_case(48, 1024, 48, rng),
+        matmul_case(768, 768, 768, rng),
+        matmul_case(1536, 256, 512, rng),
+        matmul_case(2, 512, 2048, rng),
+    ]
+    return cases[::2] if quick else cases
+
+
+def crossover_sweeps(quick, rng):
+    """{sweep name: (size label, [(size, Case)])}: matmul n x n x n, and res3_3x3 over the batch size."""
+    matmul_sizes = [32, 64, 128, 256, 512, 1024] if quick else [32, 64, 128, 256, 512, 1024, 2048, 4096]
+    batches = [1, 2, 4, 8] if quick else [1, 2, 4, 8, 16, 32, 64]
+    return {
+        "matmul n x n x n": ("n", [(n, matmul_case(n, n, n, rng)) for n in matmul_sizes]),
+        "conv2d res3_3x3 (128 ch, 28x28, 3x3)": ("N", [(batch, resnet_case("res3_3x3", batch, rng))
+                                                      for batch in batches]),
+    }
+
+
+# --- measuring --------------------------------------------------------------------------------------------
+
+
+def timed(function, *args):
+    """(seconds, result) of one call."""
+    start = time.perf_counter()
+    result = function(*args)
+    return time.perf_counter() - start, result
+
+
+def single_device_schedulers(device_ids):
+    """One scheduler per device, profiled (profiling is not part of any timing)."""
+    schedulers = {}
+    for device_id in device_ids:
+        scheduler = sparkle.Scheduler([device_id], persist=False, explore=False, progress=False)
+        scheduler.profile()
+        schedulers[device_id] = scheduler
+    return schedulers
+
+
+def measure_case(case, schedulers, repeat):
+    """{device id: {best, median, seconds} of warm calls, or {error} if the device cannot run ``case``}.
+
+    Each device makes one warm-up call (compiles; its result checked), then the devices take turns, one
+    timed call each per round, in alternating order, so that a stall of the machine hits no device's samples
+    all at once. A call under LEAD_IN_BELOW_SECONDS is preceded by an untimed one: switching devices costs
+    the next few calls (the other device's worker threads still spinning, this one's waking up: up to
+    tens of ms on the 16-core H200 host). At least ``repeat`` rounds; a cheap shape gets more (up to
+    4 x ``repeat``, until MIN_TIMED_SECONDS are timed), a device slower than SLOW_CALL_SECONDS stops after
+    one timed call."""
+    measured, times, lead_in = {}, {}, {}
+    for device_id, scheduler in schedulers.items():
+        try:
+            seconds, result = timed(case.run, scheduler)
+            case.check(result, device_id)
+            times[device_id] = []
+            lead_in[device_id] = seconds < LEAD_IN_BELOW_SECONDS
+        except IncorrectResult:
+            raise
+        except Exception as error:  # noqa: BLE001 - a device that cannot run a shape is not a candidate for it
+            measured[device_id] = {"error": f"{type(error).__name__}: {error}"}
+
+    def done(device_id):
+        samples = times[device_id]
+        return bool(samples) and (samples[-1] > SLOW_CALL_SECONDS or len(samples) >= 4 * repeat
+                                  or (len(samples) >= repeat and sum(samples) > MIN_TIMED_SECONDS))
+
+    for round_number in range(4 * repeat):
+        active = [device_id for device_id in times if not done(device_id)]
+        for device_id in active if round_number % 2 == 0 else reversed(active):
+            try:
+                if lead_in[device_id]:
+                    case.run(schedulers[device_id])
+                seconds = timed(case.run, schedulers[device_id])[0]
+                times[device_id].append(seconds)
+                lead_in[device_id] = seconds < LEAD_IN_BELOW_SECONDS
+            except Exception as error:  # noqa: BLE001 - it ran the warm-up call, then faulted
+                measured[device_id] = {"error": f"{type(error).__name__}: {error}"}
+                del times[device_id]
+    for device_id, samples in times.items():
+        measured[device_id] = {"best": min(samples), "median": statistics.median(samples), "seconds": samples}
+    return {device_id: measured[device_id] for device_id in schedulers}
+
+
+def measure_devices(cases, schedulers, repeat, say):
+    """{case name: {device id: measurement}} (see measure_case)."""
+    measured = {}
+    for case in cases:
+        measured[case.name] = measure_case(case, schedulers, repeat)
+        times = "  ".join(f"{d} {_ms(m.get('best'))}" for d, m in measured[case.name].items())
+        say(f"  {case.name:<28} {times}")
+    return measured
+
+
+def fastest(measurements, key="best"):
+    """The device id with the least ``key`` time, or None if no device ran the shape."""
+    usable = {device: m[key] for device, m in measurements.items() if key in m}
+    return min(usable, key=usable.get) if usable else None
+
+
+def label(decision):
+    """A decision's device, or "split a+b" for a split."""
+    return f"split {'+'.join(sorted(decision.devices))}" if decision.split else decision.device
+
+
+def run_auto(case, scheduler, decision):
+    """(seconds, device label) of one auto call, its result checked. The label comes from the history
+    records the call added, "split a+b" for a split. ``decision``: explain's, just before the call: a split's
+    parts that compiled add no record, so a call without records that was to split is taken as split."""
+    before = len(scheduler.history())
+    seconds, result = timed(case.run, scheduler)
+    records = scheduler.history()[before:]
+    devices = {record["device"] for record in records}
+    if any(" part " in record["shape"] for record in records) or (not records and decision.split):
+        device = f"split {'+'.join(sorted(devices | set(decision.devices if decision.split else ())))}"
+    else:
+        device = "+".join(sorted(devices)) or "?"
+    case.check(result, f"auto ({device})")
+    return seconds, device
+
+
+def run_passes(cases, auto, alone, oracle, passes, rng, say):
+    """Per pass: auto's calls and the paired calls of the oracle's device and the best single device."""
+    totals = {device: sum(oracle[c.name][device].get("best", math.inf) for c in cases) for device in alone}
+    best_single = min(totals, key=totals.get)
+    results = []
+    for number in range(1, passes + 1):
+        rows = []
+        for index in rng.permutation(len(cases)):
+            case = cases[index]
+            oracle_device = fastest(oracle[case.name])
+            # What auto would choose now without exploring: a call elsewhere explored (or met a fault).
+            decision = case.explain(auto)
+            decided = label(decision)
+            seconds = {}
+            for runner in rng.permutation(["auto", *dict.fromkeys((oracle_device, best_single))]):
+                if runner == "auto":
+                    seconds["auto"], device = run_auto(case, auto, decision)
+                else:
+                    seconds[runner], result = timed(case.run, alone[runner])
+                    case.check(result, runner)
+            rows.append({"case": case.name, "auto_device": device, "auto_decided": decided, "auto": seconds["auto"],
+                         "oracle_device": oracle_device, "oracle_paired": seconds[oracle_device],
+                         "best_single_paired": seconds[best_single]})
+        summary = pass_summary(number, rows, cases, oracle, totals, best_single)
+        say(f"  pass {number}: auto {_ms(summary['auto'])}, oracle paired {_ms(summary['oracle_paired'])} "
+            f"(regret {summary['regret_paired']:.3f}), oracle best-of {_ms(summary['oracle_best'])} "
+            f"(regret {summary['regret_best']:.3f}); off the oracle's device: {summary['off_oracle']} calls, "
+            f"{summary['explored']} explored")
+        results.append({**summary, "calls": rows})
+    return results, best_single, totals
+
+
+def pass_summary(number, rows, cases, oracle, device_totals, best_single):
+    auto = sum(row["auto"] for row in rows)
+    oracle_paired = sum(row["oracle_paired"] for row in rows)
+    oracle_best = sum(oracle[c.name][fastest(oracle[c.name])]["best"] for c in cases)
+    # What auto's choices would cost at each device's best-of time: placement alone, without noise.
+    chosen = sum(oracle[row["case"]].get(row["auto_device"], {}).get("best", row["auto"]) for row in rows)
+    off = [row for row in rows if row["auto_device"] != row["oracle_device"]]
+    devices = {}
+    for row in rows:
+        devices[row["auto_device"]] = devices.get(row["auto_device"], 0) + 1
+    return {"number": number, "auto": auto, "oracle_paired": oracle_paired, "oracle_best": oracle_best,
+            "best_single": best_single, "best_single_paired": sum(row["best_single_paired"] for row in rows),
+            "device_totals": device_totals, "regret_paired": auto / oracle_paired, "regret_best": auto / oracle_best,
+            "choice_regret": chosen / oracle_best, "off_oracle": len(off),
+            "explored": sum(row["auto_device"] != row["auto_decided"] for row in rows),
+            "off_oracle_cases": [f"{row['case']} on {row['auto_device']}"
+                                 + (" (explored)" if row["auto_device"] != row["auto_decided"] else "")
+                                 for row in off],
+            "auto_devices": devices}
+
+
+def prediction_errors(cases, auto, alone, repeat, say):
+    """explain() for every unseen case first, then the measurements, then one checked auto call each."""
+    decisions = {case.name: case.explain(auto) for case in cases}
+    measured = measure_devices(cases, alone, repeat, say)
+    rows = []
+    for case in cases:
+        decision = decisions[case.name]
+        predictions = {p.device: p.seconds - p.compile for p in decision.predictions if p.usable}
+        auto_seconds, auto_device = run_auto(case, auto, decision)
+        if decision.split:  # a split's truth is auto's own (split) call
+            chosen, predicted, truth = label(decision), decision.predicted_seconds, auto_seconds
+        else:
+            chosen = decision.device
+            predicted, truth = predictions.get(chosen), measured[case.name].get(chosen, {}).get("median")
+        per_device = {device: abs(predictions[device] - m["median"]) / m["median"]
+                      for device, m in measured[case.name].items() if "median" in m and device in predictions}
+        error = abs(predicted - truth) / truth if predicted is not None and truth else None
+        rows.append({"case": case.name, "chosen": chosen, "predicted": predicted, "measured": truth, "error": error,
+                     "fastest": fastest(measured[case.name], "median"), "auto_ran_on": auto_device,
+                     "per_device_error": per_device, "measurements": measured[case.name]})
+    errors = [row["error"] for row in rows if row["error"] is not None]
+    by_device = {}
+    for row in rows:
+        for device, error in row["per_device_error"].items():
+            by_device.setdefault(device, []).append(error)
+    return {"rows": rows, "median_error": statistics.median(errors) if errors else None,
+            "median_error_by_device": {device: statistics.median(v) for device, v in by_device.items()}}
+
+
+def run_sweeps(sweeps, auto, alone, repeat, say):
+    results = {}
+    for name, (size_label, points) in sweeps.items():
+        say(f"  {name}")
+        rows, too_slow = [], {}
+        for size, case in points:
+            # A device past SWEEP_SLOW_SECONDS at one size is not measured at larger ones (PoCL at matmul 4096:
+            # ~100 s a call); auto's calls still run wherever auto puts them.
+            measuring = {device: scheduler for device, scheduler in alone.items() if device not in too_slow}
+            measured = measure_devices([case], measuring, repeat, say)[case.name]
+            measured.update({device: {"error": f"not measured: {seconds:.1f} s at the previous size"}
+                             for device, seconds in too_slow.items()})
+            too_slow.update({device: m["best"] for device, m in measured.items()
+                             if m.get("best", 0.0) > SWEEP_SLOW_SECONDS})
+            before = label(case.explain(auto))
+            devices = [run_auto(case, auto, case.explain(auto))[1] for _ in range(SWEEP_AUTO_CALLS)]
+            rows.append({"size": size, "case": case.name, "measured": measured, "fastest": fastest(measured),
+                         "auto_first": before, "auto_calls": devices, "auto_settled": devices[-1]})
+        results[name] = {"size_label": size_label, "rows": rows,
+                         "true_crossover": crossover([(r["size"], r["fastest"]) for r in rows]),
+                         "auto_crossover": crossover([(r["size"], r["auto_settled"]) for r in rows])}
+    return results
+
+
+def crossover(labelled):
+    """Where the choice leaves the CPU for good: {size, device, flips}; size None if the CPU keeps the last
+    size (then ``flips`` lists any sizes where another device was chosen)."""
+    off_cpu = [size for size, device in labelled if device != "cpu"]
+    if not labelled or labelled[-1][1] == "cpu":
+        return {"size": None, "device": None, "flips": off_cpu}
+    start = len(labelled) - 1
+    while start > 0 and labelled[start - 1][1] != "cpu":
+        start -= 1
+    return {"size": labelled[start][0], "device": labelled[-1][1],
+            "flips": [size for size in off_cpu if size < labelled[start][0]]}
+
+
+# --- reporting --------------------------------------------------------------------------------------------
+
+
+def _ms(seconds):
+    if seconds is None or not math.isfinite(seconds):
+        return "-"
+    return f"{seconds * 1e3:.3f} ms" if seconds < 0.1 else f"{seconds:.3f} s"
+
+
+def _num(seconds, digits=2):
+    return "-" if seconds is None or not math.isfinite(seconds) else f"{seconds * 1e3:.{digits}f}"
+
+
+def cpu_model():
+    if shutil.which("lscpu"):
+        output = subprocess.run(["lscpu"], check=False, capture_output=True, text=True).stdout
+        for line in output.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def machine_description(device_ids):
+    listed = {device.id: device for device in sparkle.devices()}
+    devices = []
+    for device_id in device_ids:
+        device = listed.get(device_id)
+        devices.append({"id": device_id, "name": device.name if device else device_id,
+                        "kind": device.kind if device else "?"})
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
+            "numpy": np.__version__, "date": time.strftime("%Y-%m-%d %H:%M"), "devices": devices}
+
+
+def targets(report):
+    later = [p for p in report["passes"] if p["number"] >= 2]
+    best_single = report["best_single_device"]
+    single_total = report["device_totals"][best_single]
+    met = {
+        "regret_paired": all(p["regret_paired"] <= TARGET_REGRET for p in later),
+        "regret_best": all(p["regret_best"] <= TARGET_REGRET for p in later),
+        "below_best_single_paired": all(p["auto"] < p["best_single_paired"] for p in later),
+        "below_best_single_best": all(p["auto"] < single_total for p in later),
+    }
+    error = report["unseen"]["median_error"]
+    met["prediction_error"] = error is not None and error <= TARGET_PREDICTION_ERROR
+    return met
+
+
+def markdown_table(headers, rows):
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
+
+
+def markdown_report(report):
+    machine, devices = report["machine"], report["device_ids"]
+    out = [f"CPU: {machine['cpu']}, {machine['cores']} cores; devices: "
+           + ", ".join(f"{d['id']} ({d['name']})" for d in machine["devices"])
+           + f"; Python {machine['python']}, numpy {machine['numpy']}; {machine['date']}; "
+           f"{report['settings']['shapes']} shapes, {report['settings']['passes']} passes, "
+           f"oracle best of {report['settings']['repeat']}, seed {report['settings']['seed']}"
+           + (", --quick" if report["settings"]["quick"] else "") + ".",
+           f"\nProfiling the devices (auto's fresh scheduler): {report['profile_seconds']:.2f} s, not in any total."]
+    out.append("\n### Mixed workload: totals per pass (ms)\n")
+    headers = ["pass", "auto", "oracle (paired)", "regret (paired)", "oracle (best of)", "regret (best of)",
+               "auto's choices at best-of", f"{report['best_single_device']} (paired)",
+               *[f"{d} alone (best of)" for d in devices], "auto's calls per device",
+               "calls off the oracle's device", "explored calls"]
+    rows = [[p["number"], _num(p["auto"], 1), _num(p["oracle_paired"], 1), f"{p['regret_paired']:.3f}",
+             _num(p["oracle_best"], 1), f"{p['regret_best']:.3f}", f"{p['choice_regret']:.3f}",
+             _num(p["best_single_paired"], 1), *[_num(report["device_totals"][d], 1) for d in devices],
+             ", ".join(f"{d} {n}" for d, n in sorted(p["auto_devices"].items())),
+             f"{p['off_oracle']} of {report['settings']['shapes']}", p["explored"]] for p in report["passes"]]
+    out.append(markdown_table(headers, rows))
+    out.append("\nExplored calls: auto ran the call elsewhere than `explain` said just before it (trying a device to "
+               "learn its speed, or a decision changed by the review that came with the call). Auto's choices at "
+               "best-of: the sum, over its calls, of the best-of time of the device it ran each call on, over the "
+               "oracle's: its placement without the noise of single calls.")
+    met = report["targets"]
+    out.append(f"\nTargets from pass 2 on: auto within {TARGET_REGRET:.2f}x of the oracle: "
+               f"{'met' if met['regret_paired'] else 'NOT met'} (paired), "
+               f"{'met' if met['regret_best'] else 'NOT met'} (best of); auto below the best single device "
+               f"({report['best_single_device']}): {'met' if met['below_best_single_paired'] else 'NOT met'} "
+               f"(paired), {'met' if met['below_best_single_best'] else 'NOT met'} (best of).")
+    last = report["passes"][-1]
+    if last["off_oracle_cases"]:
+        out.append(f"\nLast pass, calls off the oracle's device: {'; '.join(last['off_oracle_cases'])}.")
+    out.append("\n### Oracle: each shape on each device alone (best of, ms)\n")
+    headers = ["shape", "GFLOP", *devices, "oracle", "auto (last pass)"]
+    last_devices = {row["case"]: row["auto_device"] for row in last["calls"]}
+    rows = []
+    for name, measured in report["oracle"].items():
+        rows.append([name, f"{report['flops'][name] / 1e9:.4f}",
+                     *[cell(measured[d]) for d in devices],
+                     fastest(measured), last_devices.get(name, "-")])
+    out.append(markdown_table(headers, rows))
+    unseen = report["unseen"]
+    out.append("\n### Prediction error on unseen shapes\n")
+    headers = ["shape", "auto chose", "predicted ms", "measured ms (median)", "error", "fastest measured",
+               "auto ran on", *[f"error {d}" for d in devices]]
+    rows = [[r["case"], r["chosen"], _num(r["predicted"], 3), _num(r["measured"], 3),
+             "-" if r["error"] is None else f"{r['error']:.0%}", r["fastest"], r["auto_ran_on"],
+             *[f"{r['per_device_error'][d]:.0%}" if d in r["per_device_error"] else "-" for d in devices]]
+            for r in unseen["rows"]]
+    out.append(markdown_table(headers, rows))
+    error = unseen["median_error"]
+    out.append(f"\nMedian |predicted - measured| / measured for the device auto chose: "
+               f"{'-' if error is None else f'{error:.1%}'} (target <= {TARGET_PREDICTION_ERROR:.0%}: "
+               f"{'met' if met['prediction_error'] else 'NOT met'}); per device: "
+               + ", ".join(f"{d} {e:.1%}" for d, e in unseen["median_error_by_device"].items()) + ".")
+    for name, sweep in report["crossover"].items():
+        out.append(f"\n### Crossover: {name} (best of, ms)\n")
+        headers = [sweep["size_label"], *devices, "fastest", "auto before its first call", "auto after 3 calls"]
+        rows = [[r["size"], *[cell(r["measured"][d]) for d in devices], r["fastest"], r["auto_first"],
+                 r["auto_settled"]]
+                for r in sweep["rows"]]
+        out.append(markdown_table(headers, rows))
+        out.append(f"\nTrue crossover: {crossover_text(sweep['true_crossover'], sweep['size_label'])}; "
+                   f"auto's: {crossover_text(sweep['auto_crossover'], sweep['size_label'])}.")
+    return "\n".join(out) + "\n"
+
+
+def cell(measurement):
+    """A table's entry for one device's measurement: ms, "skipped" or "fails"."""
+    if "best" in measurement:
+        return _num(measurement["best"], 3)
+    return "skipped" if measurement["error"].startswith("not measured") else "fails"
+
+
+def crossover_text(found, size_label):
+    if found["size"] is None:
+        text = "none in the sweep (the CPU is chosen at the largest size)"
+    else:
+        text = f"{size_label} = {found['size']} (to {found['device']})"
+    if found["flips"]:
+        text += f"; off the CPU also at {size_label} = {', '.join(str(s) for s in found['flips'])}"
+    return text
+
+
+def save_plots(report, directory, prefix):
+    """Crossover (times per device, auto's choices marked) and learning curve (regret per pass) as PNGs;
+    returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(directory, exist_ok=True)
+    devices = report["device_ids"]
+    colors = {device: f"C{index}" for index, device in enumerate(devices)}
+    sweeps = report["crossover"]
+    figure, axes = plt.subplots(1, len(sweeps), figsize=(6 * len(sweeps), 4.5), squeeze=False)
+    for axis, (name, sweep) in zip(axes[0], sweeps.items()):
+        sizes = [r["size"] for r in sweep["rows"]]
+        for device in devices:
+            times = [r["measured"][device].get("best", math.nan) * 1e3 for r in sweep["rows"]]
+            axis.plot(sizes, times, "-o", color=colors[device], markersize=3, label=f"{device} alone")
+        # Auto's choices on the chosen device's curve: a ring after three calls, a cross before the first.
+        for key, marker, size in (("auto_settled", "o", 11), ("auto_first", "x", 8)):
+            for row in sweep["rows"]:
+                chosen = row[key].removeprefix("split ").split("+")[0]
+                if "best" in row["measured"].get(chosen, {}):
+                    axis.plot(row["size"], row["measured"][chosen]["best"] * 1e3, marker, markersize=size,
+                              markerfacecolor="none", markeredgecolor=colors.get(chosen, "k"), markeredgewidth=1.5)
+        axis.plot([], [], "o", markersize=11, markerfacecolor="none", markeredgecolor="k",
+                  label="auto's choice after 3 calls")
+        axis.plot([], [], "x", markersize=8, markeredgecolor="k", label="auto's choice before the first call")
+        for found, style, label in ((sweep["true_crossover"], "--", "true crossover"),
+                                    (sweep["auto_crossover"], ":", "auto moves off the CPU")):
+            if found["size"] is not None:
+                axis.axvline(found["size"], color="gray", linestyle=style, label=label)
+        axis.set_xscale("log", base=2)
+        axis.set_yscale("log")
+        axis.set_xlabel(sweep["size_label"])
+        axis.set_ylabel("ms per call (best of)")
+        axis.set_title(name, fontsize=10)
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    paths = [os.path.join(directory, f"{prefix}_{name}.png") for name in ("crossover", "learning_curve")]
+    figure.savefig(paths[0], dpi=120)
+    plt.close(figure)
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    numbers = [p["number"] for p in report["passes"]]
+    axis.plot(numbers, [p["regret_paired"] for p in report["passes"]], "-o", label="auto / oracle (paired)")
+    axis.plot(numbers, [p["regret_best"] for p in report["passes"]], "-s", label="auto / oracle (best of)")
+    axis.plot(numbers, [p["choice_regret"] for p in report["passes"]], "-^", label="auto's choices at best-of times")
+    axis.axhline(TARGET_REGRET, color="gray", linestyle="--", label=f"target {TARGET_REGRET:.2f}")
+    axis.axhline(1.0, color="black", linewidth=0.5)
+    axis.set_xticks(numbers)
+    axis.set_xlabel("pass")
+    axis.set_ylabel("regret (total time / oracle)")
+    axis.set_title(f"Learning curve, {report['settings']['shapes']} shapes, fresh scheduler", fontsize=10)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(paths[1], dpi=120)
+    plt.close(figure)
+    return paths
+
+
+# --- main -------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer and smaller shapes, 3 passes, shorter sweeps (a few minutes)")
+    parser.add_argument("--device-ids", nargs="+", metavar="ID",
+                        help="devices to schedule across, e.g. cpu opencl:0 (default: every device the default "
+                             "scheduler uses)")
+    parser.add_argument("--passes", type=int, help="passes through the mixed workload (default 5; 3 with --quick)")
+    parser.add_argument("--repeat", type=int, help="timed calls per shape and device, at least (default 3)")
+    parser.add_argument("--seed", type=int, default=0, help="inputs and pass order (default 0)")
+    parser.add_argument("--json", metavar="PATH", help="write every measurement as JSON")
+    parser.add_argument("--markdown", metavar="PATH", help="write the tables as Markdown")
+    parser.add_argument("--plots", metavar="DIR", help="save PNG plots here (needs matplotlib)")
+    parser.add_argument("--plot-prefix", default="scheduler_quality", metavar="NAME",
+                        help="the plots' file names: NAME_crossover.png, NAME_learning_curve.png (default "
+                             "%(default)s)")
+    parser.add_argument("--from-json", metavar="PATH",
+                        help="measure nothing: print (and --markdown, --plots) the report saved by --json, e.g. a "
+                             "run on a machine without matplotlib")
+    args = parser.parse_args(argv)
+    args.passes = args.passes or (3 if args.quick else 5)
+    args.repeat = args.repeat or 3
+    if args.passes < 2 or args.repeat < 1:
+        parser.error("--passes must be at least 2 (the targets start at pass 2) and --repeat at least 1")
+    if args.plots:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            parser.error("--plots needs matplotlib: pip install 'sparkle[plot]'")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+
+    def say(text):
+        print(text, flush=True)
+
+    if args.from_json:
+        with open(args.from_json) as file:
+            report = json.load(file)
+        write_report(report, args, say)
+        return 0
+    device_ids = args.device_ids or sparkle.Scheduler(persist=False, progress=False).devices
+    rng = np.random.default_rng(args.seed)
+    cases = mixed_workload(args.quick, rng)
+    unseen = unseen_workload(args.quick, rng)
+    sweeps = crossover_sweeps(args.quick, rng)
+    report = {"machine": machine_description(device_ids), "device_ids": device_ids,
+              "settings": {"quick": args.quick, "passes": args.passes, "repeat": args.repeat, "seed": args.seed,
+                           "shapes": len(cases)},
+              "flops": {case.name: case.flops for case in cases}}
+    say(f"devices: {', '.join(device_ids)}; {len(cases)} shapes, {args.passes} passes")
+    try:
+        alone = single_device_schedulers(device_ids)
+        say("oracle: each shape on each device alone")
+        report["oracle"] = measure_devices(cases, alone, args.repeat, say)
+        unsupported = [name for name, measured in report["oracle"].items() if fastest(measured) is None]
+        if unsupported:
+            raise SystemExit(f"no device ran {unsupported}: {report['oracle'][unsupported[0]]}")
+        auto = sparkle.Scheduler(device_ids, persist=False, progress=False)
+        report["profile_seconds"], profiles = timed(auto.profile)
+        report["profiles"] = {device: profile.to_json() if profile else None for device, profile in profiles.items()}
+        say(f"auto: profiled in {report['profile_seconds']:.2f} s; mixed workload")
+        passes, best_single, totals = run_passes(cases, auto, alone, report["oracle"], args.passes,
+                                                 np.random.default_rng(args.seed + 1), say)
+        report.update(passes=passes, best_single_device=best_single, device_totals=totals)
+        say("unseen shapes")
+        report["unseen"] = prediction_errors(unseen, auto, alone, args.repeat, say)
+        say("crossover")
+        report["crossover"] = run_sweeps(sweeps, auto, alone, args.repeat, say)
+    except IncorrectResult as error:
+        print(f"INCORRECT RESULT: {error}", file=sys.stderr)
+        return 1
+    report["targets"] = targets(report)
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump(report, file, indent=1, default=str)
+    write_report(report, args, say)
+    return 0
+
+
+def write_report(report, args, say):
+    text = markdown_report(report)
+    print("\n" + text)
+    if args.markdown:
+        with open(args.markdown, "w") as file:
+            file.write(text)
+    if args.plots:
+        say(f"plots: {', '.join(save_plots(report, args.plots, args.plot_prefix))}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
