@@ -56,9 +56,10 @@ def probability_faster(a, b):
     return normal_cdf((math.log(b.seconds) - math.log(a.seconds)) / spread)
 
 
-def choose(predictions, explore, tried=None):
+def choose(predictions, explore, tried=None, budget=math.inf):
     """(best, device to explore or None, confidence that best is the fastest). ``tried``: how many times each
-    device was already tried for this signature (exploration stops after EXPLORE_TRIES)."""
+    device was already tried for this signature (exploration stops after EXPLORE_TRIES); ``budget``: seconds
+    exploration may still cost, so a trial predicted to cost more than that over the best is not made."""
     tried = tried or {}
     usable = sorted((p for p in predictions if p.usable), key=lambda p: p.seconds)
     if not usable:
@@ -69,7 +70,8 @@ def choose(predictions, explore, tried=None):
         return best, None, confidence
     candidates = [(probability_faster(other, best), other) for other in usable[1:]
                   if max(other.measured_calls, tried.get(other.device, 0)) < EXPLORE_TRIES]
-    candidates = [(chance, other) for chance, other in candidates if chance >= EXPLORE_PROBABILITY]
+    candidates = [(chance, other) for chance, other in candidates
+                  if chance >= EXPLORE_PROBABILITY and other.seconds - best.seconds <= budget]
     trial = max(candidates, key=lambda item: item[0])[1] if candidates else None
     return best, trial, confidence
 

@@ -400,8 +400,8 @@ class Scheduler:
     def _review(self, plan):
         """Fold new measurements into the model and decide this plan's placement again (lock held)."""
         self._fold_pending()
-        budget = EXPLORE_ALLOWANCE_SECONDS + EXPLORE_BUDGET_SHARE * self._spent_seconds
-        decision = self._decide(plan, explore=self.explore and self._explored_excess < budget)
+        budget = EXPLORE_ALLOWANCE_SECONDS + EXPLORE_BUDGET_SHARE * self._spent_seconds - self._explored_excess
+        decision = self._decide(plan, explore=self.explore and budget > 0, budget=budget)
         plan.decision = decision
         plan.trial = decision.device if decision.explored else None
         if decision.explored:
@@ -426,14 +426,14 @@ class Scheduler:
             # Numpy operands (home None) skip the conversions a device array would need.
             plan.runner = prepared.host_run if plan.home is None else prepared.run
 
-    def _decide(self, plan, explore):
+    def _decide(self, plan, explore, budget=0.0):
         predictions = tuple(self._predict(state, plan) for state in self._states)
         if self.forced is not None:
             forced = next(p for p in predictions if p.device == self.forced)
             return Decision(plan.op, plan.shape_text, self.forced, predictions=predictions,
                             predicted_seconds=forced.seconds, verified=forced.verified, forced=True,
                             reason=f"${DEVICE_ENV}={self.forced} forces every call onto this device")
-        best, trial, confidence = policy.choose(predictions, explore, plan.trials)
+        best, trial, confidence = policy.choose(predictions, explore, plan.trials, budget)
         if best is None:
             notes = "; ".join(f"{p.device}: {p.note}" for p in predictions)
             return Decision(plan.op, plan.shape_text, None, predictions=predictions, confidence=0.0,
