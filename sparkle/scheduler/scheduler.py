@@ -43,7 +43,11 @@ EXPLORE_BUDGET_SHARE = 0.05  # exploration may cost at most 5 % of the time spen
 EXPLORE_ALLOWANCE_SECONDS = 0.05  # ...plus this much
 FAULT_COOLDOWN_SECONDS = 1.0  # a faulting device is avoided 1 s, then 2 s, 4 s, ... (at most 10 min)
 HISTORY_LIMIT = 100_000
-COMPUTE_BOUND = 2.0  # a call teaches the compute regression only if it took at least 2x its fixed costs
+# A call teaches the compute regression only if it took 4x its fixed costs and 100 us: the profile's overhead
+# is one figure, and a call of a few microseconds taken by the scheduler's own costs or a busy core would
+# drag the regression's exponents (its own signature history predicts such a call anyway).
+COMPUTE_BOUND = 4.0
+COMPUTE_MIN_SECONDS = 100e-6
 FOLD_COUNT_LIMIT = 4  # repeated calls of one signature count as at most this many independent samples
 PLANS_KEPT = 512  # call signatures with a cached plan (each holds prepared calls and their buffers)
 
@@ -62,6 +66,7 @@ class _DeviceState:
         self.model = model
         self.faults = 0
         self.avoid_until = 0.0
+        self.unprofilable = False
 
     def regression(self, op):
         model = self.model.regressions.get(op)
@@ -622,13 +627,13 @@ class Scheduler:
             if state.profile is None or not history.count:
                 continue
             seconds = math.exp(history.mean)
-            if seconds < COMPUTE_BOUND * fixed:
+            if seconds < COMPUTE_BOUND * fixed or seconds < COMPUTE_MIN_SECONDS:
                 continue  # overhead-bound: says little about compute speed (its own history predicts it)
             state.regression(op).update(regressors, math.log(seconds - fixed), min(calls, FOLD_COUNT_LIMIT))
         pending, self._pending = self._pending, []
         groups = collections.defaultdict(list)
         for state, op, regressors, seconds, fixed in pending:
-            if state.profile is not None and seconds >= COMPUTE_BOUND * fixed:
+            if state.profile is not None and seconds >= COMPUTE_BOUND * fixed and seconds >= COMPUTE_MIN_SECONDS:
                 groups[(id(state), op, regressors)].append((state, math.log(seconds - fixed)))
         for (_, op, regressors), samples in groups.items():
             values = sorted(value for _, value in samples)
@@ -637,14 +642,14 @@ class Scheduler:
             self._models.mark_changed(len(unfolded) + len(pending))
 
     def _ensure_profiles(self, force=False):
-        missing = [state for state in self._states if force or state.profile is None]
+        missing = [state for state in self._states if force or (state.profile is None and not state.unprofilable)]
         if not missing:
             return
         for state in missing:
             stored = None if force or self._profiles is None else self._profiles.get(state.executor.identity)
             if stored is not None:
                 state.profile = stored
-        missing = [state for state in missing if force or state.profile is None]
+        missing = [state for state in missing if force or (state.profile is None and not state.unprofilable)]
         if not missing:
             return
         from tqdm.auto import tqdm
@@ -658,6 +663,7 @@ class Scheduler:
                     logger.warning("sparkle scheduler: profiling %s failed (%s); it is not used", state.id, error)
                     state.faults += 1
                     state.avoid_until = math.inf
+                    state.unprofilable = True  # not measured again in this process (profile(force=True) does)
                     bar.update()
                     continue
                 if self._profiles is not None:
