@@ -139,8 +139,8 @@ def cmd_devices(args):
                   'OpenCL device).')
         except ValueError as error:
             print(error)
-    print('device="auto" runs where the inputs live (an OpenCL device for DeviceArrays, else cpu); '
-          'device="reference" is the float64 oracle.')
+    print('device="auto" lets the scheduler place each call (sparkle explain shows where and why; sparkle profile '
+          'shows what it measured); device="reference" is the float64 oracle.')
     return 0
 
 
