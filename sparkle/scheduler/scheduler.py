@@ -68,6 +68,13 @@ class _DeviceState:
         self.avoid_until = 0.0
         self.unprofilable = False
 
+    def record_fault(self):
+        """Count a fault and avoid the device for 1 s, 2 s, 4 s, ... (at most 10 min); returns the seconds."""
+        self.faults += 1
+        cooldown = min(600.0, FAULT_COOLDOWN_SECONDS * 2 ** (self.faults - 1))
+        self.avoid_until = time.monotonic() + cooldown
+        return cooldown
+
     def regression(self, op):
         model = self.model.regressions.get(op)
         if model is None:
@@ -386,9 +393,7 @@ class Scheduler:
         if isinstance(error, (ValueError, TypeError)) and not isinstance(error, DeviceFault):
             raise error  # bad input is the caller's, not the device's
         with self._lock:
-            state.faults += 1
-            cooldown = min(600.0, FAULT_COOLDOWN_SECONDS * 2 ** (state.faults - 1))
-            state.avoid_until = time.monotonic() + cooldown
+            cooldown = state.record_fault()
             plan.runner, plan.next_review = None, plan.calls
             self._review(plan)
             decision = plan.decision
@@ -579,8 +584,7 @@ class Scheduler:
             seconds = time.perf_counter() - begin
         except Exception as error:  # noqa: BLE001 - the part runs on the CPU (or the reference) instead
             with self._lock:
-                state.faults += 1
-                state.avoid_until = time.monotonic() + min(600.0, FAULT_COOLDOWN_SECONDS * 2 ** (state.faults - 1))
+                state.record_fault()
                 plan.next_review = plan.calls
             logger.warning("sparkle scheduler: %s failed on part %s of %s %s (%s); the part runs elsewhere",
                            state.id, part, plan.op, plan.shape_text, error)
