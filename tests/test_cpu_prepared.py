@@ -232,7 +232,8 @@ def test_concurrent_calls_on_one_prepared_call():
             for y in results[index]:
                 assert_close_to_reference(y, expected[index], dtype)
         launch = call._run.__self__
-        assert 1 <= len(launch.scratch.free) <= threads, call.variant
+        if hasattr(launch, "scratch"):  # the packed path's pool (the planner may pick the implicit path here)
+            assert 1 <= len(launch.scratch.free) <= threads, call.variant
 
 
 def test_concurrent_matmul_calls():

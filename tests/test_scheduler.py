@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -20,7 +21,8 @@ from sparkle import reference
 from sparkle.scheduler import Scheduler, SimulatedDevice
 from sparkle.scheduler import scheduler as scheduler_module
 from sparkle.scheduler import verify as verify_module
-from sparkle.scheduler.model import History, LogLinearModel
+from sparkle.scheduler.model import History, ShapeModel
+from sparkle.scheduler.store import MODEL_VERSION
 
 
 def conv_inputs(batch=8, channels=16, size=16, out_channels=16, seed=0, dtype=np.float32):
@@ -189,10 +191,11 @@ def test_verification_samples_every_corner(tmp_path):
 
 @pytest.mark.parametrize("mode, checks", [("first", 1), ("always", 6), ("off", 0)])
 def test_verify_modes(tmp_path, monkeypatch, mode, checks):
+    scheduler = make([SimulatedDevice("only", 2e+08, 1e-4)], tmp_path, verify=mode)
+    scheduler.profile()  # the profile's probes are checked too: not counted here
     counted = []
     original = verify_module.check
     monkeypatch.setattr(verify_module, "check", lambda *args: counted.append(1) or original(*args))
-    scheduler = make([SimulatedDevice("only", 2e+08, 1e-4)], tmp_path, verify=mode)
     x, w, kwargs = single_device_conv()
     for _ in range(6):
         scheduler.conv2d(x, w, **kwargs)
@@ -311,15 +314,64 @@ def test_one_outlier_barely_moves_a_history_and_a_new_regime_restarts_it():
     assert any(changed) and math.exp(history.mean) == pytest.approx(20e-3, rel=0.01)
 
 
-def test_the_regression_learns_a_rate_and_discounts_outliers():
-    model = LogLinearModel.from_rate(1e9)  # the profile said 1 GFLOPS; the truth is 4
-    rng = np.random.default_rng(0)
-    for index in range(60):
-        m, n, k = (int(v) for v in rng.integers(8, 512, 3))
-        seconds = 2 * m * n * k / 4e9 * (30 if index % 15 == 7 else 1)  # every 15th call an outlier
-        model.update((1.0, math.log(m), math.log(n), math.log(k), 0.0, 0.0), math.log(seconds))
-    mean, _ = model.predict((1.0, math.log(100), math.log(200), math.log(300), 0.0, 0.0))
-    assert math.exp(mean) == pytest.approx(2 * 100 * 200 * 300 / 4e9, rel=0.25)
+def _matmul_point(m, n, k):
+    return (math.log(m), math.log(n), math.log(k), 0.0, 0.0, 0.0, 0.0, 0.0)
+
+
+def test_the_shape_model_interpolates_between_measured_shapes_and_falls_back_to_the_prior_far_away():
+    model = ShapeModel()
+    assert model.predict(_matmul_point(64, 64, 64)) == (0.0, pytest.approx(0.5))  # nothing measured: the prior
+    # The device runs 4x slower than its profile on small GEMMs, at the profiled speed on large ones.
+    for size in (16, 24, 32, 48, 64, 96, 128, 256, 512, 1024):
+        truth = math.log(4.0) * max(0.0, 1.0 - math.log(size / 16) / math.log(128 / 16))
+        model.observe(f"{size}", _matmul_point(size, size, size), truth, 0.03 ** 2)
+    for size, truth in ((40, 4.0 ** (1 - math.log(40 / 16) / math.log(8))), (384, 1.0), (768, 1.0)):
+        mean, variance = model.predict(_matmul_point(size, size, size))
+        assert math.exp(mean) == pytest.approx(truth, rel=0.2)
+        assert variance < 0.05
+    far_mean, far_variance = model.predict((10.0, 0.0, 10.0, 1.0, 1.0, 1.0, 1.0, 1.0))
+    assert far_variance > 0.2  # nothing measured near: uncertain again
+
+
+def test_the_shape_model_keeps_the_latest_point_of_a_signature_and_a_bounded_number_of_points():
+    model = ShapeModel()
+    model.observe("a", _matmul_point(64, 64, 64), math.log(2.0), 0.01)
+    model.observe("a", _matmul_point(64, 64, 64), math.log(3.0), 0.01)
+    assert math.exp(model.predict(_matmul_point(64, 64, 64))[0]) == pytest.approx(3.0, rel=0.05)
+    for index in range(300):
+        model.observe(str(index), _matmul_point(8 + index, 64, 64), 0.0, 0.01)
+    assert len(model.points) == 256 and "a" not in model.points
+
+
+def test_a_kernel_is_built_ahead_while_another_device_serves_the_calls(tmp_path):
+    x, w, kwargs = single_device_conv()
+    fast = SimulatedDevice("fast", 2e+10, 1e-5, compile_seconds=1.0)
+    scheduler = make([SimulatedDevice("slow", 2e+08, 1e-5), fast], tmp_path, explore=False)
+    expected = reference.conv2d(x, w, **kwargs)
+    assert_close_to_reference(scheduler.conv2d(x, w, **kwargs), expected, np.float32)
+    first = scheduler.history()[-1]
+    assert first["device"] == "sim:slow"  # a 1 s build is not worth it for one call of ~10 ms...
+    waiting = scheduler.explain("conv2d", x, w, **kwargs).predictions[1]
+    assert waiting.device == "sim:fast" and waiting.compile > 0  # ...and it is being built, not built yet
+    deadline = time.monotonic() + 30
+    while scheduler.explain("conv2d", x, w, **kwargs).predictions[1].compile > 0:
+        assert time.monotonic() < deadline, "the kernel was never built ahead"
+        assert_close_to_reference(scheduler.conv2d(x, w, **kwargs), expected, np.float32)
+    for _ in range(3):
+        assert_close_to_reference(scheduler.conv2d(x, w, **kwargs), expected, np.float32)
+    assert scheduler.history()[-1]["device"] == "sim:fast"  # built by then: the calls moved without paying for it
+    assert [thread for op, thread in fast.builds if op == "conv2d"] == ["sparkle-build_0"]  # no caller waited
+
+
+def test_build_costs_are_learned_from_the_builds_measured_not_only_the_profiles_probe(tmp_path):
+    device = SimulatedDevice("only", 2e+08, 1e-4, compile_seconds=0.3)
+    device.compile_seconds = lambda: 0.001  # the probe's small kernel builds far faster than real ones
+    scheduler = make([device], tmp_path)
+    x, w, kwargs = single_device_conv()
+    scheduler.conv2d(x, w, **kwargs)  # builds its kernel: 0.3 s
+    x2, w2 = x[:, :, :20, :20].copy(), w.copy()
+    compile_estimate = scheduler.explain("conv2d", x2, w2, **kwargs).predictions[0].compile
+    assert compile_estimate == pytest.approx(0.3, rel=0.3)
 
 
 # --- persistence ----------------------------------------------------------------------------------------
@@ -331,7 +383,7 @@ def test_profiles_and_model_persist_as_json_and_reload(tmp_path):
     for _ in range(5):
         first.conv2d(x, w, **kwargs)
     first.save()
-    for name in ("scheduler-profiles-v1.json", "scheduler-model-v1.json"):
+    for name in ("scheduler-profiles-v1.json", f"scheduler-model-v{MODEL_VERSION}.json"):
         json.loads((tmp_path / name).read_text())  # JSON, not pickle
     device = SimulatedDevice("only", 2e+08, 1e-4)
     second = make([device], tmp_path)
@@ -353,7 +405,7 @@ def test_a_changed_device_starts_afresh(tmp_path):
 
 
 def test_a_damaged_model_file_is_ignored_not_fatal(tmp_path):
-    (tmp_path / "scheduler-model-v1.json").write_text("{not json")
+    (tmp_path / f"scheduler-model-v{MODEL_VERSION}.json").write_text("{not json")
     x, w, kwargs = single_device_conv()
     with pytest.warns(RuntimeWarning, match="unreadable"):
         scheduler = make([SimulatedDevice("only", 2e+08)], tmp_path)
@@ -397,9 +449,12 @@ def test_eight_threads_of_mixed_calls_through_one_scheduler(tmp_path):
     assert len([r for r in records if "part" not in r["shape"]]) <= 400
     scheduler.save()
     for state in scheduler._states:
-        for op, model in state.model.regressions.items():
-            assert np.all(np.isfinite(model.mean)) and np.all(np.isfinite(model.covariance)), op
-            assert np.all(np.linalg.eigvalsh((model.covariance + model.covariance.T) / 2) > -1e-12)
+        for op, model in state.model.shapes.items():
+            for features, residual, variance in model.points.values():
+                assert np.all(np.isfinite(features)) and math.isfinite(residual) and variance > 0, op
+            for features, _, _ in model.points.values():
+                mean, variance = model.predict(features)
+                assert math.isfinite(mean) and variance > 0
         for history in state.model.histories.values():
             assert history.count >= 0 and math.isfinite(history.mean) and history.spread > 0
 
@@ -417,3 +472,14 @@ def test_auto_uses_the_default_scheduler_and_is_correct():
         assert_close_to_reference(result, expected, np.float32)
     assert sparkle.default_scheduler() is scheduler_module.default_scheduler()
     assert any(record["op"] == "conv2d" for record in sparkle.default_scheduler().history())
+
+
+def test_history_gives_the_latest_calls_and_refuses_a_bad_count(tmp_path):
+    scheduler = make([SimulatedDevice("only", 2e+08, 1e-4)], tmp_path)
+    a = np.ones((4, 4), np.float32)
+    for _ in range(3):
+        scheduler.matmul(a, a)
+    assert scheduler.history(last=2) == scheduler.history()[-2:] and len(scheduler.history(last=2)) == 2
+    assert scheduler.history(last=0) == []
+    with pytest.raises(ValueError, match="last must be a non-negative int"):
+        scheduler.history(last=-1)

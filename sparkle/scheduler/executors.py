@@ -50,12 +50,13 @@ class PreparedCall:
     prepared call: its variant and build state are read live (a fault or a quarantine moves it to the next
     variant)."""
 
-    __slots__ = ("_compiled", "host_run", "label", "run", "source", "warm")
+    __slots__ = ("_compiled", "builder", "host_run", "label", "run", "source", "warm")
 
-    def __init__(self, run, label, compiled=True, source=None, host_run=None):
+    def __init__(self, run, label, compiled=True, source=None, host_run=None, builder=None):
         self.run, self.label, self.source, self._compiled = run, label, source, compiled
         self.host_run = host_run or run  # the same, for numpy operands only: no conversions on the hot path
         self.warm = False  # the first call pays one-time costs (thread teams, first touch of buffers)
+        self.builder = builder or getattr(source, "build", None)
 
     def __call__(self, *operands):
         return self.run(*operands)
@@ -71,6 +72,12 @@ class PreparedCall:
     @compiled.setter
     def compiled(self, value):
         self._compiled = value
+
+    def build(self):
+        """Build the kernel now (the first call would otherwise); the scheduler calls it off the caller's
+        thread while another device serves the calls. Raises what the build raises."""
+        if self.builder is not None and not self.compiled:
+            self.builder()
 
     def quarantine(self):
         """Move off the current variant (it gave a wrong result); False if there is no other to move to."""
@@ -185,6 +192,9 @@ class SimulatedDevice(Executor):
     time (``overhead + flops / flops_per_second``, plus transfers at ``transfer_bytes_per_second``) has
     passed, so its speed is known exactly.
 
+    ``compile_seconds``: each prepared call is built first (by its first call, or ahead of it), taking
+    that long, as a GPU kernel of a new shape does.
+
     Faults and slowdowns: :meth:`slow_down` and :meth:`fail` change it from now on; ``slow_after`` /
     ``fail_after`` do the same after that many calls (its profile's probes count: about 55 calls).
     ``wrong`` plants a wrong kernel: ``"conv2d"``, ``"matmul"`` or True (both) compute the last output column
@@ -194,16 +204,19 @@ class SimulatedDevice(Executor):
     kind = "simulated"
 
     def __init__(self, name, flops_per_second, overhead=20e-6, *, transfer_bytes_per_second=None,
-                 slow_after=None, slow_factor=1.0, fail_after=None, wrong=False):
+                 slow_after=None, slow_factor=1.0, fail_after=None, wrong=False, compile_seconds=0.0):
         if wrong not in (False, True, "conv2d", "matmul"):
             raise ValueError(f"wrong must be False, True, 'conv2d' or 'matmul', got {wrong!r}")
         self.id = f"sim:{name}"
         self.name = f"simulated {name}"
-        self.identity = f"simulated|{name}|{flops_per_second}|{overhead}|{transfer_bytes_per_second}|{wrong}"
+        self.identity = (f"simulated|{name}|{flops_per_second}|{overhead}|{transfer_bytes_per_second}|{wrong}"
+                         f"|{compile_seconds}")
+        self._compile_seconds = float(compile_seconds)
         self.flops_per_second, self.overhead = flops_per_second, overhead
         self.transfer_bytes_per_second = transfer_bytes_per_second
         self.slow_after, self.slow_factor, self.fail_after, self.wrong = slow_after, slow_factor, fail_after, wrong
         self.calls = 0
+        self.builds = []  # (op, the thread that built it), for tests
         self._lock = threading.Lock()
 
     def slow_down(self, factor):
@@ -213,6 +226,9 @@ class SimulatedDevice(Executor):
     def fail(self):
         """Every later call raises :class:`DeviceFault`."""
         self.fail_after = self.calls
+
+    def compile_seconds(self):
+        return self._compile_seconds
 
     def transfer_seconds(self, nbytes):
         if not self.transfer_bytes_per_second:
@@ -230,8 +246,18 @@ class SimulatedDevice(Executor):
                      + int(np.prod(spec.output_shape)) if op == "conv2d" else
                      spec.m * spec.k + spec.k * spec.n + spec.m * spec.n) * itemsize
         planted = self.wrong is True or self.wrong == op
+        build_lock = threading.Lock()
+
+        def build():
+            with build_lock:
+                if not prepared.compiled:
+                    time.sleep(self._compile_seconds)
+                    self.builds.append((op, threading.current_thread().name))
+                    prepared.compiled = True
 
         def simulated(*operands):
+            if not prepared.compiled:
+                build()
             start = time.perf_counter()
             with self._lock:
                 self.calls += 1
@@ -251,4 +277,6 @@ class SimulatedDevice(Executor):
                 time.sleep(remaining)
             return result
 
-        return PreparedCall(simulated, f"{self.id} {'planted-wrong' if planted else variant}")
+        prepared = PreparedCall(simulated, f"{self.id} {'planted-wrong' if planted else variant}",
+                                compiled=self._compile_seconds == 0, builder=build)
+        return prepared

@@ -25,12 +25,24 @@ class CallFeatures:
     def input_bytes(self):
         return sum(self.operand_bytes)
 
-    def regressors(self):
-        """The cost model's inputs: log sizes of the GEMM, and flags of kernel families that run slower."""
+    @property
+    def prior_slowdown(self):
+        """How much slower than the GEMM probe the profile's prior expects this call: float64 2x, thin groups
+        (depthwise and the like) 1.5x; the shape model learns the rest."""
+        thin = 1.5 if self._thin else 1.0
+        return thin * (2.0 if self.dtype == "float64" else 1.0)
+
+    @property
+    def _thin(self):
+        return "depthwise" in self.shape_class or "thin" in self.shape_class
+
+    def shape_point(self, transfer_share):
+        """Where the call lies for the shape model: log GEMM sizes, kernel-family flags, and the share of
+        the prior's time spent moving data (``transfer_share``, 0 to 1)."""
         m, n, k = self.gemm
-        return (1.0, math.log(m), math.log(n), math.log(k),
-                1.0 if "depthwise" in self.shape_class or "thin" in self.shape_class else 0.0,
-                1.0 if self.dtype == "float64" else 0.0)
+        return (math.log(m), math.log(n), math.log(k), 1.0 if self._thin else 0.0,
+                1.0 if self.dtype == "float64" else 0.0, 1.0 if "/1x1/" in self.shape_class else 0.0,
+                1.0 if "/strided" in self.shape_class else 0.0, transfer_share)
 
     def part(self, fraction, axis):
         """The features of the share ``fraction`` of this call along ``axis`` (see :data:`SPLIT_AXES`)."""

@@ -1,9 +1,15 @@
-"""The cost model: per (device, op), a Bayesian log-linear regression of compute time on the call's
-features, started from the device's profile and updated from every measured call; per (device, call
-signature), a robust history of measured times.
+"""The cost model: per (device, op), a Gaussian process over call shapes of how far measured times lie
+from the profile's prediction; per (device, call signature), a robust history of measured times.
 
 Times are modelled in log space: errors are relative, and a slow outlier (another process, a page
 fault) is one large residual that the Huber weights shrink instead of letting it drag a mean.
+
+Why a Gaussian process and not a regression: a device's efficiency is not one power law of the GEMM
+sizes (a thin 1x1 layer, a depthwise conv and a square GEMM run at very different fractions of the peak),
+and a global fit lets a few overhead-bound calls drag its exponents until large calls are predicted
+thousands of times too slow. The process only corrects the physical prior (overhead + transfer +
+flops / profiled rate) where measured shapes are near, falls back to it far from them, and says how
+uncertain it is: exactly what exploration needs.
 """
 
 from __future__ import annotations
@@ -18,7 +24,21 @@ HUBER_LIMIT = 2.5
 PRIOR_NOISE = 0.3  # log-space standard deviation of a call's time before anything is measured: +-35 %
 MIN_NOISE = 0.03  # timings never agree better than 3 % on a shared machine
 REGIME_STREAK = 4  # this many outliers in a row on one side are a new regime, not noise
-REGRESSOR_NAMES = ("intercept", "log m", "log n", "log k", "thin groups", "float64")
+SHAPE_FEATURES = ("log m", "log n", "log k", "thin groups", "float64", "1x1", "strided", "transfer share")
+POINTS_KEPT = 256  # measured signatures per (device, op) in the process, the most recently measured
+# A shared offset from the prior for every shape (the profile's one GEMM probe may be off for this op):
+# variance 0.25 in log space, a factor 1.65 at one standard deviation.
+OFFSET_VARIANCE = 0.25
+# The shape-dependent part: grids for its length scale (log units: 1 is a factor e in one GEMM size) and
+# variance, chosen by marginal likelihood once enough shapes are measured.
+LENGTH_SCALES = (0.6, 1.2, 2.4)
+SIGNAL_VARIANCES = (0.05, 0.25, 1.0)
+DEFAULT_HYPERPARAMETERS = (1.2, 0.25)
+MIN_POINTS_TO_SELECT = 6
+# Refitting costs a Cholesky factorization (~1 ms at 256 points; nine of them when the hyperparameters are
+# chosen again), and decisions are reviewed often while a signature is new: the fit is refreshed once an
+# eighth of its points are new or changed, and the hyperparameters chosen again when the points doubled.
+REFIT_SHARE = 8
 
 
 def huber_weight(residual, scale):
@@ -27,58 +47,93 @@ def huber_weight(residual, scale):
     return 1.0 if abs(residual) <= limit else limit / abs(residual)
 
 
-@dataclass
-class LogLinearModel:
-    """ln(seconds) = theta . phi + noise, with a Gaussian prior on theta (mean, covariance)."""
+def _kernel(a, b, length_scale, signal_variance):
+    squared = ((a[:, None, :] - b[None, :, :]) ** 2).sum(axis=2)
+    return OFFSET_VARIANCE + signal_variance * np.exp(-0.5 * squared / length_scale ** 2)
 
-    mean: np.ndarray
-    covariance: np.ndarray
-    noise: float = PRIOR_NOISE  # robust estimate of the residual standard deviation
-    updates: int = 0
 
-    @classmethod
-    def from_rate(cls, flops_per_second):
-        """Prior: compute time = flops / rate (2 m n k flops), float64 twice and thin groups 1.5x slower.
-        The intercept's standard deviation is 0.5 (a factor 1.6: the profile measured one GEMM on this very
-        device), the exponents' 0.2; the first measured calls of a device move them quickly."""
-        mean = np.array([math.log(2.0 / flops_per_second), 1.0, 1.0, 1.0, math.log(1.5), math.log(2.0)])
-        covariance = np.diag([0.25, 0.04, 0.04, 0.04, 0.5, 0.25])
-        return cls(mean, covariance)
+class ShapeModel:
+    """ln(measured seconds) - ln(prior seconds) as a Gaussian process over the call's shape features.
 
-    def predict(self, regressors):
-        """(mean, variance) of ln(seconds) for one call's regressors."""
-        phi = np.asarray(regressors)
-        return float(phi @ self.mean), float(phi @ self.covariance @ phi) + self.noise ** 2
+    ``observe`` sets a signature's point (its robust mean residual and that mean's variance); the fit is
+    refreshed lazily on the next ``predict`` after a change (cold path: at most POINTS_KEPT points)."""
 
-    def update(self, regressors, log_seconds, count=1):
-        """One recursive least-squares step for ``count`` calls of one signature whose mean ln(seconds) is
-        ``log_seconds`` (repeats are not independent evidence: callers cap ``count``); outliers are
-        down-weighted. Returns the weight given."""
-        phi = np.asarray(regressors)
-        mu, variance = self.predict(phi)
-        residual = log_seconds - mu
-        weight = huber_weight(residual, math.sqrt(variance))
-        noise_variance = self.noise ** 2 / (weight * count)
-        gain = self.covariance @ phi / (phi @ self.covariance @ phi + noise_variance)
-        self.mean = self.mean + gain * residual
-        self.covariance = self.covariance - np.outer(gain, phi @ self.covariance)
-        # The noise estimate follows the clipped squared residuals (slowly once many calls were seen).
-        rate = max(0.02, 1.0 / (self.updates + 2))
-        clipped = min(residual ** 2, (HUBER_LIMIT * self.noise) ** 2)
-        self.noise = max(MIN_NOISE, math.sqrt((1 - rate) * self.noise ** 2 + rate * clipped))
-        self.updates += 1
-        return weight
+    def __init__(self, points=None):
+        self.points = dict(points or {})  # signature -> (features tuple, residual, variance)
+        self.hyperparameters = DEFAULT_HYPERPARAMETERS
+        self._fit = None
+        self._changes = 0  # observations since the last fit
+        self._selected_at = 0  # how many points the hyperparameters were chosen with
+
+    def observe(self, key, features, residual, variance):
+        self.points.pop(key, None)
+        self.points[key] = (tuple(float(v) for v in features), float(residual), float(variance))
+        while len(self.points) > POINTS_KEPT:
+            del self.points[next(iter(self.points))]
+        self._changes += 1
+        if self._changes * REFIT_SHARE >= len(self.points):
+            self._fit = None
+
+    def predict(self, features):
+        """(mean, variance) of the log residual at ``features``; the variance excludes timing noise."""
+        fit = self._fit if self._fit is not None else self._refit()
+        x = np.asarray(features, float)[None, :]
+        length_scale, signal_variance = self.hyperparameters
+        prior_variance = OFFSET_VARIANCE + signal_variance
+        if fit is None:
+            return 0.0, prior_variance
+        inputs, factor, alpha = fit
+        cross = _kernel(x, inputs, length_scale, signal_variance)[0]
+        mean = float(cross @ alpha)
+        solved = np.linalg.solve(factor, cross)  # factor^-1 cross: the variance the points explain
+        return mean, max(prior_variance - float(solved @ solved), 1e-6)
+
+    def _refit(self):
+        if not self.points:
+            self._fit = None
+            return None
+        inputs = np.array([point[0] for point in self.points.values()], float)
+        targets = np.array([point[1] for point in self.points.values()], float)
+        noise = np.array([point[2] for point in self.points.values()], float)
+        self._changes = 0
+        candidates = [self.hyperparameters]
+        if len(targets) >= max(MIN_POINTS_TO_SELECT, 2 * self._selected_at):
+            candidates = [(scale, variance) for scale in LENGTH_SCALES for variance in SIGNAL_VARIANCES]
+            self._selected_at = len(targets)
+        best = None
+        for length_scale, signal_variance in candidates:
+            covariance = _kernel(inputs, inputs, length_scale, signal_variance) + np.diag(noise)
+            try:
+                factor = np.linalg.cholesky(covariance)
+            except np.linalg.LinAlgError:
+                continue
+            alpha = _cholesky_solve(factor, targets)
+            evidence = -0.5 * targets @ alpha - np.log(np.diag(factor)).sum()
+            if best is None or evidence > best[0]:
+                best = (evidence, (length_scale, signal_variance), factor, alpha)
+        if best is None:
+            self._fit = None
+            return None
+        self.hyperparameters = best[1]
+        self._fit = (inputs, best[2], best[3])
+        return self._fit
 
     def to_json(self):
-        return {"mean": self.mean.tolist(), "covariance": self.covariance.tolist(), "noise": self.noise,
-                "updates": self.updates}
+        return {"points": {key: [list(x), y, v] for key, (x, y, v) in self.points.items()}}
 
     @classmethod
     def from_json(cls, data):
-        mean, covariance = np.array(data["mean"], float), np.array(data["covariance"], float)
-        if mean.shape != (len(REGRESSOR_NAMES),) or covariance.shape != (len(REGRESSOR_NAMES),) * 2:
-            raise ValueError("model of another layout")
-        return cls(mean, covariance, float(data["noise"]), int(data["updates"]))
+        points = {}
+        for key, (x, y, v) in data["points"].items():
+            if len(x) != len(SHAPE_FEATURES) or not (math.isfinite(y) and v > 0):
+                raise ValueError("model of another layout")
+            points[str(key)] = (tuple(float(value) for value in x), float(y), float(v))
+        return cls(points)
+
+
+def _cholesky_solve(lower, vector):
+    """covariance^-1 vector from its lower Cholesky factor (numpy has no triangular solver; n <= 256)."""
+    return np.linalg.solve(lower.T, np.linalg.solve(lower, vector))
 
 
 @dataclass(slots=True)
@@ -135,16 +190,37 @@ class History:
 
 @dataclass
 class DeviceModel:
-    """Everything learned about one device: a regression per op and the history of each signature."""
+    """Everything learned about one device: a shape model per op and the history of each signature."""
 
-    regressions: dict = field(default_factory=dict)  # op -> LogLinearModel
+    shapes: dict = field(default_factory=dict)  # op -> ShapeModel
     histories: dict = field(default_factory=dict)  # signature text -> History
+    # Kernel builds measured on this device: count and mean ln(seconds). The profile's probe builds one small
+    # kernel; real workloads' kernels can take far longer (PoCL: 0.06 s probed, 3-4 s measured).
+    builds: int = 0
+    build_log_mean: float = 0.0
+
+    def observe_build(self, seconds):
+        self.builds += 1
+        self.build_log_mean += (math.log(max(seconds, 1e-6)) - self.build_log_mean) / min(self.builds, 20)
+
+    def build_seconds(self, profiled):
+        """Expected seconds to build a kernel for a new shape: what builds took here, else the profile's probe."""
+        return math.exp(self.build_log_mean) if self.builds else profiled
+
+    def shape_model(self, op):
+        model = self.shapes.get(op)
+        if model is None:
+            model = self.shapes[op] = ShapeModel()
+        return model
 
     def to_json(self):
-        return {"regressions": {op: model.to_json() for op, model in self.regressions.items()},
-                "histories": {key: history.to_json() for key, history in self.histories.items()}}
+        return {"shapes": {op: model.to_json() for op, model in self.shapes.items()},
+                "histories": {key: history.to_json() for key, history in self.histories.items()},
+                "builds": [self.builds, self.build_log_mean]}
 
     @classmethod
     def from_json(cls, data):
-        return cls({op: LogLinearModel.from_json(m) for op, m in data["regressions"].items()},
-                   {key: History.from_json(h) for key, h in data["histories"].items()})
+        builds, build_log_mean = data["builds"]
+        return cls({op: ShapeModel.from_json(m) for op, m in data["shapes"].items()},
+                   {key: History.from_json(h) for key, h in data["histories"].items()}, int(builds),
+                   float(build_log_mean))

@@ -22,23 +22,32 @@ def normal_cdf(z):
     return 0.5 * (1.0 + math.erf(z / math.sqrt(2.0)))
 
 
-def predict(device, profile, regression, history, features, transfer, compiled, verified, calls_so_far=0):
-    """The device's predicted time for one call: ``transfer`` seconds (from the profiles), overhead from
-    the profile, compute from the regression, all refined by this signature's measured history on the
-    device if there is one.
+def prior(profile, features, transfer):
+    """The profile's physical estimate: (fixed seconds = transfer + overhead, compute seconds), and where
+    the call lies for the shape model."""
+    fixed = transfer + profile.overhead_seconds
+    compute = features.flops * features.prior_slowdown / (profile.gflops * 1e9)
+    return fixed, compute, features.shape_point(transfer / (fixed + compute))
+
+
+def predict(device, profile, shape_model, history, features, transfer, compiled, verified, calls_so_far=0,
+            build_seconds=None):
+    """The device's predicted time for one call: the profile's prior (``transfer`` seconds, overhead,
+    flops at the profiled rate) corrected by the device's shape model, refined by this signature's
+    measured history on the device if there is one.
 
     A kernel not built yet adds its build time, shared among the calls this signature is expected to get:
     as many again as it has had (``calls_so_far + 1``). A shape seen once runs where nothing must be
-    built; one called often moves to the faster device and pays the build once (OpenVINO's AUTO starts
-    on the CPU while the GPU compiles; here the cost model decides when)."""
+    built; one called often moves to the faster device and pays the build once (and meanwhile the
+    scheduler builds it ahead, off the caller's thread). ``build_seconds``: what a build takes on the
+    device as measured so far (default: the profile's probe)."""
     overhead = profile.overhead_seconds
-    compile_seconds = 0.0 if compiled else profile.compile_seconds / (calls_so_far + 1)
-    mean, variance = regression.predict(features.regressors())
-    compute = math.exp(mean)
-    fixed = transfer + overhead
-    log_total = math.log(fixed + compute)
-    share = compute / (fixed + compute)
-    log_variance = variance * share * share + MIN_NOISE ** 2
+    build = profile.compile_seconds if build_seconds is None else build_seconds
+    compile_seconds = 0.0 if compiled else build / (calls_so_far + 1)
+    fixed, prior_compute, point = prior(profile, features, transfer)
+    correction, variance = shape_model.predict(point)
+    log_total = math.log(fixed + prior_compute) + correction
+    log_variance = variance + MIN_NOISE ** 2
     count = history.count if history is not None else 0
     if count:
         history_variance = history.spread ** 2 / count + MIN_NOISE ** 2
@@ -46,6 +55,7 @@ def predict(device, profile, regression, history, features, transfer, compiled, 
         log_total = (log_total * weight_model + history.mean * weight_history) / (weight_model + weight_history)
         log_variance = 1.0 / (weight_model + weight_history)
     total = math.exp(log_total)
+    # The breakdown keeps the prior's transfer and overhead; what the model adds or removes is compute.
     return Prediction(device, total + compile_seconds, transfer, max(total - fixed, 0.0), overhead, compile_seconds,
                       math.sqrt(log_variance), count, verified)
 

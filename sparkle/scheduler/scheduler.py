@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import itertools
 import logging
 import math
 import os
@@ -30,7 +31,7 @@ from . import calls, policy, verify
 from .executors import CpuExecutor, DeviceFault, OpenCLExecutor
 from .explain import Decision, Prediction
 from .features import features_of
-from .model import History, LogLinearModel
+from .model import MIN_NOISE, History
 from .profile import ProfileStore, measure
 from .store import ModelStore, QuarantineStore
 
@@ -43,11 +44,6 @@ EXPLORE_BUDGET_SHARE = 0.05  # exploration may cost at most 5 % of the time spen
 EXPLORE_ALLOWANCE_SECONDS = 0.05  # ...plus this much
 FAULT_COOLDOWN_SECONDS = 1.0  # a faulting device is avoided 1 s, then 2 s, 4 s, ... (at most 10 min)
 HISTORY_LIMIT = 100_000
-# A call teaches the compute regression only if it took 4x its fixed costs and 100 us: the profile's overhead
-# is one figure, and a call of a few microseconds taken by the scheduler's own costs or a busy core would
-# drag the regression's exponents (its own signature history predicts such a call anyway).
-COMPUTE_BOUND = 4.0
-COMPUTE_MIN_SECONDS = 100e-6
 FOLD_COUNT_LIMIT = 4  # repeated calls of one signature count as at most this many independent samples
 PLANS_KEPT = 512  # call signatures with a cached plan (each holds prepared calls and their buffers)
 
@@ -75,11 +71,8 @@ class _DeviceState:
         self.avoid_until = time.monotonic() + cooldown
         return cooldown
 
-    def regression(self, op):
-        model = self.model.regressions.get(op)
-        if model is None:
-            model = self.model.regressions[op] = LogLinearModel.from_rate(self.profile.gflops * 1e9)
-        return model
+    def shape_model(self, op):
+        return self.model.shape_model(op)
 
     def history(self, signature):
         history = self.model.histories.get(signature)
@@ -94,7 +87,6 @@ class _Plan:
     def __init__(self, op, spec, operand_homes):
         self.op, self.spec = op, spec
         self.features = features_of(spec)
-        self.regressors = self.features.regressors()
         self.signature = calls.signature_text(op, spec)
         self.shape_text = calls.shape_text(op, spec)
         self.operand_homes = operand_homes  # the executor holding each operand, None for the host
@@ -104,6 +96,7 @@ class _Plan:
         self.decision = None
         self.trial = None  # a device to try on the next call (exploration)
         self.trials = {}  # device id -> times it was tried for this signature
+        self.building = set()  # devices whose kernel for this signature is built ahead (or was)
         self.calls = 0
         self.next_review = 0
         # The fast path: set when the decision is one verified device and nothing is pending.
@@ -111,7 +104,7 @@ class _Plan:
         self.fast_calls = 0  # fast-path calls not yet folded into the model
         self.state = None
         self.history = None
-        self.fixed_seconds = 0.0
+        self.transfer_seconds = 0.0
         self.predicted = 0.0
 
     def prepared_call(self, state, part=None):
@@ -162,14 +155,16 @@ class Scheduler:
             logger.addHandler(logging.StreamHandler())
             logger.setLevel(logging.INFO)
         self._plans = {}
-        self._pending = []  # measured split parts not yet folded into the regressions
-        self._unfolded = {}  # (signature, device) -> [state, op, regressors, history, fixed seconds, new calls]
+        # (signature, device) -> [state, op, signature, features, history, transfer seconds, new calls]: measured
+        # calls not yet folded into the shape models
+        self._unfolded = {}
         self._dirty = set()  # plans whose fast path ran since the last fold
         self._records = collections.deque(maxlen=HISTORY_LIMIT)
         self._verified = set()
         self._spent_seconds = 0.0
         self._explored_excess = 0.0
         self._split_pool = None
+        self._build_pool = None  # one thread building kernels ahead while another device serves the calls
         self._rng = np.random.default_rng(0)
         if persist:
             atexit.register(_save_at_exit, weakref.ref(self))
@@ -184,8 +179,8 @@ class Scheduler:
     def conv2d(self, x, w, bias=None, *, stride=1, padding=0, dilation=1, groups=1, activation=None):
         """``sparkle.conv2d`` on the device this scheduler picks (see :func:`sparkle.conv2d`)."""
         try:
-            key = ("conv2d", calls.layout(x), calls.layout(w), None if bias is None else calls.layout(bias), stride, padding,
-                   dilation, groups, activation)
+            key = _conv2d_key(x, w, bias, stride=stride, padding=padding, dilation=dilation, groups=groups,
+                              activation=activation)
             plan = self._plans.get(key)
         except (AttributeError, TypeError):  # not arrays, or unhashable arguments: the slow path says why
             key, plan = None, None
@@ -198,7 +193,7 @@ class Scheduler:
     def matmul(self, a, b):
         """``sparkle.matmul`` on the device this scheduler picks."""
         try:
-            key = ("matmul", calls.layout(a), calls.layout(b))
+            key = _matmul_key(a, b)
             plan = self._plans.get(key)
         except (AttributeError, TypeError):
             key, plan = None, None
@@ -213,7 +208,12 @@ class Scheduler:
             raise ValueError(f"op must be 'conv2d' or 'matmul', got {op!r}")
         spec = api.conv2d_spec(*args, **kwargs) if op == "conv2d" else api.matmul_spec(*args, **kwargs)
         operands = calls.operands(op, args, kwargs)
-        plan = _Plan(op, spec, tuple(self._home_of(o) for o in operands))
+        try:  # the plan the call would take, if it has one: its built kernels and its calls so far count
+            plan = self._plans.get((_conv2d_key if op == "conv2d" else _matmul_key)(*args, **kwargs))
+        except (AttributeError, TypeError):
+            plan = None
+        if plan is None:
+            plan = _Plan(op, spec, tuple(self._home_of(o) for o in operands))
         with self._lock:
             self._ensure_profiles()
             self._fold_pending()
@@ -225,17 +225,20 @@ class Scheduler:
             self._ensure_profiles(force=force)
             return {state.id: state.profile for state in self._states}
 
-    def history(self):
-        """The measured calls, oldest first: dicts of op, shape, device, predicted and measured seconds."""
+    def history(self, last=None):
+        """The measured calls, oldest first: dicts of op, shape, device, predicted and measured seconds;
+        ``last``: only the latest that many."""
+        if last is not None and (not isinstance(last, int) or isinstance(last, bool) or last < 0):
+            raise ValueError(f"last must be a non-negative int or None, got {last!r}")
+        records = list(self._records) if last is None else list(itertools.islice(reversed(self._records), last))[::-1]
         return [dict(op=op, shape=shape, device=device, predicted=predicted, measured=measured)
-                for op, shape, device, predicted, measured in list(self._records)]
+                for op, shape, device, predicted, measured in records]
 
     def reset(self):
         """Forget everything learned (model, histories, verifications, quarantine, plans), here and on disk.
         Profiles are kept; ``profile(force=True)`` measures them again."""
         with self._lock:
             self._plans.clear()
-            self._pending = []
             self._unfolded = {}
             self._dirty = set()
             self._records.clear()
@@ -289,7 +292,7 @@ class Scheduler:
             return result
         return self._slow_call(plan, operands)
 
-    def _record(self, plan, state, history, seconds, fixed_seconds, predicted):
+    def _record(self, plan, state, history, seconds, transfer_seconds, predicted):
         """Hot-path bookkeeping: plain floats and list appends only."""
         with plan.lock:
             plan.calls += 1
@@ -297,9 +300,10 @@ class Scheduler:
                 plan.next_review = plan.calls  # its times changed regime: decide again on the next call
         entry = self._unfolded.get((plan.signature, state.id))
         if entry is None:
-            self._unfolded[(plan.signature, state.id)] = [state, plan.op, plan.regressors, history, fixed_seconds, 1]
+            self._unfolded[(plan.signature, state.id)] = [state, plan.op, plan.signature, plan.features, history,
+                                                          transfer_seconds, 1]
         else:
-            entry[5] += 1
+            entry[6] += 1
         self._records.append((plan.op, plan.shape_text, state.id, predicted, seconds))
         self._spent_seconds += seconds
 
@@ -330,10 +334,13 @@ class Scheduler:
             return self._after_fault(plan, state, operands, error)
         prediction = next((p for p in decision.predictions if p.device == state.id), None)
         predicted = prediction.seconds if prediction else float("nan")
-        fixed = (prediction.transfer + prediction.overhead) if prediction else 0.0
+        transfer = prediction.transfer if prediction else 0.0
         result = self._checked(plan, state, prepared, operands, result)
+        if not compiled and prediction is not None:  # this call built its kernel: learn what a build costs
+            with self._lock:
+                state.model.observe_build(max(seconds - (prediction.seconds - prediction.compile), 0.1 * seconds))
         if _is_sample(prepared, compiled, seconds, predicted):
-            self._record(plan, state, state.history(plan.signature), seconds, fixed, predicted)
+            self._record(plan, state, state.history(plan.signature), seconds, transfer, predicted)
         else:
             with plan.lock:
                 plan.calls += 1
@@ -419,6 +426,7 @@ class Scheduler:
             plan.decision = _replace(decision, device=self._best_usable(decision).device, explored=False)
         plan.next_review = plan.calls + min(REVIEW_INTERVAL, max(1, plan.calls))
         plan.runner = None
+        self._build_ahead(plan, decision)
         device = plan.decision.device
         if device is None or plan.decision.split or plan.trial:
             return
@@ -431,10 +439,40 @@ class Scheduler:
         if prepared.compiled and (verified or self.verify_mode == "off") and self.verify_mode != "always":
             prediction = next(p for p in plan.decision.predictions if p.device == device)
             plan.state, plan.history = state, state.history(plan.signature)
-            plan.fixed_seconds = prediction.transfer + prediction.overhead
+            plan.transfer_seconds = prediction.transfer
             plan.predicted = prediction.seconds
             # Numpy operands (home None) skip the conversions a device array would need.
             plan.runner = prepared.host_run if plan.home is None else prepared.run
+
+    def _build_ahead(self, plan, decision):
+        """Start building the kernel of a device that would be the fastest once built, while the calls run
+        where the decision put them (OpenVINO AUTO's way); the plan is decided again when the build ends."""
+        if self.forced is not None or decision.split:
+            return
+        usable = [p for p in decision.predictions if p.usable]
+        for prediction in usable:
+            built_seconds = prediction.seconds - prediction.compile
+            if prediction.compile <= 0.0 or prediction.device in plan.building:
+                continue
+            if all(built_seconds < other.seconds for other in usable if other is not prediction):
+                plan.building.add(prediction.device)
+                if self._build_pool is None:
+                    self._build_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sparkle-build")
+                self._build_pool.submit(self._build, plan, self._by_id[prediction.device])
+
+    def _build(self, plan, state):
+        try:
+            prepared = plan.prepared_call(state)
+            if not prepared.compiled:
+                start = time.perf_counter()
+                prepared.build()
+                with self._lock:
+                    state.model.observe_build(time.perf_counter() - start)
+        except Exception as error:  # noqa: BLE001 - a call on the device would meet it: the slow path records it
+            logger.debug("sparkle scheduler: building %s %s ahead on %s failed: %s", plan.op, plan.shape_text,
+                         state.id, error)
+        with plan.lock:
+            plan.next_review = plan.calls  # built: decide again on the next call
 
     def _decide(self, plan, explore, budget=0.0):
         predictions = tuple(self._predict(state, plan) for state in self._states)
@@ -495,8 +533,9 @@ class Scheduler:
         signature = plan.signature if part is None else f"{plan.signature}|part={part}"
         history = state.model.histories.get(signature)
         transfer = self._transfer_seconds(state, plan, features)
-        prediction = policy.predict(state.id, state.profile, state.regression(plan.op), history, features, transfer,
-                                    compiled, verified, plan.calls)
+        prediction = policy.predict(state.id, state.profile, state.shape_model(plan.op), history, features, transfer,
+                                    compiled, verified, plan.calls,
+                                    state.model.build_seconds(state.profile.compile_seconds))
         if not usable:
             return _replace(prediction, usable=False, note=note)
         return prediction
@@ -607,43 +646,39 @@ class Scheduler:
                 result = calls.reference_result(plan.op, part_spec, part_operands)
         target[...] = result
         if _is_sample(prepared, compiled, seconds, self._predict(state, plan, part, features).seconds):
-            history = state.history(f"{plan.signature}|part={part}")
+            signature = f"{plan.signature}|part={part}"
+            history = state.history(signature)
             with plan.lock:
                 history.add(math.log(max(seconds, 1e-9)))
-            self._pending.append((state, plan.op, features.regressors(), seconds, state.profile.overhead_seconds))
+            entry = [state, plan.op, signature, features, history, self._transfer_seconds(state, plan, features), 1]
+            with self._lock:
+                previous = self._unfolded.setdefault((signature, state.id), entry)
+                if previous is not entry:
+                    previous[6] += 1
             self._records.append((plan.op, f"{plan.shape_text} part {start}:{stop} of {axis}", state.id,
                                   float("nan"), seconds))
 
     def _fold_pending(self):
-        """Fold what was measured since the last fold into the regressions: per (signature, device), one update
-        with the history's robust mean (one update costs ~30 us; a signature called 256 times must not cost
-        256 of them, and repeated calls are not independent evidence: they count FOLD_COUNT_LIMIT at most);
-        per split part, one update with the median of its calls."""
+        """Fold what was measured since the last fold into the shape models: per (signature, device), the
+        history's robust mean becomes that signature's point (repeated calls are not independent evidence:
+        they narrow its variance as FOLD_COUNT_LIMIT calls at most)."""
         unfolded, self._unfolded = self._unfolded, {}
         dirty, self._dirty = self._dirty, set()
         for plan in dirty:
             calls, plan.fast_calls = plan.fast_calls, 0
             if calls and plan.state is not None:
                 key = (plan.signature, plan.state.id)
-                entry = unfolded.setdefault(key, [plan.state, plan.op, plan.regressors, plan.history, plan.fixed_seconds, 0])
-                entry[5] += calls
-        for state, op, regressors, history, fixed, calls in unfolded.values():
+                entry = unfolded.setdefault(key, [plan.state, plan.op, plan.signature, plan.features, plan.history,
+                                                  plan.transfer_seconds, 0])
+                entry[6] += calls
+        for state, op, signature, features, history, transfer, _ in unfolded.values():
             if state.profile is None or not history.count:
                 continue
-            seconds = math.exp(history.mean)
-            if seconds < COMPUTE_BOUND * fixed or seconds < COMPUTE_MIN_SECONDS:
-                continue  # overhead-bound: says little about compute speed (its own history predicts it)
-            state.regression(op).update(regressors, math.log(seconds - fixed), min(calls, FOLD_COUNT_LIMIT))
-        pending, self._pending = self._pending, []
-        groups = collections.defaultdict(list)
-        for state, op, regressors, seconds, fixed in pending:
-            if state.profile is not None and seconds >= COMPUTE_BOUND * fixed and seconds >= COMPUTE_MIN_SECONDS:
-                groups[(id(state), op, regressors)].append((state, math.log(seconds - fixed)))
-        for (_, op, regressors), samples in groups.items():
-            values = sorted(value for _, value in samples)
-            samples[0][0].regression(op).update(regressors, values[len(values) // 2], min(len(values), FOLD_COUNT_LIMIT))
-        if unfolded or pending:
-            self._models.mark_changed(len(unfolded) + len(pending))
+            fixed, compute, point = policy.prior(state.profile, features, transfer)
+            variance = history.spread ** 2 / min(history.count, FOLD_COUNT_LIMIT) + MIN_NOISE ** 2
+            state.shape_model(op).observe(signature, point, history.mean - math.log(fixed + compute), variance)
+        if unfolded:
+            self._models.mark_changed(len(unfolded))
 
     def _ensure_profiles(self, force=False):
         missing = [state for state in self._states if force or (state.profile is None and not state.unprofilable)]
@@ -704,6 +739,16 @@ def _default_executors():
             except ValueError:  # unavailable (its health check failed): not a place to run calls
                 continue
     return executors
+
+
+def _conv2d_key(x, w, bias=None, *, stride=1, padding=0, dilation=1, groups=1, activation=None):
+    """What makes two conv2d calls one signature (the cached plan's key)."""
+    return ("conv2d", calls.layout(x), calls.layout(w), None if bias is None else calls.layout(bias), stride, padding,
+            dilation, groups, activation)
+
+
+def _matmul_key(a, b):
+    return ("matmul", calls.layout(a), calls.layout(b))
 
 
 def _executor(device):
