@@ -20,6 +20,7 @@ class CallFeatures:
     gemm: tuple  # (m, n, k): output channels, output pixels, reduction length (per group)
     shape_class: str  # kernel family: what a verified variant is trusted for
     dtype: str
+    is_part: bool = False  # a share of a split call, running beside the other devices' shares
 
     @property
     def input_bytes(self):
@@ -38,11 +39,12 @@ class CallFeatures:
 
     def shape_point(self, transfer_share):
         """Where the call lies for the shape model: log GEMM sizes, kernel-family flags, and the share of
-        the prior's time spent moving data (``transfer_share``, 0 to 1)."""
+        the prior's time spent moving data (``transfer_share``, 0 to 1), and whether it is a split's part
+        (devices running at once can slow each other: memory bandwidth, a host thread feeding a GPU)."""
         m, n, k = self.gemm
         return (math.log(m), math.log(n), math.log(k), 1.0 if self._thin else 0.0,
                 1.0 if self.dtype == "float64" else 0.0, 1.0 if "/1x1/" in self.shape_class else 0.0,
-                1.0 if "/strided" in self.shape_class else 0.0, transfer_share)
+                1.0 if "/strided" in self.shape_class else 0.0, transfer_share, 1.0 if self.is_part else 0.0)
 
     def part(self, fraction, axis):
         """The features of the share ``fraction`` of this call along ``axis`` (see :data:`SPLIT_AXES`)."""
@@ -52,7 +54,7 @@ class CallFeatures:
         gemm = list(self.gemm)
         gemm[gemm_index] = max(1, round(gemm[gemm_index] * fraction))
         return CallFeatures(self.op, max(1, round(self.flops * fraction)), operands,
-                            int(self.output_bytes * fraction), tuple(gemm), self.shape_class, self.dtype)
+                            int(self.output_bytes * fraction), tuple(gemm), self.shape_class, self.dtype, True)
 
 
 # How a call splits: (op, axis) -> (indices of the operands that are split, the GEMM size that shrinks).

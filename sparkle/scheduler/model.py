@@ -24,7 +24,9 @@ HUBER_LIMIT = 2.5
 PRIOR_NOISE = 0.3  # log-space standard deviation of a call's time before anything is measured: +-35 %
 MIN_NOISE = 0.03  # timings never agree better than 3 % on a shared machine
 REGIME_STREAK = 4  # this many outliers in a row on one side are a new regime, not noise
-SHAPE_FEATURES = ("log m", "log n", "log k", "thin groups", "float64", "1x1", "strided", "transfer share")
+RECENT_KEPT = 8
+SHAPE_FEATURES = ("log m", "log n", "log k", "thin groups", "float64", "1x1", "strided", "transfer share",
+                  "split part")
 POINTS_KEPT = 256  # measured signatures per (device, op) in the process, the most recently measured
 # A shared offset from the prior for every shape (the profile's one GEMM probe may be off for this op):
 # variance 0.25 in log space, a factor 1.65 at one standard deviation.
@@ -147,11 +149,28 @@ class History:
     spread: float = PRIOR_NOISE
     outliers: int = 0
     streak: int = 0  # consecutive outliers on the same side: +n slower, -n faster
+    # The latest RECENT_KEPT ln(seconds), a ring: their median is what the model and the placement use while a
+    # signature has few calls (one stalled call among five would drag a mean by a factor of two or more).
+    recent: list = field(default_factory=list)
+
+    @property
+    def typical(self):
+        """ln(seconds) of a typical recent call: the median of the latest calls (robust to a stalled one)."""
+        recent = sorted(self.recent)
+        if not recent:
+            return self.mean
+        middle = len(recent) // 2
+        return recent[middle] if len(recent) % 2 else 0.5 * (recent[middle - 1] + recent[middle])
 
     def add(self, log_seconds):
         """Add one measured call; True when the times changed regime (REGIME_STREAK outliers in a row on one
         side: the device slowed down or sped up), after which the history restarts from the new level."""
         count = self.count
+        recent = self.recent
+        if len(recent) < RECENT_KEPT:
+            recent.append(log_seconds)
+        else:
+            recent[count % RECENT_KEPT] = log_seconds
         if count == 0:
             self.count, self.mean = 1, log_seconds
             return False
@@ -166,6 +185,7 @@ class History:
             streak = self.streak + side if self.streak * side > 0 else side
             if streak >= REGIME_STREAK or streak <= -REGIME_STREAK:
                 self.count, self.mean, self.spread, self.streak = 1, log_seconds, PRIOR_NOISE, 0
+                recent[:] = [log_seconds]
                 return True
             self.streak = streak
         else:
@@ -180,12 +200,12 @@ class History:
         return False
 
     def to_json(self):
-        return [self.count, self.mean, self.spread, self.outliers]
+        return [self.count, self.mean, self.spread, self.outliers, self.recent]
 
     @classmethod
     def from_json(cls, data):
-        count, mean, spread, outliers = data
-        return cls(int(count), float(mean), float(spread), int(outliers))
+        count, mean, spread, outliers, recent = data
+        return cls(int(count), float(mean), float(spread), int(outliers), recent=[float(v) for v in recent])
 
 
 @dataclass

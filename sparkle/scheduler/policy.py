@@ -52,7 +52,7 @@ def predict(device, profile, shape_model, history, features, transfer, compiled,
     if count:
         history_variance = history.spread ** 2 / count + MIN_NOISE ** 2
         weight_model, weight_history = 1.0 / log_variance, 1.0 / history_variance
-        log_total = (log_total * weight_model + history.mean * weight_history) / (weight_model + weight_history)
+        log_total = (log_total * weight_model + history.typical * weight_history) / (weight_model + weight_history)
         log_variance = 1.0 / (weight_model + weight_history)
     total = math.exp(log_total)
     # The breakdown keeps the prior's transfer and overhead; what the model adds or removes is compute.

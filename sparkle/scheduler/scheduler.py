@@ -423,7 +423,9 @@ class Scheduler:
         plan.trial = decision.device if decision.explored else None
         if decision.explored:
             plan.trials[decision.device] = plan.trials.get(decision.device, 0) + 1  # the decision names the trial; the plan keeps the best for later calls
-            plan.decision = _replace(decision, device=self._best_usable(decision).device, explored=False)
+            best = self._best_usable(decision)
+            plan.decision = _replace(decision, device=best.device, explored=False, predicted_seconds=best.seconds,
+                                     verified=best.verified, reason=_reason(best, decision.predictions))
         plan.next_review = plan.calls + min(REVIEW_INTERVAL, max(1, plan.calls))
         plan.runner = None
         self._build_ahead(plan, decision)
@@ -565,6 +567,11 @@ class Scheduler:
         if units < 2 or plan.home is not None:
             return None
         candidates = [p for p in predictions if p.usable and p.seconds <= policy.SPLIT_CANDIDATE_RATIO * best.seconds]
+        # Devices computing on the host's cores (the CPU backend, an OpenCL CPU driver) would share them: at most
+        # one of them, the fastest, takes a part.
+        on_host = sorted((p for p in candidates if self._by_id[p.device].executor.kind == "cpu"),
+                         key=lambda p: p.seconds)
+        candidates = [p for p in candidates if p not in on_host[1:]]
         if len(candidates) < 2:
             return None
         parts = [(p.device, p.overhead + p.compile, max(p.seconds - p.overhead - p.compile, 1e-9) / units)
@@ -676,7 +683,7 @@ class Scheduler:
                 continue
             fixed, compute, point = policy.prior(state.profile, features, transfer)
             variance = history.spread ** 2 / min(history.count, FOLD_COUNT_LIMIT) + MIN_NOISE ** 2
-            state.shape_model(op).observe(signature, point, history.mean - math.log(fixed + compute), variance)
+            state.shape_model(op).observe(signature, point, history.typical - math.log(fixed + compute), variance)
         if unfolded:
             self._models.mark_changed(len(unfolded))
 

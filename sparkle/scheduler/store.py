@@ -10,7 +10,7 @@ import time
 from .. import cache
 from .model import DeviceModel
 
-MODEL_VERSION = 2
+MODEL_VERSION = 3
 QUARANTINE_VERSION = 1
 HISTORIES_KEPT = 5000  # per device, the most-called signatures
 
