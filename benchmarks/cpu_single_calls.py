@@ -21,6 +21,7 @@ import numba
 import numpy as np
 
 import sparkle
+from sparkle.cpu import plan
 
 sys.path.insert(0, str(Path(__file__).parent))
 from scheduler_quality import mixed_workload  # noqa: E402
@@ -37,7 +38,12 @@ def main():
     parser.add_argument("--other", help="a device to call between CPU calls (e.g. opencl:0)")
     parser.add_argument("--passes", type=int, default=3)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--flops-per-thread", type=int,
+                        help="override sparkle.cpu.plan.FLOPS_PER_THREAD (1: every call above the serial "
+                             "threshold on all of Numba's threads, as before it existed)")
     args = parser.parse_args()
+    if args.flops_per_thread:
+        plan.FLOPS_PER_THREAD = args.flops_per_thread
     cases = mixed_workload(args.quick, np.random.default_rng(0))
     cpu = sparkle.Scheduler(["cpu"], persist=False, progress=False, explore=False)
     other = sparkle.Scheduler([args.other], persist=False, progress=False, explore=False) if args.other else None
@@ -59,15 +65,18 @@ def main():
                     cases[rng.integers(len(cases))].run(other)
                 single[mode][case.name].append(seconds(case.run, cpu))
     total_best = sum(best.values())
-    print(f"threads: numba {numba.get_num_threads()} ({numba.threading_layer()}), "
+    print(f"threads: numba {numba.get_num_threads()} ({numba.threading_layer()}), FLOPS_PER_THREAD {plan.FLOPS_PER_THREAD}, "
           f"SPARKLE_BIND_THREADS={os.environ.get('SPARKLE_BIND_THREADS', '1')}, other: {args.other}")
     print(f"back to back, best of 5: total {total_best * 1e3:.1f} ms")
     for mode in modes:
         medians = {name: statistics.median(v) for name, v in single[mode].items()}
         total = sum(sum(v) / len(v) for v in single[mode].values())
         ratios = sorted(((max(v) / best[name], name) for name, v in single[mode].items()), reverse=True)
+        stalled = sum(1 for name, v in single[mode].items() for t in v if t > 3 * best[name] and t > 2e-3)
+        calls = sum(len(v) for v in single[mode].values())
         print(f"single calls {mode}: mean total {total * 1e3:.1f} ms ({total / total_best:.2f}x), median total "
               f"{sum(medians.values()) * 1e3:.1f} ms ({sum(medians.values()) / total_best:.2f}x); "
+              f"{stalled} of {calls} calls over 3x their best and 2 ms; "
               f"worst: " + ", ".join(f"{name} {ratio:.0f}x" for ratio, name in ratios[:4]))
 
 

@@ -51,6 +51,14 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+if __name__ == "__main__":
+    # One BLAS thread for numpy: its only BLAS calls here are the checks' norms, and OpenBLAS's threads
+    # spin-wait after each call on every core, so a CPU-backend call that follows waits a scheduler tick
+    # (4 ms) for a core its worker is bound to: 2-core VM, in 35-50 % of the calls (the 16-core GPU host:
+    # single calls 10x their best). Set before numpy loads; an explicit setting is kept.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
+
 import numpy as np
 
 import sparkle
@@ -413,7 +421,7 @@ def stream_times(cases, alone, rounds=STREAM_ROUNDS):
             for device, scheduler in alone.items():
                 try:
                     samples[case.name][device].append(timed(case.run, scheduler)[0])
-                except Exception:  # noqa: BLE001 - a device that cannot run it has no time for it
+                except Exception:  # noqa: BLE001, S110 - a device that cannot run it has no time for it
                     pass
     return {name: {device: statistics.median(v) for device, v in by_device.items() if v}
             for name, by_device in samples.items()}

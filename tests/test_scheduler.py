@@ -148,6 +148,20 @@ def test_exploration_is_bounded(tmp_path):
     assert slow.calls - probes <= 2
 
 
+def test_a_device_faster_than_its_profile_is_tried_on_a_signature_called_often_and_then_used(tmp_path):
+    surprising = SimulatedDevice("surprising", 1e+08, 1e-4)
+    scheduler = make([SimulatedDevice("steady", 2e+08, 1e-4), surprising], tmp_path)
+    scheduler.profile()
+    surprising.slow_down(0.1)  # from now on 10x faster than it profiled: 5x faster than the other device
+    x, w, kwargs = single_device_conv()
+    expected = reference.conv2d(x, w, **kwargs)
+    assert scheduler.explain("conv2d", x, w, **kwargs).device == "sim:steady"
+    for _ in range(60):
+        assert_close_to_reference(scheduler.conv2d(x, w, **kwargs), expected, np.float32)
+    assert scheduler.explain("conv2d", x, w, **kwargs).device == "sim:surprising"
+    assert scheduler.history()[-1]["device"] == "sim:surprising"
+
+
 def test_prediction_improves_with_measurements(tmp_path):
     # Slow enough that its modelled time (53 ms), not the CPU work inside it (~0.2 ms), sets its speed.
     device = SimulatedDevice("only", 2.5e+07, 1e-4)

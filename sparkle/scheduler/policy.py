@@ -10,8 +10,7 @@ import math
 from .explain import Prediction
 from .model import MIN_NOISE
 
-EXPLORE_PROBABILITY = 0.15  # try a device that is faster with at least this probability...
-EXPLORE_TRIES = 2  # ...until this many of its calls of the signature are measured
+EXPLORE_TRIES = 2  # a device is tried for a signature until this many of its calls are measured
 SPLIT_GAIN = 0.85  # split only when the parts together are predicted to take at most this share of the best
 SPLIT_OVERHEAD_SECONDS = 150e-6  # handing parts to threads and joining them (measured: 60-120 us, 2 cores)
 HOST_COPY_BYTES_PER_SECOND = 4e9  # the parts' outputs are copied into the result
@@ -66,10 +65,22 @@ def probability_faster(a, b):
     return normal_cdf((math.log(b.seconds) - math.log(a.seconds)) / spread)
 
 
-def choose(predictions, explore, tried=None, budget=math.inf):
-    """(best, device to explore or None, confidence that best is the fastest). ``tried``: how many times each
-    device was already tried for this signature (exploration stops after EXPLORE_TRIES); ``budget``: seconds
-    exploration may still cost, so a trial predicted to cost more than that over the best is not made."""
+def expected_saving(other, best):
+    """Seconds per call that running on ``other`` instead of ``best`` is expected to save, counting only the
+    outcomes where ``other`` is faster (the expected improvement, in log space for log-normal times)."""
+    spread = math.sqrt(other.spread ** 2 + best.spread ** 2)
+    gap = math.log(best.seconds) - math.log(other.seconds)  # > 0 where other is predicted faster
+    z = gap / spread
+    improvement = gap * normal_cdf(z) + spread * math.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+    return best.seconds * (1.0 - math.exp(-improvement))
+
+
+def choose(predictions, explore, tried=None, budget=math.inf, calls_so_far=0):
+    """(best, device to explore or None, confidence that best is the fastest). A device is tried when what
+    learning its speed is expected to save (the expected saving per call, over as many calls again as the
+    signature has had) outweighs what the trial is predicted to cost over the best; ``tried``: how many times
+    each device was already tried for this signature (at most EXPLORE_TRIES); ``budget``: seconds exploration
+    may still cost in all."""
     tried = tried or {}
     usable = sorted((p for p in predictions if p.usable), key=lambda p: p.seconds)
     if not usable:
@@ -78,10 +89,14 @@ def choose(predictions, explore, tried=None, budget=math.inf):
     confidence = min((1.0 - probability_faster(other, best) for other in usable[1:]), default=1.0)
     if not explore:
         return best, None, confidence
-    candidates = [(probability_faster(other, best), other) for other in usable[1:]
-                  if max(other.measured_calls, tried.get(other.device, 0)) < EXPLORE_TRIES]
-    candidates = [(chance, other) for chance, other in candidates
-                  if chance >= EXPLORE_PROBABILITY and other.seconds - best.seconds <= budget]
+    candidates = []
+    for other in usable[1:]:
+        if max(other.measured_calls, tried.get(other.device, 0)) >= EXPLORE_TRIES:
+            continue
+        cost = other.seconds - best.seconds
+        value = expected_saving(other, best) * (calls_so_far + 1)
+        if cost <= budget and value > cost:
+            candidates.append((value - cost, other))
     trial = max(candidates, key=lambda item: item[0])[1] if candidates else None
     return best, trial, confidence
 

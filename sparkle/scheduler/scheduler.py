@@ -165,6 +165,7 @@ class Scheduler:
         self._explored_excess = 0.0
         self._split_pool = None
         self._build_pool = None  # one thread building kernels ahead while another device serves the calls
+        self._builds_running = 0  # calls timed meanwhile are not samples: a build takes a host core
         self._rng = np.random.default_rng(0)
         if persist:
             atexit.register(_save_at_exit, weakref.ref(self))
@@ -280,7 +281,7 @@ class Scheduler:
             with plan.lock:
                 plan.calls += 1
                 plan.fast_calls += 1
-                if plan.history.add(log(seconds) if seconds > 1e-9 else -20.7):
+                if not self._builds_running and plan.history.add(log(seconds) if seconds > 1e-9 else -20.7):
                     plan.next_review = plan.calls  # its times changed regime: decide again on the next call
             self._dirty.add(plan)
             self._records.append((plan.op, plan.shape_text, plan.state.id, plan.predicted, seconds))
@@ -339,7 +340,7 @@ class Scheduler:
         if not compiled and prediction is not None:  # this call built its kernel: learn what a build costs
             with self._lock:
                 state.model.observe_build(max(seconds - (prediction.seconds - prediction.compile), 0.1 * seconds))
-        if _is_sample(prepared, compiled, seconds, predicted):
+        if _is_sample(prepared, compiled, seconds, predicted) and not self._builds_running:
             self._record(plan, state, state.history(plan.signature), seconds, transfer, predicted)
         else:
             with plan.lock:
@@ -459,10 +460,12 @@ class Scheduler:
             if all(built_seconds < other.seconds for other in usable if other is not prediction):
                 plan.building.add(prediction.device)
                 if self._build_pool is None:
-                    self._build_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sparkle-build")
+                    self._build_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sparkle-build",
+                                                          initializer=_lower_priority)
                 self._build_pool.submit(self._build, plan, self._by_id[prediction.device])
 
     def _build(self, plan, state):
+        self._builds_running += 1
         try:
             prepared = plan.prepared_call(state)
             if not prepared.compiled:
@@ -473,6 +476,8 @@ class Scheduler:
         except Exception as error:  # noqa: BLE001 - a call on the device would meet it: the slow path records it
             logger.debug("sparkle scheduler: building %s %s ahead on %s failed: %s", plan.op, plan.shape_text,
                          state.id, error)
+        finally:
+            self._builds_running -= 1
         with plan.lock:
             plan.next_review = plan.calls  # built: decide again on the next call
 
@@ -483,7 +488,7 @@ class Scheduler:
             return Decision(plan.op, plan.shape_text, self.forced, predictions=predictions,
                             predicted_seconds=forced.seconds, verified=forced.verified, forced=True,
                             reason=f"${DEVICE_ENV}={self.forced} forces every call onto this device")
-        best, trial, confidence = policy.choose(predictions, explore, plan.trials, budget)
+        best, trial, confidence = policy.choose(predictions, explore, plan.trials, budget, plan.calls)
         if best is None:
             notes = "; ".join(f"{p.device}: {p.note}" for p in predictions)
             return Decision(plan.op, plan.shape_text, None, predictions=predictions, confidence=0.0,
@@ -746,6 +751,15 @@ def _default_executors():
             except ValueError:  # unavailable (its health check failed): not a place to run calls
                 continue
     return executors
+
+
+def _lower_priority():
+    """The build thread yields its core to any other work of the process (a kernel build is CPU work; a parallel
+    CPU call whose worker shares a core with it would wait for the scheduler's tick, 4 ms)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):  # not Linux, or not allowed: the build runs at normal priority
+        pass
 
 
 def _conv2d_key(x, w, bias=None, *, stride=1, padding=0, dilation=1, groups=1, activation=None):
