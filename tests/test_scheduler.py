@@ -516,3 +516,5 @@ def test_history_gives_the_latest_calls_and_refuses_a_bad_count(tmp_path):
     assert scheduler.history(last=0) == []
     with pytest.raises(ValueError, match="last must be a non-negative int"):
         scheduler.history(last=-1)
+    with pytest.raises(TypeError, match="last must be a non-negative int"):
+        scheduler.history(last=1.5)

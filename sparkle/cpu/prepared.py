@@ -24,9 +24,23 @@ import numpy as np
 
 from .conv2d import fused_conv2d_driver
 from .direct import direct_conv2d_kernel
-from .implicit import (copy_size, grid_plane, implicit_conv2d_driver, needs_copy, phase_arrays, reduction_offsets,
-                       virtual_input_copier, virtual_layout)
-from .operands import allocate_scratch, call_params, flat_input, padded_block_pixels, remembered_flat_input
+from .implicit import (
+    copy_size,
+    grid_plane,
+    implicit_conv2d_driver,
+    needs_copy,
+    phase_arrays,
+    reduction_offsets,
+    virtual_input_copier,
+    virtual_layout,
+)
+from .operands import (
+    allocate_scratch,
+    call_params,
+    flat_input,
+    padded_block_pixels,
+    remembered_flat_input,
+)
 from .plan import default_threads, plan_conv2d, uses_direct_kernel
 from .threads import in_team
 

@@ -34,8 +34,15 @@ import numpy as np
 from numba import njit
 
 from . import affinity
-from .affinity import (MASK_WORDS, bind_thread_to_cpu, binding_enabled, count_failure, current_cpu,
-                       current_thread_id, get_thread_mask)
+from .affinity import (
+    MASK_WORDS,
+    bind_thread_to_cpu,
+    binding_enabled,
+    count_failure,
+    current_cpu,
+    current_thread_id,
+    get_thread_mask,
+)
 
 
 def set_thread_binding(enabled):

@@ -196,7 +196,7 @@ class History:
         self.mean += rate * residual
         square = residual * residual if size <= limit else limit * limit
         spread = math.sqrt((1.0 - rate) * self.spread * self.spread + rate * square)
-        self.spread = spread if spread > MIN_NOISE else MIN_NOISE
+        self.spread = max(MIN_NOISE, spread)
         return False
 
     def to_json(self):

@@ -19,9 +19,9 @@ import os
 import threading
 import time
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from math import log
 from time import perf_counter
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -229,7 +229,9 @@ class Scheduler:
     def history(self, last=None):
         """The measured calls, oldest first: dicts of op, shape, device, predicted and measured seconds;
         ``last``: only the latest that many."""
-        if last is not None and (not isinstance(last, int) or isinstance(last, bool) or last < 0):
+        if last is not None and (not isinstance(last, int) or isinstance(last, bool)):
+            raise TypeError(f"last must be a non-negative int or None, got {last!r}")
+        if last is not None and last < 0:
             raise ValueError(f"last must be a non-negative int or None, got {last!r}")
         records = list(self._records) if last is None else list(itertools.islice(reversed(self._records), last))[::-1]
         return [dict(op=op, shape=shape, device=device, predicted=predicted, measured=measured)
@@ -758,7 +760,7 @@ def _lower_priority():
     CPU call whose worker shares a core with it would wait for the scheduler's tick, 4 ms)."""
     try:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-    except (AttributeError, OSError):  # not Linux, or not allowed: the build runs at normal priority
+    except (AttributeError, OSError):  # noqa: S110 - not Linux, or not allowed: the build runs at normal priority
         pass
 
 
