@@ -21,7 +21,6 @@ import numba
 import numpy as np
 
 import sparkle
-from sparkle.cpu import plan
 
 sys.path.insert(0, str(Path(__file__).parent))
 from scheduler_quality import mixed_workload  # noqa: E402
@@ -38,12 +37,7 @@ def main():
     parser.add_argument("--other", help="a device to call between CPU calls (e.g. opencl:0)")
     parser.add_argument("--passes", type=int, default=3)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--flops-per-thread", type=int,
-                        help="override sparkle.cpu.plan.FLOPS_PER_THREAD (1: every call above the serial "
-                             "threshold on all of Numba's threads, as before it existed)")
     args = parser.parse_args()
-    if args.flops_per_thread:
-        plan.FLOPS_PER_THREAD = args.flops_per_thread
     cases = mixed_workload(args.quick, np.random.default_rng(0))
     cpu = sparkle.Scheduler(["cpu"], persist=False, progress=False, explore=False)
     other = sparkle.Scheduler([args.other], persist=False, progress=False, explore=False) if args.other else None
@@ -65,7 +59,7 @@ def main():
                     cases[rng.integers(len(cases))].run(other)
                 single[mode][case.name].append(seconds(case.run, cpu))
     total_best = sum(best.values())
-    print(f"threads: numba {numba.get_num_threads()} ({numba.threading_layer()}), FLOPS_PER_THREAD {plan.FLOPS_PER_THREAD}, "
+    print(f"threads: numba {numba.get_num_threads()} ({numba.threading_layer()}), "
           f"SPARKLE_BIND_THREADS={os.environ.get('SPARKLE_BIND_THREADS', '1')}, other: {args.other}")
     print(f"back to back, best of 5: total {total_best * 1e3:.1f} ms")
     for mode in modes:

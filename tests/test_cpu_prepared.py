@@ -4,12 +4,7 @@ work; parallel), repeated and concurrent calls that share nothing, inputs left u
 change in place between calls, and the planner's small-work rule. No timings: benchmarks/dispatch_cost.py
 measures the cost per call."""
 
-import os
-import subprocess
-import sys
-import textwrap
 import threading
-import types
 
 import numba
 import numpy as np
@@ -295,31 +290,3 @@ def test_short_scratch_raises_instead_of_overrunning(threads):
     launch.kernel(*arguments, values, indices)
     assert len(launch.kernel.signatures) == versions
     assert_close_to_reference(out.reshape(spec.output_shape), reference.conv2d(x, w, padding=1), np.float32)
-
-
-def test_threads_grow_with_the_work_up_to_numbas(monkeypatch):
-    from sparkle.cpu import plan as plan_module
-
-    monkeypatch.setattr(plan_module.numba, "get_num_threads", lambda: 16)
-
-    def threads_for(flops):
-        return plan_module.default_threads(types.SimpleNamespace(flops=flops))
-
-    assert threads_for(plan_module.SERIAL_MAX_FLOPS) == 1
-    assert threads_for(plan_module.SERIAL_MAX_FLOPS + 1) == 2
-    assert threads_for(8 * plan_module.FLOPS_PER_THREAD) == 8
-    assert threads_for(10**12) == 16
-
-
-def test_a_plan_for_fewer_threads_runs_in_a_team_of_that_size_and_restores_numbas_count():
-    script = textwrap.dedent("""
-        import numba
-        from sparkle.cpu.threads import in_team
-        seen = []
-        launch = in_team(lambda: seen.append(numba.get_num_threads()), 3)
-        launch()
-        print(seen, numba.get_num_threads(), in_team(len, 1) is len)
-    """)
-    env = {**os.environ, "NUMBA_NUM_THREADS": "4"}
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["[3]", "4", "True"]

@@ -396,6 +396,15 @@ def test_a_kernel_is_built_ahead_while_another_device_serves_the_calls(tmp_path)
     assert [thread for op, thread in fast.builds if op == "conv2d"] == ["sparkle-build_0"]  # no caller waited
 
 
+def test_nothing_is_built_ahead_for_the_device_that_serves_the_calls(tmp_path):
+    only = SimulatedDevice("only", 2e+08, 1e-4, compile_seconds=0.05)
+    scheduler = make([only], tmp_path)
+    x, w, kwargs = single_device_conv()
+    for _ in range(3):
+        assert_close_to_reference(scheduler.conv2d(x, w, **kwargs), reference.conv2d(x, w, **kwargs), np.float32)
+    assert [thread for op, thread in only.builds if op == "conv2d"] == ["MainThread"]  # by its first call
+
+
 def test_build_costs_are_learned_from_the_builds_measured_not_only_the_profiles_probe(tmp_path):
     device = SimulatedDevice("only", 2e+08, 1e-4, compile_seconds=0.3)
     device.compile_seconds = lambda: 0.001  # the probe's small kernel builds far faster than real ones

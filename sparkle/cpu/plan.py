@@ -108,19 +108,11 @@ def prefers_implicit(spec):
 # matmul). A host of n cores needs only n/(n-1) launches' worth of one-thread work to pay back the launch
 # (2 on this machine, about 1 on 16 cores), so the threshold sits below the 2-core crossover.
 SERIAL_MAX_FLOPS = 200_000
-# Above that, each thread of a call gets at least this much work (40-100 us on one core), up to all of Numba's
-# threads. Every thread of a call must be woken, and on a VM each is one more vCPU that may be halted or
-# descheduled when the call starts: on the 16-core host of the GPU machine, single calls of 0.2-30 MFLOP on all
-# 16 threads took 10-50 ms at random in a mixed stream (back to back: 0.05-0.3 ms).
-FLOPS_PER_THREAD = 4_000_000
 
 
 def default_threads(spec):
-    """Threads for a call when none are asked for: one for small work, else one per FLOPS_PER_THREAD of
-    work (at least two), at most all of Numba's."""
-    if spec.flops <= SERIAL_MAX_FLOPS:
-        return 1
-    return min(numba.get_num_threads(), max(2, -(-spec.flops // FLOPS_PER_THREAD)))
+    """Threads for a call when none are asked for: one for small work, else all of Numba's."""
+    return 1 if spec.flops <= SERIAL_MAX_FLOPS else numba.get_num_threads()
 
 
 def plan_conv2d(spec, microkernel=None, tiles=None, threads=None, isa=None, implicit=None):

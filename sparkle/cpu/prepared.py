@@ -24,25 +24,10 @@ import numpy as np
 
 from .conv2d import fused_conv2d_driver
 from .direct import direct_conv2d_kernel
-from .implicit import (
-    copy_size,
-    grid_plane,
-    implicit_conv2d_driver,
-    needs_copy,
-    phase_arrays,
-    reduction_offsets,
-    virtual_input_copier,
-    virtual_layout,
-)
-from .operands import (
-    allocate_scratch,
-    call_params,
-    flat_input,
-    padded_block_pixels,
-    remembered_flat_input,
-)
+from .implicit import (copy_size, grid_plane, implicit_conv2d_driver, needs_copy, phase_arrays, reduction_offsets,
+                       virtual_input_copier, virtual_layout)
+from .operands import allocate_scratch, call_params, flat_input, padded_block_pixels, remembered_flat_input
 from .plan import default_threads, plan_conv2d, uses_direct_kernel
-from .threads import in_team
 
 __all__ = ["DirectLaunch", "FusedLaunch", "ImplicitLaunch", "PreparedConv2d", "PreparedMatmul", "conv2d_launch"]
 
@@ -118,7 +103,6 @@ class DirectLaunch:
     def __init__(self, spec, threads=None):
         threads = threads or default_threads(spec)
         self.kernel = direct_conv2d_kernel(parallel=threads > 1)
-        self._launch = in_team(self.kernel, threads)
         self.variant = "direct" + _serial_suffix(threads)
         self.params = call_params(spec, row_chunks=_direct_row_chunks(spec, threads), threads=threads)
         self.inputs = _Inputs(spec)
@@ -126,7 +110,7 @@ class DirectLaunch:
     def run(self, x, w, bias, out):
         """Compute into ``out`` (flat, C order, of the output's size)."""
         x, w, bias = self.inputs.convert(x, w, bias)
-        self._launch(x, w, bias, out, self.params)
+        self.kernel(x, w, bias, out, self.params)
 
 
 class FusedLaunch:
@@ -135,7 +119,6 @@ class FusedLaunch:
     def __init__(self, spec, plan):
         self.plan = plan
         self.kernel = fused_conv2d_driver(plan.mr, plan.nv, plan.nr, parallel=plan.threads > 1)
-        self._launch = in_team(self.kernel, plan.threads)
         self.variant = f"packed {plan.mr}x{plan.nv}" + _serial_suffix(plan.threads)
         # The weights arrive as a contiguous K x (C/groups * R * S) matrix: rows one reduction apart.
         self.params = call_params(spec, lda=spec.reduction, kc=plan.kc, mc=plan.mc, nc=plan.nc,
@@ -147,7 +130,7 @@ class FusedLaunch:
     def run(self, x, w, bias, out):
         x, w, bias = self.inputs.convert(x, w, bias)
         scratch = self.scratch.take()
-        self._launch(x, w, bias, out, self.params, *scratch)
+        self.kernel(x, w, bias, out, self.params, *scratch)
         self.scratch.free.append(scratch)
 
 
@@ -160,7 +143,6 @@ class ImplicitLaunch:
         plane = grid_plane(spec)
         self.plan = plan
         self.kernel = implicit_conv2d_driver(plan.mr, plan.nv, plan.nr, parallel=plan.threads > 1)
-        self._launch = in_team(self.kernel, plan.threads)
         self.variant = f"implicit {plan.mr}x{plan.nv}" + _serial_suffix(plan.threads)
         self.offsets = reduction_offsets(spec, layout, plane)
         planes = copy_size(spec)[0] if needs_copy(spec) else 0
@@ -170,18 +152,18 @@ class ImplicitLaunch:
         self.inputs = _Inputs(spec)
         self.copies = None
         if planes:
-            self.copier = in_team(virtual_input_copier(parallel=plan.threads > 1), plan.threads)
+            self.copier = virtual_input_copier(parallel=plan.threads > 1)
             self.row_phases, self.col_phases = phase_arrays(spec)
             self.copies = _ScratchPool(lambda: _copy_buffer(planes * plane, spec.dtype))
 
     def run(self, x, w, bias, out):
         x, w, bias = self.inputs.convert(x, w, bias)
         if self.copies is None:
-            self._launch(x, self.offsets, w, bias, out, self.params)
+            self.kernel(x, self.offsets, w, bias, out, self.params)
             return
         buffer, view = copy = self.copies.take()
         self.copier(x, buffer, self.params, self.row_phases, self.col_phases)
-        self._launch(view, self.offsets, w, bias, out, self.params)
+        self.kernel(view, self.offsets, w, bias, out, self.params)
         self.copies.free.append(copy)
 
 

@@ -29,20 +29,12 @@ runs unbound: raising inside a prange loop would serialize it.
 
 import os
 
-import numba
 import numpy as np
 from numba import njit
 
 from . import affinity
-from .affinity import (
-    MASK_WORDS,
-    bind_thread_to_cpu,
-    binding_enabled,
-    count_failure,
-    current_cpu,
-    current_thread_id,
-    get_thread_mask,
-)
+from .affinity import (MASK_WORDS, bind_thread_to_cpu, binding_enabled, count_failure, current_cpu,
+                       current_thread_id, get_thread_mask)
 
 
 def set_thread_binding(enabled):
@@ -104,23 +96,3 @@ def bind_slot(cpus, caller, slot):
         return
     if bind_thread_to_cpu(cpus[slot % cpus.size]) != 0:
         count_failure()
-
-
-def in_team(kernel, threads):
-    """``kernel`` launched by a team of ``threads``: Numba's thread count for the caller's thread is lowered
-    for the call and restored after, so a plan for fewer threads than Numba has wakes only those (each woken
-    thread is one more chance of a stall on a VM). Returns ``kernel`` itself where nothing changes."""
-    if threads <= 1:
-        return kernel
-
-    def launch(*args):
-        current = numba.get_num_threads()
-        if threads >= current:
-            return kernel(*args)
-        numba.set_num_threads(threads)
-        try:
-            return kernel(*args)
-        finally:
-            numba.set_num_threads(current)
-
-    return launch

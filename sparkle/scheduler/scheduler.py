@@ -455,10 +455,11 @@ class Scheduler:
         if self.forced is not None or decision.split:
             return
         usable = [p for p in decision.predictions if p.usable]
+        serving = self._best_usable(decision).device if decision.explored else decision.device
         for prediction in usable:
             built_seconds = prediction.seconds - prediction.compile
-            if prediction.compile <= 0.0 or prediction.device in plan.building:
-                continue
+            if prediction.compile <= 0.0 or prediction.device in plan.building or prediction.device == serving:
+                continue  # nothing to build, being built, or the call itself builds it
             if all(built_seconds < other.seconds for other in usable if other is not prediction):
                 plan.building.add(prediction.device)
                 if self._build_pool is None:
