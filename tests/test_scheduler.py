@@ -22,6 +22,7 @@ from sparkle.scheduler import Scheduler, SimulatedDevice
 from sparkle.scheduler import scheduler as scheduler_module
 from sparkle.scheduler import verify as verify_module
 from sparkle.scheduler.model import History, ShapeModel
+from sparkle.scheduler.profile import PROFILE_VERSION
 from sparkle.scheduler.store import MODEL_VERSION
 
 
@@ -425,7 +426,7 @@ def test_profiles_and_model_persist_as_json_and_reload(tmp_path):
     for _ in range(5):
         first.conv2d(x, w, **kwargs)
     first.save()
-    for name in ("scheduler-profiles-v1.json", f"scheduler-model-v{MODEL_VERSION}.json"):
+    for name in (f"scheduler-profiles-v{PROFILE_VERSION}.json", f"scheduler-model-v{MODEL_VERSION}.json"):
         json.loads((tmp_path / name).read_text())  # JSON, not pickle
     device = SimulatedDevice("only", 2e+08, 1e-4)
     second = make([device], tmp_path)

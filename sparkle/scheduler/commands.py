@@ -78,13 +78,14 @@ def cmd_profile(args):
 
     profiles = default_scheduler().profile(force=args.force)
     print(f"{'device':<12} {'GFLOPS':>9} {'overhead':>10} {'upload GB/s':>12} {'download GB/s':>14} "
-          f"{'compile':>9} {'measured in':>12}")
+          f"{'latency up/down':>16} {'compile':>9} {'measured in':>12}")
     for device, profile in profiles.items():
         if profile is None:
             print(f"{device:<12} (could not be profiled)")
             continue
         up, down = (f"{rate / 1e9:.1f}" if rate != float("inf") else "host"
                     for rate in (profile.upload_bytes_per_second, profile.download_bytes_per_second))
+        latency = f"{profile.upload_latency_seconds * 1e6:.0f}/{profile.download_latency_seconds * 1e6:.0f} us"
         print(f"{device:<12} {profile.gflops:>9.1f} {profile.overhead_seconds * 1e6:>8.0f} us {up:>12} {down:>14} "
-              f"{profile.compile_seconds:>7.2f} s {profile.seconds_to_measure:>10.2f} s")
+              f"{latency:>16} {profile.compile_seconds:>7.2f} s {profile.seconds_to_measure:>10.2f} s")
     return 0

@@ -14,8 +14,9 @@ import numpy as np
 from .. import api, cache
 from . import verify
 
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2
 TRANSFER_PROBE_BYTES = 16 * 2**20
+LATENCY_PROBE_BYTES = 64  # a transfer this small costs only the round trip
 # The GEMM probe's size per device kind: large enough to reach sustained speed, small enough to take
 # well under a second (a 2-core CPU: 512^3 in ~5 ms; PoCL there: ~50 ms; a GPU: 2048^3 in < 1 ms; a
 # simulated device: 128^3, as slow as the tests make them).
@@ -30,6 +31,8 @@ class DeviceProfile:
     overhead_seconds: float  # a warm 8x8 matmul, data on the host
     upload_bytes_per_second: float  # inf where memory is the host's
     download_bytes_per_second: float
+    upload_latency_seconds: float  # a tiny copy's time: what every move of an operand costs at least
+    download_latency_seconds: float
     compile_seconds: float  # building a kernel for a shape seen for the first time
     seconds_to_measure: float
 
@@ -84,13 +87,17 @@ def measure(executor, progress=None):
     compute = max(seconds - up / 2 - down - overhead, seconds * 0.1)
     gflops = 2 * size ** 3 / compute / 1e9
     say(f"{executor.id}: transfers")
+    up_latency, down_latency = executor.transfer_seconds(LATENCY_PROBE_BYTES)
     up, down = executor.transfer_seconds(TRANSFER_PROBE_BYTES)
     say(f"{executor.id}: compile cost")
     compile_seconds = executor.compile_seconds()
+    # The overhead probe moved its two operands in and its result out: those moves are charged per operand
+    # (latency + bytes / bandwidth), not again as overhead.
+    overhead = max(overhead - 2 * up_latency - down_latency, 0.2 * overhead)
     return DeviceProfile(executor.id, executor.identity, gflops, overhead,
                          TRANSFER_PROBE_BYTES / up if up > 0 else float("inf"),
                          TRANSFER_PROBE_BYTES / down if down > 0 else float("inf"),
-                         compile_seconds, time.perf_counter() - started)
+                         up_latency, down_latency, compile_seconds, time.perf_counter() - started)
 
 
 class ProfileStore:

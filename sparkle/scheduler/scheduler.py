@@ -563,10 +563,10 @@ class Scheduler:
         seconds = 0.0
         if source is not None:  # off the source device
             profile = self._by_executor[id(source)].profile
-            seconds += size / profile.download_bytes_per_second if profile else 0.0
+            seconds += profile.download_latency_seconds + size / profile.download_bytes_per_second if profile else 0.0
         if target is not None:
             profile = self._by_executor[id(target)].profile
-            seconds += size / profile.upload_bytes_per_second if profile else 0.0
+            seconds += profile.upload_latency_seconds + size / profile.upload_bytes_per_second if profile else 0.0
         return seconds
 
     def _split(self, plan, predictions, best):
