@@ -80,9 +80,11 @@ def test_a_short_run_writes_its_report_and_renders_it_again(quality, tiny_worklo
     assert report["device_ids"] == ["cpu"] and [p["number"] for p in report["passes"]] == [1, 2]
     assert all(len(p["calls"]) == 2 and {c["auto_device"] for c in p["calls"]} == {"cpu"} for p in report["passes"])
     assert len(report["unseen"]["rows"]) == 2 and report["unseen"]["median_error"] >= 0
+    assert report["unseen"]["median_error_in_stream"] >= 0
+    assert all(row["measured_in_stream"] > 0 for row in report["unseen"]["rows"])
     assert [row["size"] for row in report["crossover"]["matmul n x n x n"]["rows"]] == [8, 16]
     assert set(report["targets"]) == {"regret_paired", "regret_best", "below_best_single_paired",
-                                      "below_best_single_best", "prediction_error"}
+                                      "below_best_single_best", "prediction_error", "prediction_error_in_stream"}
     markdown = (tmp_path / "run.md").read_text()
     for heading in ("Mixed workload", "Oracle", "Prediction error on unseen shapes", "Crossover: matmul"):
         assert f"### {heading}" in markdown

@@ -87,6 +87,14 @@ class PreparedCall:
         return False
 
 
+def is_sample(prepared, compiled, seconds, predicted):
+    """Whether a measured call tells the device's speed: not one that compiled, and not a first call far
+    slower than predicted (one-time costs: a thread team started, buffers touched the first time)."""
+    first, prepared.warm = not prepared.warm, True
+    prepared.compiled = True
+    return compiled and not (first and seconds > 2.0 * predicted)
+
+
 class CpuExecutor(Executor):
     """The Numba CPU backend on all of Numba's threads."""
 
@@ -110,15 +118,20 @@ class CpuExecutor(Executor):
         return PreparedCall(run, variant, host_run=prepared)
 
 
-def _cpu_call(op, spec):
-    """(function of any operands, variant name, the backend's prepared call for numpy operands)."""
+def _cpu_call(op, spec, serial=False):
+    """(function of any operands, variant name, the backend's prepared call for numpy operands); ``serial``:
+    on the calling thread only."""
+    from ..api import matmul_as_conv2d_spec
     from ..cpu import backend
 
+    serial = serial and spec.flops > 0  # an empty call plans nothing
     if op == "conv2d":
-        prepared = backend.prepare_conv2d(spec)
+        plan = backend.plan_conv2d(spec, threads=1) if serial else None
+        prepared = backend.prepare_conv2d(spec, plan)
         return ((lambda x, w, bias: prepared(to_host(x), to_host(w), to_host(bias))), f"cpu {prepared.variant}",
                 prepared)
-    prepared = backend.prepare_matmul(spec)
+    plan = backend.plan_conv2d(matmul_as_conv2d_spec(spec), threads=1, implicit=False) if serial else None
+    prepared = backend.prepare_matmul(spec, plan)
     return (lambda a, b: prepared(to_host(a), to_host(b))), f"cpu {prepared.variant}", prepared
 
 
@@ -188,7 +201,7 @@ class OpenCLExecutor(Executor):
 
 
 class SimulatedDevice(Executor):
-    """A device for testing the scheduler: computes with the CPU backend, then waits until its modelled
+    """A device for testing the scheduler: computes with the CPU backend on one thread, then waits until its modelled
     time (``overhead + flops / flops_per_second``, plus transfers at ``transfer_bytes_per_second``) has
     passed, so its speed is known exactly.
 
@@ -237,7 +250,7 @@ class SimulatedDevice(Executor):
         return seconds, seconds
 
     def prepare(self, op, spec):
-        run, variant, _ = _cpu_call(op, spec)
+        run, variant, _ = _cpu_call(op, spec, serial=True)  # one thread: a busy machine stalls it least
         flops = spec.flops
         moved = 0
         if self.transfer_bytes_per_second:

@@ -28,7 +28,8 @@ import numpy as np
 from .. import api
 from ..device_array import DeviceArray, to_host
 from . import calls, policy, verify
-from .executors import CpuExecutor, DeviceFault, OpenCLExecutor
+from . import split as split_calls
+from .executors import CpuExecutor, DeviceFault, OpenCLExecutor, is_sample
 from .explain import Decision, Prediction
 from .features import features_of
 from .model import MIN_NOISE, History
@@ -320,7 +321,7 @@ class Scheduler:
         if self._log_decisions:
             logger.info("%s%s", decision.summary(), f" (trying {trial} to learn its speed)" if trial else "")
         if decision.split and trial is None:
-            return self._run_split(plan, decision, operands)
+            return split_calls.run_split(self, plan, decision, operands)
         if decision.device is None:
             raise DeviceFault(f"no device can run {plan.op} {plan.shape_text}: {decision.reason}")
         state = self._by_id[trial or decision.device]
@@ -342,7 +343,7 @@ class Scheduler:
         if not compiled and prediction is not None:  # this call built its kernel: learn what a build costs
             with self._lock:
                 state.model.observe_build(max(seconds - (prediction.seconds - prediction.compile), 0.1 * seconds))
-        if _is_sample(prepared, compiled, seconds, predicted) and not self._builds_running:
+        if is_sample(prepared, compiled, seconds, predicted) and not self._builds_running:
             self._record(plan, state, state.history(plan.signature), seconds, transfer, predicted)
         else:
             with plan.lock:
@@ -412,7 +413,7 @@ class Scheduler:
         if decision.device is None and not decision.split:
             raise DeviceFault(f"no device can run {plan.op} {plan.shape_text}: the last error was {error}") from error
         if decision.split:
-            return self._run_split(plan, decision, operands)
+            return split_calls.run_split(self, plan, decision, operands)
         return self._run_on(plan, self._by_id[decision.device], operands, decision)
 
     # --- decisions ------------------------------------------------------------------------------------
@@ -496,7 +497,7 @@ class Scheduler:
             notes = "; ".join(f"{p.device}: {p.note}" for p in predictions)
             return Decision(plan.op, plan.shape_text, None, predictions=predictions, confidence=0.0,
                             reason=f"no device can run it now ({notes})")
-        split = self._split(plan, predictions, best)
+        split = split_calls.plan_split(self, plan, predictions, best)
         if split is not None:
             parts, axis, seconds = split
             share = ", ".join(f"{device} {fraction:.0%}" for device, fraction in parts)
@@ -568,110 +569,6 @@ class Scheduler:
             profile = self._by_executor[id(target)].profile
             seconds += profile.upload_latency_seconds + size / profile.upload_bytes_per_second if profile else 0.0
         return seconds
-
-    def _split(self, plan, predictions, best):
-        """((device, fraction), ...), axis and predicted seconds of the best split, or None if none pays."""
-        axis, units = calls.split_axis(plan.op, plan.spec)
-        if units < 2 or plan.home is not None:
-            return None
-        candidates = [p for p in predictions if p.usable and p.seconds <= policy.SPLIT_CANDIDATE_RATIO * best.seconds]
-        # Devices computing on the host's cores (the CPU backend, an OpenCL CPU driver) would share them: at most
-        # one of them, the fastest, takes a part.
-        on_host = sorted((p for p in candidates if self._by_id[p.device].executor.kind == "cpu"),
-                         key=lambda p: p.seconds)
-        candidates = [p for p in candidates if p not in on_host[1:]]
-        if len(candidates) < 2:
-            return None
-        parts = [(p.device, p.overhead + p.compile, max(p.seconds - p.overhead - p.compile, 1e-9) / units)
-                 for p in candidates]
-        split, slowest = policy.balance(units, parts)
-        for _ in range(2):  # refine with the predictions of the parts themselves (efficiency changes with size)
-            if len(split) < 2:
-                return None
-            refined = []
-            start = 0
-            for device, count in split:
-                part = (start, start + count)
-                start += count
-                prediction = self._predict(self._by_id[device], plan, part,
-                                           plan.features.part(count / units, axis))
-                fixed = prediction.overhead + prediction.compile
-                refined.append((device, fixed, max(prediction.seconds - fixed, 1e-9) / count))
-            split, slowest = policy.balance(units, refined)
-        if len(split) < 2:
-            return None
-        seconds = slowest + policy.SPLIT_OVERHEAD_SECONDS + plan.features.output_bytes / policy.HOST_COPY_BYTES_PER_SECOND
-        if seconds > policy.SPLIT_GAIN * best.seconds:
-            return None
-        return tuple((device, count / units) for device, count in split), axis, seconds
-
-    def _run_split(self, plan, decision, operands):
-        axis, units = calls.split_axis(plan.op, plan.spec)
-        out = np.empty(calls.output_shape(plan.op, plan.spec), dtype=plan.spec.dtype)
-        parts, start = [], 0
-        for device, fraction in decision.split:
-            count = max(1, round(fraction * units)) if device != decision.split[-1][0] else units - start
-            parts.append((self._by_id[device], (start, start + count)))
-            start += count
-        if self._split_pool is None:
-            self._split_pool = ThreadPoolExecutor(max_workers=max(2, len(self._states)),
-                                                  thread_name_prefix="sparkle-split")
-        futures = [self._split_pool.submit(self._run_part, plan, state, part, operands, out, axis, units)
-                   for state, part in parts[1:]]
-        self._run_part(plan, *parts[0], operands, out, axis, units)
-        for future in futures:
-            future.result()
-        with plan.lock:
-            plan.calls += 1
-        return out
-
-    def _run_part(self, plan, state, part, operands, out, axis, units):
-        start, stop = part
-        part_operands = calls.part_operands(plan.op, axis, operands, start, stop)
-        target = calls.part_view(plan.op, axis, out, start, stop)
-        features = plan.features.part((stop - start) / units, axis)
-        try:
-            prepared = plan.prepared_call(state, part)
-            compiled = prepared.compiled
-            begin = time.perf_counter()
-            result = to_host(prepared(*part_operands))
-            seconds = time.perf_counter() - begin
-        except Exception as error:  # noqa: BLE001 - the part runs on the CPU (or the reference) instead
-            with self._lock:
-                state.record_fault()
-                plan.next_review = plan.calls
-            logger.warning("sparkle scheduler: %s failed on part %s of %s %s (%s); the part runs elsewhere",
-                           state.id, part, plan.op, plan.shape_text, error)
-            target[...] = _part_elsewhere(self, plan, state, part, part_operands)
-            return
-        part_spec = calls.part_spec(plan.op, plan.spec, start, stop)
-        key = (state.executor.identity, prepared.variant, features.shape_class)
-        if self.verify_mode == "always" or (self.verify_mode == "first" and key not in self._verified):
-            passed, worst = verify.check(plan.op, part_spec, part_operands, result, self._rng)
-            with self._lock:
-                if passed:
-                    self._verified.add(key)
-                else:
-                    self._quarantine.add(*key, dict(op=plan.op, shape=plan.shape_text, part=part,
-                                                    worst_error_over_tolerance=worst))
-                    plan.next_review = plan.calls
-            if not passed:
-                logger.warning("sparkle scheduler: %s kernel variant %r gave a wrong result; quarantined",
-                               state.id, prepared.variant)
-                result = calls.reference_result(plan.op, part_spec, part_operands)
-        target[...] = result
-        if _is_sample(prepared, compiled, seconds, self._predict(state, plan, part, features).seconds):
-            signature = f"{plan.signature}|part={part}"
-            history = state.history(signature)
-            with plan.lock:
-                history.add(math.log(max(seconds, 1e-9)))
-            entry = [state, plan.op, signature, features, history, self._transfer_seconds(state, plan, features), 1]
-            with self._lock:
-                previous = self._unfolded.setdefault((signature, state.id), entry)
-                if previous is not entry:
-                    previous[6] += 1
-            self._records.append((plan.op, f"{plan.shape_text} part {start}:{stop} of {axis}", state.id,
-                                  float("nan"), seconds))
 
     def _fold_pending(self):
         """Fold what was measured since the last fold into the shape models: per (signature, device), the
@@ -761,7 +658,7 @@ def _lower_priority():
     CPU call whose worker shares a core with it would wait for the scheduler's tick, 4 ms)."""
     try:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-    except (AttributeError, OSError):  # noqa: S110 - not Linux, or not allowed: the build runs at normal priority
+    except (AttributeError, OSError):  # not Linux, or not allowed: the build runs at normal priority
         pass
 
 
@@ -788,14 +685,6 @@ def _executor(device):
     raise ValueError(f"devices must hold 'cpu', 'opencl', 'opencl:N' or executors, got {device!r}")
 
 
-def _is_sample(prepared, compiled, seconds, predicted):
-    """Whether a measured call tells the device's speed: not one that compiled, and not a first call far
-    slower than predicted (one-time costs: a thread team started, buffers touched the first time)."""
-    first, prepared.warm = not prepared.warm, True
-    prepared.compiled = True
-    return compiled and not (first and seconds > 2.0 * predicted)
-
-
 def _reason(best, predictions):
     others = sorted((p for p in predictions if p.usable and p is not best), key=lambda p: p.seconds)
     if not others:
@@ -813,19 +702,6 @@ def _replace(decision_or_prediction, **changes):
     import dataclasses
 
     return dataclasses.replace(decision_or_prediction, **changes)
-
-
-def _part_elsewhere(scheduler, plan, failed_state, part, part_operands):
-    """A failed part's result from the CPU executor if it is usable and not the one that failed, else from the
-    float64 reference."""
-    for state in scheduler._states:
-        if state is failed_state or state.executor.kind != "cpu":
-            continue
-        try:
-            return to_host(plan.prepared_call(state, part)(*part_operands))
-        except Exception:  # noqa: BLE001 - fall through to the reference
-            break
-    return calls.reference_result(plan.op, calls.part_spec(plan.op, plan.spec, *part), part_operands)
 
 
 def _deliver(result, home):
