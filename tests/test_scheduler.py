@@ -363,7 +363,7 @@ def test_the_shape_model_interpolates_between_measured_shapes_and_falls_back_to_
         mean, variance = model.predict(_matmul_point(size, size, size))
         assert math.exp(mean) == pytest.approx(truth, rel=0.2)
         assert variance < 0.05
-    far_mean, far_variance = model.predict((10.0, 0.0, 10.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0))
+    _, far_variance = model.predict((10.0, 0.0, 10.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0))
     assert far_variance > 0.2  # nothing measured near: uncertain again
 
 
@@ -395,6 +395,32 @@ def test_a_kernel_is_built_ahead_while_another_device_serves_the_calls(tmp_path)
         assert_close_to_reference(scheduler.conv2d(x, w, **kwargs), expected, np.float32)
     assert scheduler.history()[-1]["device"] == "sim:fast"  # built by then: the calls moved without paying for it
     assert [thread for op, thread in fast.builds if op == "conv2d"] == ["sparkle-build_0"]  # no caller waited
+
+
+def test_calls_leave_a_device_while_a_build_blocks_it_and_come_back_after(tmp_path):
+    gpu = SimulatedDevice("gpu", 2e+10, 1e-5, compile_seconds=1.0, builds_block=True)  # as NVIDIA's driver
+    scheduler = make([SimulatedDevice("steady", 2e+08, 1e-5), gpu], tmp_path, explore=False)
+    x, w, kwargs = single_device_conv()
+    served = reference.conv2d(x, w, **kwargs)
+    deadline = time.monotonic() + 30
+    while scheduler.explain("conv2d", x, w, **kwargs).device != "sim:gpu":  # built ahead, then served there
+        assert time.monotonic() < deadline, "the first kernel was never built"
+        scheduler.conv2d(x, w, **kwargs)
+    assert_close_to_reference(scheduler.conv2d(x, w, **kwargs), served, np.float32)
+    assert scheduler.history(last=1)[0]["device"] == "sim:gpu"
+    x2 = x[:, :, :20, :20].copy()  # a new shape: its kernel is built ahead on the GPU, blocking it for 1 s
+    scheduler.conv2d(x2, w, **kwargs)
+    building = scheduler.explain("conv2d", x, w, **kwargs)
+    assert building.device == "sim:steady"  # waiting ~1 s for the GPU costs more than running elsewhere
+    assert "waits for a kernel build" in next(p.note for p in building.predictions if p.device == "sim:gpu")
+    assert_close_to_reference(scheduler.conv2d(x, w, **kwargs), served, np.float32)
+    assert scheduler.history(last=1)[0]["device"] == "sim:steady"
+    while scheduler.explain("conv2d", x, w, **kwargs).device != "sim:gpu":
+        assert time.monotonic() < deadline, "the build never ended"
+        time.sleep(0.05)
+    assert len(gpu.builds) == 4  # two profile probes, then the two conv kernels
+    assert_close_to_reference(scheduler.conv2d(x, w, **kwargs), served, np.float32)
+    assert scheduler.history(last=1)[0]["device"] == "sim:gpu"  # back once the build ended
 
 
 def test_nothing_is_built_ahead_for_the_device_that_serves_the_calls(tmp_path):

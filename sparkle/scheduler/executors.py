@@ -26,6 +26,7 @@ class Executor:
     id = "?"
     kind = "?"
     identity = "?"
+    builds_block_calls = False  # whether the device's other calls and copies wait while it builds a kernel
 
     def holds(self, operand):
         """Whether ``operand`` already lives in this device's memory."""
@@ -136,7 +137,10 @@ def _cpu_call(op, spec, serial=False):
 
 
 class OpenCLExecutor(Executor):
-    """One OpenCL device through Sparkle's OpenCL backend; faults are raised, not hidden by a fallback."""
+    """One OpenCL device through Sparkle's OpenCL backend; faults are raised, not hidden by a fallback.
+
+    On a GPU, building a kernel is taken to block the device's other calls: NVIDIA's driver held a 64-byte
+    copy up to 287 ms while another thread built a conv kernel (H200, driver 580); PoCL did not."""
 
     def __init__(self, device):
         from .. import cache
@@ -147,6 +151,7 @@ class OpenCLExecutor(Executor):
         self.kind = device.kind
         self.name = device.name
         self.identity = f"{device.identity}|kernels={cache.digest(codegen.template(), codegen.TEMPLATE_VERSION)[:16]}"
+        self.builds_block_calls = device.kind == "gpu"
         self._compile_seconds = None
 
     def holds(self, operand):
@@ -206,7 +211,8 @@ class SimulatedDevice(Executor):
     passed, so its speed is known exactly.
 
     ``compile_seconds``: each prepared call is built first (by its first call, or ahead of it), taking
-    that long, as a GPU kernel of a new shape does.
+    that long, as a GPU kernel of a new shape does; with ``builds_block`` every other call waits meanwhile,
+    as on NVIDIA's OpenCL driver.
 
     Faults and slowdowns: :meth:`slow_down` and :meth:`fail` change it from now on; ``slow_after`` /
     ``fail_after`` do the same after that many calls (its profile's probes count: about 55 calls).
@@ -217,7 +223,8 @@ class SimulatedDevice(Executor):
     kind = "simulated"
 
     def __init__(self, name, flops_per_second, overhead=20e-6, *, transfer_bytes_per_second=None,
-                 slow_after=None, slow_factor=1.0, fail_after=None, wrong=False, compile_seconds=0.0):
+                 slow_after=None, slow_factor=1.0, fail_after=None, wrong=False, compile_seconds=0.0,
+                 builds_block=False):
         if wrong not in (False, True, "conv2d", "matmul"):
             raise ValueError(f"wrong must be False, True, 'conv2d' or 'matmul', got {wrong!r}")
         self.id = f"sim:{name}"
@@ -225,6 +232,8 @@ class SimulatedDevice(Executor):
         self.identity = (f"simulated|{name}|{flops_per_second}|{overhead}|{transfer_bytes_per_second}|{wrong}"
                          f"|{compile_seconds}")
         self._compile_seconds = float(compile_seconds)
+        self.builds_block_calls = bool(builds_block)
+        self._device_lock = threading.Lock()  # held by a blocking build, taken by every call
         self.flops_per_second, self.overhead = flops_per_second, overhead
         self.transfer_bytes_per_second = transfer_bytes_per_second
         self.slow_after, self.slow_factor, self.fail_after, self.wrong = slow_after, slow_factor, fail_after, wrong
@@ -264,13 +273,20 @@ class SimulatedDevice(Executor):
         def build():
             with build_lock:
                 if not prepared.compiled:
-                    time.sleep(self._compile_seconds)
+                    if self.builds_block_calls:
+                        with self._device_lock:
+                            time.sleep(self._compile_seconds)
+                    else:
+                        time.sleep(self._compile_seconds)
                     self.builds.append((op, threading.current_thread().name))
                     prepared.compiled = True
 
         def simulated(*operands):
             if not prepared.compiled:
                 build()
+            if self.builds_block_calls:
+                with self._device_lock:  # waits while another of this device's kernels builds
+                    pass
             start = time.perf_counter()
             with self._lock:
                 self.calls += 1

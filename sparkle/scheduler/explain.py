@@ -19,7 +19,7 @@ class Prediction:
     measured_calls: int  # calls of this signature measured on the device
     verified: bool  # the kernel variant that would run passed run-time verification for this shape class
     usable: bool = True
-    note: str = ""  # why it is not usable (quarantined variant, recent faults, no profile yet)
+    note: str = ""  # why it is not usable (quarantined variant, recent faults, no profile yet), or what it waits for
 
 
 @dataclass(frozen=True)

@@ -64,6 +64,7 @@ class _DeviceState:
         self.faults = 0
         self.avoid_until = 0.0
         self.unprofilable = False
+        self.busy_until = 0.0  # a kernel build that blocks the device's calls is predicted to end then
 
     def record_fault(self):
         """Count a fault and avoid the device for 1 s, 2 s, 4 s, ... (at most 10 min); returns the seconds."""
@@ -470,6 +471,11 @@ class Scheduler:
 
     def _build(self, plan, state):
         self._builds_running += 1
+        blocks = state.executor.builds_block_calls
+        if blocks:  # the device's calls would wait for the build: decide them again, with the wait priced in
+            with self._lock:
+                state.busy_until = time.monotonic() + state.model.build_seconds(state.profile.compile_seconds)
+                self._revisit_plans()
         try:
             prepared = plan.prepared_call(state)
             if not prepared.compiled:
@@ -482,8 +488,25 @@ class Scheduler:
                          state.id, error)
         finally:
             self._builds_running -= 1
+            if blocks:
+                with self._lock:
+                    state.busy_until = 0.0
+                    self._revisit_plans()
         with plan.lock:
             plan.next_review = plan.calls  # built: decide again on the next call
+
+    def _revisit_plans(self):
+        """Every cached plan decides again on its next call (lock held)."""
+        for cached in self._plans.values():
+            with cached.lock:
+                cached.next_review = cached.calls
+
+    def _busy_seconds(self, state, plan):
+        """Seconds until the builds blocking a device this call would touch (``state``'s, or one holding an
+        operand) are predicted to end."""
+        now = time.monotonic()
+        touched = [state] + [self._by_executor[id(home)] for home in plan.operand_homes if home is not None]
+        return max((device.busy_until - now for device in touched if device.busy_until > now), default=0.0)
 
     def _decide(self, plan, explore, budget=0.0):
         predictions = tuple(self._predict(state, plan) for state in self._states)
@@ -547,6 +570,10 @@ class Scheduler:
         prediction = policy.predict(state.id, state.profile, state.shape_model(plan.op), history, features, transfer,
                                     compiled, verified, plan.calls,
                                     state.model.build_seconds(state.profile.compile_seconds))
+        busy = self._busy_seconds(state, plan)
+        if busy > 0.0:
+            prediction = _replace(prediction, seconds=prediction.seconds + busy, compile=prediction.compile + busy,
+                                  note="waits for a kernel build")
         if not usable:
             return _replace(prediction, usable=False, note=note)
         return prediction
