@@ -43,12 +43,6 @@ MIN_POINTS_TO_SELECT = 6
 REFIT_SHARE = 8
 
 
-def huber_weight(residual, scale):
-    """1 inside HUBER_LIMIT standard deviations, shrinking as 1/|r| beyond."""
-    limit = HUBER_LIMIT * scale
-    return 1.0 if abs(residual) <= limit else limit / abs(residual)
-
-
 def _kernel(a, b, length_scale, signal_variance):
     squared = ((a[:, None, :] - b[None, :, :]) ** 2).sum(axis=2)
     return OFFSET_VARIANCE + signal_variance * np.exp(-0.5 * squared / length_scale ** 2)

@@ -157,8 +157,8 @@ class Scheduler:
             logger.addHandler(logging.StreamHandler())
             logger.setLevel(logging.INFO)
         self._plans = {}
-        # (signature, device) -> [state, op, signature, features, history, transfer seconds, new calls]: measured
-        # calls not yet folded into the shape models
+        # (signature, device) -> (state, op, signature, features, history, transfer seconds): signatures measured
+        # since the last fold into the shape models
         self._unfolded = {}
         self._dirty = set()  # plans whose fast path ran since the last fold
         self._records = collections.deque(maxlen=HISTORY_LIMIT)
@@ -303,14 +303,15 @@ class Scheduler:
             plan.calls += 1
             if history.add(math.log(max(seconds, 1e-9))):
                 plan.next_review = plan.calls  # its times changed regime: decide again on the next call
-        entry = self._unfolded.get((plan.signature, state.id))
-        if entry is None:
-            self._unfolded[(plan.signature, state.id)] = [state, plan.op, plan.signature, plan.features, history,
-                                                          transfer_seconds, 1]
-        else:
-            entry[6] += 1
+        self._note_measured(state, plan.op, plan.signature, plan.features, history, transfer_seconds)
         self._records.append((plan.op, plan.shape_text, state.id, predicted, seconds))
         self._spent_seconds += seconds
+
+    def _note_measured(self, state, op, signature, features, history, transfer_seconds, table=None):
+        """Remember that ``signature`` was measured on ``state`` since the last fold (in ``table``, default the
+        scheduler's)."""
+        table = self._unfolded if table is None else table
+        table[(signature, state.id)] = (state, op, signature, features, history, transfer_seconds)
 
     def _slow_call(self, plan, operands):
         with self._lock:
@@ -606,11 +607,9 @@ class Scheduler:
         for plan in dirty:
             calls, plan.fast_calls = plan.fast_calls, 0
             if calls and plan.state is not None:
-                key = (plan.signature, plan.state.id)
-                entry = unfolded.setdefault(key, [plan.state, plan.op, plan.signature, plan.features, plan.history,
-                                                  plan.transfer_seconds, 0])
-                entry[6] += calls
-        for state, op, signature, features, history, transfer, _ in unfolded.values():
+                self._note_measured(plan.state, plan.op, plan.signature, plan.features, plan.history,
+                                    plan.transfer_seconds, unfolded)
+        for state, op, signature, features, history, transfer in unfolded.values():
             if state.profile is None or not history.count:
                 continue
             fixed, compute, point = policy.prior(state.profile, features, transfer)

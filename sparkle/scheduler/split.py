@@ -115,11 +115,9 @@ def _run_part(scheduler, plan, state, part, operands, out, axis, units):
         history = state.history(signature)
         with plan.lock:
             history.add(math.log(max(seconds, 1e-9)))
-        entry = [state, plan.op, signature, features, history, scheduler._transfer_seconds(state, plan, features), 1]
         with scheduler._lock:
-            previous = scheduler._unfolded.setdefault((signature, state.id), entry)
-            if previous is not entry:
-                previous[6] += 1
+            scheduler._note_measured(state, plan.op, signature, features, history,
+                                     scheduler._transfer_seconds(state, plan, features))
         scheduler._records.append((plan.op, f"{plan.shape_text} part {start}:{stop} of {axis}", state.id,
                               float("nan"), seconds))
 
