@@ -51,7 +51,7 @@ def _kernel(a, b, length_scale, signal_variance):
 class ShapeModel:
     """ln(measured seconds) - ln(prior seconds) as a Gaussian process over the call's shape features.
 
-    ``observe`` sets a signature's point (its robust mean residual and that mean's variance); the fit is
+    ``observe`` sets a signature's point (its typical residual and that value's variance); the fit is
     refreshed lazily on the next ``predict`` after a change (cold path: at most POINTS_KEPT points)."""
 
     def __init__(self, points=None):

@@ -600,7 +600,7 @@ class Scheduler:
 
     def _fold_pending(self):
         """Fold what was measured since the last fold into the shape models: per (signature, device), the
-        history's robust mean becomes that signature's point (repeated calls are not independent evidence:
+        history's typical time becomes that signature's point (repeated calls are not independent evidence:
         they narrow its variance as FOLD_COUNT_LIMIT calls at most)."""
         unfolded, self._unfolded = self._unfolded, {}
         dirty, self._dirty = self._dirty, set()
