@@ -19,7 +19,6 @@ import os
 import threading
 import time
 import weakref
-from concurrent.futures import ThreadPoolExecutor
 from math import log
 from time import perf_counter
 
@@ -27,7 +26,7 @@ import numpy as np
 
 from .. import api
 from ..device_array import DeviceArray, to_host
-from . import calls, policy, verify
+from . import builds, calls, policy, verify
 from . import split as split_calls
 from .executors import CpuExecutor, DeviceFault, OpenCLExecutor, is_sample
 from .explain import Decision, Prediction
@@ -434,7 +433,7 @@ class Scheduler:
                                      verified=best.verified, reason=_reason(best, decision.predictions))
         plan.next_review = plan.calls + min(REVIEW_INTERVAL, max(1, plan.calls))
         plan.runner = None
-        self._build_ahead(plan, decision)
+        builds.build_ahead(self, plan, decision)
         device = plan.decision.device
         if device is None or plan.decision.split or plan.trial:
             return
@@ -451,63 +450,6 @@ class Scheduler:
             plan.predicted = prediction.seconds
             # Numpy operands (home None) skip the conversions a device array would need.
             plan.runner = prepared.host_run if plan.home is None else prepared.run
-
-    def _build_ahead(self, plan, decision):
-        """Start building the kernel of a device that would be the fastest once built, while the calls run
-        where the decision put them (OpenVINO AUTO's way); the plan is decided again when the build ends."""
-        if self.forced is not None or decision.split:
-            return
-        usable = [p for p in decision.predictions if p.usable]
-        serving = self._best_usable(decision).device if decision.explored else decision.device
-        for prediction in usable:
-            built_seconds = prediction.seconds - prediction.compile
-            if prediction.compile <= 0.0 or prediction.device in plan.building or prediction.device == serving:
-                continue  # nothing to build, being built, or the call itself builds it
-            if all(built_seconds < other.seconds for other in usable if other is not prediction):
-                plan.building.add(prediction.device)
-                if self._build_pool is None:
-                    self._build_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sparkle-build",
-                                                          initializer=_lower_priority)
-                self._build_pool.submit(self._build, plan, self._by_id[prediction.device])
-
-    def _build(self, plan, state):
-        self._builds_running += 1
-        blocks = state.executor.builds_block_calls
-        if blocks:  # the device's calls would wait for the build: decide them again, with the wait priced in
-            with self._lock:
-                state.busy_until = time.monotonic() + state.model.build_seconds(state.profile.compile_seconds)
-                self._revisit_plans()
-        try:
-            prepared = plan.prepared_call(state)
-            if not prepared.compiled:
-                start = time.perf_counter()
-                prepared.build()
-                with self._lock:
-                    state.model.observe_build(time.perf_counter() - start)
-        except Exception as error:  # noqa: BLE001 - a call on the device would meet it: the slow path records it
-            logger.debug("sparkle scheduler: building %s %s ahead on %s failed: %s", plan.op, plan.shape_text,
-                         state.id, error)
-        finally:
-            self._builds_running -= 1
-            if blocks:
-                with self._lock:
-                    state.busy_until = 0.0
-                    self._revisit_plans()
-        with plan.lock:
-            plan.next_review = plan.calls  # built: decide again on the next call
-
-    def _revisit_plans(self):
-        """Every cached plan decides again on its next call (lock held)."""
-        for cached in self._plans.values():
-            with cached.lock:
-                cached.next_review = cached.calls
-
-    def _busy_seconds(self, state, plan):
-        """Seconds until the builds blocking a device this call would touch (``state``'s, or one holding an
-        operand) are predicted to end."""
-        now = time.monotonic()
-        touched = [state] + [self._by_executor[id(home)] for home in plan.operand_homes if home is not None]
-        return max((device.busy_until - now for device in touched if device.busy_until > now), default=0.0)
 
     def _decide(self, plan, explore, budget=0.0):
         predictions = tuple(self._predict(state, plan) for state in self._states)
@@ -571,7 +513,7 @@ class Scheduler:
         prediction = policy.predict(state.id, state.profile, state.shape_model(plan.op), history, features, transfer,
                                     compiled, verified, plan.calls,
                                     state.model.build_seconds(state.profile.compile_seconds))
-        busy = self._busy_seconds(state, plan)
+        busy = builds.busy_seconds(self, state, plan)
         if busy > 0.0:
             prediction = _replace(prediction, seconds=prediction.seconds + busy, compile=prediction.compile + busy,
                                   note="waits for a kernel build")
@@ -677,15 +619,6 @@ def _default_executors():
             except ValueError:  # unavailable (its health check failed): not a place to run calls
                 continue
     return executors
-
-
-def _lower_priority():
-    """The build thread yields its core to any other work of the process (a kernel build is CPU work; a parallel
-    CPU call whose worker shares a core with it would wait for the scheduler's tick, 4 ms)."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-    except (AttributeError, OSError):  # not Linux, or not allowed: the build runs at normal priority
-        pass
 
 
 def _conv2d_key(x, w, bias=None, *, stride=1, padding=0, dilation=1, groups=1, activation=None):

@@ -44,7 +44,7 @@ def plan_split(scheduler, plan, predictions, best):
             part = (start, start + count)
             start += count
             prediction = scheduler._predict(scheduler._by_id[device], plan, part,
-                                       plan.features.part(count / units, axis))
+                                            plan.features.part(count / units, axis))
             fixed = prediction.overhead + prediction.compile
             refined.append((device, fixed, max(prediction.seconds - fixed, 1e-9) / count))
         split, slowest = policy.balance(units, refined)
@@ -54,6 +54,7 @@ def plan_split(scheduler, plan, predictions, best):
     if seconds > policy.SPLIT_GAIN * best.seconds:
         return None
     return tuple((device, count / units) for device, count in split), axis, seconds
+
 
 def run_split(scheduler, plan, decision, operands):
     axis, units = calls.split_axis(plan.op, plan.spec)
@@ -65,7 +66,7 @@ def run_split(scheduler, plan, decision, operands):
         start += count
     if scheduler._split_pool is None:
         scheduler._split_pool = ThreadPoolExecutor(max_workers=max(2, len(scheduler._states)),
-                                              thread_name_prefix="sparkle-split")
+                                                   thread_name_prefix="sparkle-split")
     futures = [scheduler._split_pool.submit(_run_part, scheduler, plan, state, part, operands, out, axis, units)
                for state, part in parts[1:]]
     _run_part(scheduler, plan, *parts[0], operands, out, axis, units)
@@ -74,6 +75,7 @@ def run_split(scheduler, plan, decision, operands):
     with plan.lock:
         plan.calls += 1
     return out
+
 
 def _run_part(scheduler, plan, state, part, operands, out, axis, units):
     start, stop = part

@@ -1,0 +1,90 @@
+"""Kernels built ahead: while calls run where they are fastest now, the kernel of a device that would be
+faster once built is built on a background thread (OpenVINO AUTO's way), at the lowest CPU priority. Where a
+build blocks its device's other calls (a GPU: NVIDIA's driver held a copy up to 287 ms during a build), the
+calls that would touch the device are decided again with the remaining build time priced in.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+logger = logging.getLogger("sparkle.scheduler")
+
+
+def build_ahead(scheduler, plan, decision):
+    """Start building the kernel of a device that would be the fastest once built, while the calls run
+    where the decision put them (OpenVINO AUTO's way); the plan is decided again when the build ends."""
+    if scheduler.forced is not None or decision.split:
+        return
+    usable = [p for p in decision.predictions if p.usable]
+    serving = scheduler._best_usable(decision).device if decision.explored else decision.device
+    for prediction in usable:
+        built_seconds = prediction.seconds - prediction.compile
+        if prediction.device in plan.building or prediction.device == serving:
+            continue  # being built, or the call itself builds it
+        if plan.prepared_call(scheduler._by_id[prediction.device]).compiled:
+            continue  # nothing to build (its "compile" is a wait for another kernel's build)
+        if all(built_seconds < other.seconds for other in usable if other is not prediction):
+            plan.building.add(prediction.device)
+            if scheduler._build_pool is None:
+                scheduler._build_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sparkle-build",
+                                                           initializer=_lower_priority)
+            scheduler._build_pool.submit(_build, scheduler, plan, scheduler._by_id[prediction.device])
+
+
+def _build(scheduler, plan, state):
+    prepared = plan.prepared_call(state)  # made by the review that asked for the build
+    if prepared.compiled:  # built meanwhile (another signature's program, the first call)
+        with plan.lock:
+            plan.next_review = plan.calls
+        return
+    scheduler._builds_running += 1
+    blocks = state.executor.builds_block_calls
+    if blocks:  # the device's calls would wait for the build: decide them again, with the wait priced in
+        with scheduler._lock:
+            state.busy_until = time.monotonic() + state.model.build_seconds(state.profile.compile_seconds)
+            _revisit_plans(scheduler)
+    try:
+        start = time.perf_counter()
+        prepared.build()
+        with scheduler._lock:
+            state.model.observe_build(time.perf_counter() - start)
+    except Exception as error:  # noqa: BLE001 - a call on the device would meet it: the slow path records it
+        logger.debug("sparkle scheduler: building %s %s ahead on %s failed: %s", plan.op, plan.shape_text,
+                     state.id, error)
+    finally:
+        scheduler._builds_running -= 1
+        if blocks:
+            with scheduler._lock:
+                state.busy_until = 0.0
+                _revisit_plans(scheduler)
+    with plan.lock:
+        plan.next_review = plan.calls  # built: decide again on the next call
+
+
+def _revisit_plans(scheduler):
+    """Every cached plan decides again on its next call (lock held)."""
+    for cached in scheduler._plans.values():
+        with cached.lock:
+            cached.next_review = cached.calls
+
+
+def busy_seconds(scheduler, state, plan):
+    """Seconds until the builds blocking a device this call would touch (``state``'s, or one holding an
+    operand) are predicted to end."""
+    now = time.monotonic()
+    touched = [state] + [scheduler._by_executor[id(home)] for home in plan.operand_homes if home is not None]
+    return max((device.busy_until - now for device in touched if device.busy_until > now), default=0.0)
+
+
+def _lower_priority():
+    """The build thread yields its core to any other work of the process (a kernel build is CPU work; a parallel
+    CPU call whose worker shares a core with it would wait for the scheduler's tick, 4 ms)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):  # not Linux, or not allowed: the build runs at normal priority
+        pass
