@@ -295,6 +295,7 @@ def cmd_cache(args):
     from .cache import cache_dir
     from .opencl import runtime
     from .opencl.tuning import database
+    from .opencl.tuning.relatives import DeviceTraits
 
     directory = cache_dir()
     tuning_files, program_dirs = _cache_contents(directory)
@@ -331,10 +332,7 @@ def cmd_cache(args):
         else:
             print(f"tuning database of an older kernel template (not used): {path}")
     for device in runtime.opencl_devices():
-        shipped = database.seed_entries(device.identity)
-        if shipped:
-            print(f"shipped pre-tuned parameters for {device.id} ({device.name}): {len(shipped)} workload"
-                  f"{'s' if len(shipped) != 1 else ''} (used where the database has none)")
+        print(f"{device.id} ({device.name}): {database.provenance(device.identity, DeviceTraits.of(device))}")
     scheduler_files = [path for path in sorted(directory.glob(SCHEDULER_GLOB)) if path.suffix == ".json"]
     print("scheduler (device profiles, learned model, quarantined kernel variants): "
           + (", ".join(path.name for path in scheduler_files) if scheduler_files else "nothing learned yet"))

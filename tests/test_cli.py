@@ -226,7 +226,24 @@ def test_cache_counts_the_shipped_pretuned_parameters_of_present_devices(device_
     monkeypatch.setattr(database, "_seed", lambda: shipped)
     status, out, _ = run(["cache"], capsys)
     assert status == 0
-    assert f"shipped pre-tuned parameters for {device_id} ({device.name}): 2 workloads" in out
+    assert f"{device_id} ({device.name}): tuned workloads: 2 shipped" in out
+
+
+@pytest.mark.parametrize("device_id", opencl_params())
+def test_cache_names_the_relative_an_untuned_device_borrows_from(device_id, private_cache, monkeypatch, capsys):
+    from sparkle.opencl.tuning import database
+    from sparkle.opencl.tuning.relatives import DeviceTraits
+
+    device = runtime_device(device_id)
+    sibling = device.identity.replace(device.name, "Sibling Device")
+    traits = DeviceTraits.of(device)
+    shipped = {"devices": {sibling: {"traits": {**traits.to_json(), "compute_units": 2 * traits.compute_units},
+                                     "workloads": {"a": {}, "b": {}, "c": {}}}}}
+    monkeypatch.setattr(database, "_seed", lambda: shipped)
+    status, out, _ = run(["cache"], capsys)
+    assert status == 0
+    assert (f"{device_id} ({device.name}): no tuning of its own: borrows the 3 tuned workloads of Sibling Device "
+            f"({traits.architecture}, {2 * traits.compute_units} compute units), its nearest relative") in out
 
 
 # --- bad arguments ---------------------------------------------------------------------------------------

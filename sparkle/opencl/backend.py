@@ -18,6 +18,7 @@ import warnings
 
 from . import buildlog, transfer
 from .tuning import database, space
+from .tuning.relatives import DeviceTraits
 
 
 class OpenCLFallbackWarning(RuntimeWarning):
@@ -39,10 +40,11 @@ def _mark_failed(device, workload, params):
 
 
 def choose_params(device, workload):
-    """(params, source): tuned, nearest tuned shape, or defaults; (None, reason) if no variant is left."""
+    """(params, source): tuned, nearest tuned shape, a tuned relative's, or defaults; (None, reason) if no
+    variant is left."""
     limits = space.DeviceLimits.of(device)
     excluded = failed_variants(device, workload)
-    params, source = database.lookup(device.identity, workload, limits, excluded)
+    params, source = database.lookup(device.identity, workload, limits, excluded, traits=DeviceTraits.of(device))
     if params is not None:
         return params, source
     skip = {space.identity(p) for p in excluded}

@@ -47,7 +47,7 @@ class _Variant:
 
     def __init__(self, call, params, origin):
         self.params = params
-        self.origin = origin  # "tuned", "nearest <workload key>" or "default"
+        self.origin = origin  # "tuned", "nearest <workload key>", "relative <device>: ..." or "default"
         self.name = variant_name(params, origin)
         self.global_size, self.local_size = codegen.launch_geometry(call.workload, params)
         self._call = call

@@ -69,6 +69,25 @@ class BufferPool:
             self.free.clear()
 
 
+def _architecture(cl_device, kind):
+    """What decides which tiles win on a device: NVIDIA's compute capability ("sm_90"), AMD's gfx IP, the
+    CPU target PoCL compiles for (the last word of its "HSTR: pthread-x86_64-...-znver3" version), else the
+    device's name."""
+    cl = _import_pyopencl()
+    extensions = cl_device.extensions
+    try:
+        if "cl_nv_device_attribute_query" in extensions:
+            return f"sm_{cl_device.compute_capability_major_nv}{cl_device.compute_capability_minor_nv}"
+        if "cl_amd_device_attribute_query" in extensions and kind == "gpu":
+            return f"gfx{cl_device.gfxip_major_amd}{cl_device.gfxip_minor_amd}"
+    except (cl.Error, AttributeError):  # the driver lists the extension but does not answer: use the name
+        pass
+    version = cl_device.version
+    if "HSTR:" in version:
+        return version.split("HSTR:", 1)[1].split()[0].rsplit("-", 1)[-1]
+    return cl_device.name.strip()
+
+
 class OpenCLDevice:
     """One OpenCL device with its context, in-order profiling queue, programs and buffers."""
 
@@ -89,6 +108,7 @@ class OpenCLDevice:
         self.local_memory = cl_device.local_mem_size
         self.max_alloc = cl_device.max_mem_alloc_size
         self.has_fp64 = "cl_khr_fp64" in cl_device.extensions or cl_device.double_fp_config != 0
+        self.architecture = _architecture(cl_device, self.kind)
         # Everything that can change the compiled code or its speed.
         self.identity = "|".join(str(part).strip() for part in (
             platform.name, platform.version, cl_device.vendor, cl_device.name, cl_device.version,

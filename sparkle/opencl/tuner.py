@@ -20,6 +20,7 @@ from ..devices import resolve_tuning_device
 from . import launch, transfer
 from .codegen import Workload
 from .tuning import database, space
+from .tuning.relatives import DeviceTraits
 
 TOLERANCE = {"float32": 1e-5, "float64": 1e-12}  # relative L2 error against the float64 reference
 SAMPLE_POINTS = 512
@@ -160,7 +161,7 @@ def _order(workload, device, limits, rng):
         if other:
             mixed.append(other.pop())
     first = [space.default_params(workload, limits, device.kind)]
-    nearest, _ = database.lookup(device.identity, workload, limits)
+    nearest, _ = database.lookup(device.identity, workload, limits, traits=DeviceTraits.of(device))
     first.append(nearest)
     seen, order = set(), []
     for params in first + mixed:
@@ -261,5 +262,5 @@ def tune(op, *operands, device="opencl", time_budget=30.0, max_candidates=None, 
     gflops = workload.flops / best_seconds / 1e9 if best_seconds else None
     database.record(target.identity, workload,
                     {"params": best, "seconds": best_seconds, "gflops": gflops} if best else None,
-                    rejected, tried)
+                    rejected, tried, traits=DeviceTraits.of(target))
     return TuneResult(target.id, workload.key, best, best_seconds, default_seconds, gflops, tried, rejected)

@@ -2,6 +2,8 @@
 
 Stored as one JSON document in Sparkle's cache directory (atomic writes, file lock). A workload that was
 never tuned borrows the parameters of the nearest tuned shape on the same device, if they are valid for it.
+A device with no tuning of its own borrows from its nearest tuned relative (``relatives.py``: same vendor,
+kind and architecture), and the source it returns names that device.
 """
 
 from __future__ import annotations
@@ -14,19 +16,19 @@ from importlib import resources
 
 from ...cache import JsonDocument
 from ..codegen import TEMPLATE_VERSION
-from . import space
+from . import relatives, space
 
 DOCUMENT = JsonDocument("opencl-tuning", version=TEMPLATE_VERSION)
 
 
-def _device_entry(document, identity):
-    return document.setdefault("devices", {}).setdefault(identity, {"workloads": {}})["workloads"]
-
-
-def record(identity, workload, best, rejected, tried, document=DOCUMENT):
-    """Store a tuning outcome: ``best`` is {"params", "seconds", "gflops"} or None."""
+def record(identity, workload, best, rejected, tried, document=DOCUMENT, traits=None):
+    """Store a tuning outcome: ``best`` is {"params", "seconds", "gflops"} or None. ``traits`` (the device's
+    DeviceTraits) let devices of its family borrow these results."""
     def change(data):
-        entry = _device_entry(data, identity).setdefault(workload.key, {})
+        device = data.setdefault("devices", {}).setdefault(identity, {"workloads": {}})
+        if traits is not None:
+            device["traits"] = traits.to_json()
+        entry = device["workloads"].setdefault(workload.key, {})
         entry["workload"] = workload.as_dict()
         old = entry.get("best")
         if best is not None and (old is None or old.get("seconds") is None or best["seconds"] <= old["seconds"]):
@@ -91,15 +93,30 @@ def distance(a, b):
 MAX_BORROW_DISTANCE = 4.0
 
 
-def lookup(identity, workload, limits, excluded=(), document=DOCUMENT):
-    """(params, source) for ``workload``: source is "tuned", "nearest <key>", or None when nothing fits.
+def _stored_traits(device_entry):
+    data = device_entry.get("traits")
+    return relatives.DeviceTraits.from_json(data) if isinstance(data, dict) else None
 
-    ``excluded`` holds parameter sets that failed in this process; they are passed over.
-    """
+
+def relatives_of(identity, traits, document=DOCUMENT):
+    """[(name, traits, workloads)] of the tuned devices of ``traits``'s family, nearest first (the user's own
+    database, then the shipped seed; never ``identity`` itself)."""
+    found = {}
+    for source in (document.snapshot().get("devices", {}), _seed().get("devices", {})):
+        for other, value in source.items():
+            if other == identity or other in found or not value.get("workloads"):
+                continue
+            other_traits = _stored_traits(value)
+            if other_traits is not None:
+                found[other] = (other_traits, value["workloads"])
+    order = relatives.nearest(traits, {other: found[other][0] for other in found})
+    return [(other.split("|")[3], *found[other]) for other in order]
+
+
+def _choose(stored, workload, limits, skip):
+    """(params, "tuned" or "nearest <key>") from ``stored`` entries, or None when none fits."""
     from ..codegen import Workload
 
-    stored = {**seed_entries(identity), **entries(identity, document)}  # the user's own tuning wins
-    skip = {space.identity(p) for p in excluded}
     own = stored.get(workload.key, {}).get("best")
     if own and space.identity(own["params"]) not in skip \
             and not space.violations(own["params"], workload, limits):
@@ -120,4 +137,38 @@ def lookup(identity, workload, limits, excluded=(), document=DOCUMENT):
     for _, key, params in sorted(ranked, key=lambda item: item[:2]):
         if space.identity(params) not in skip and not space.violations(params, workload, limits):
             return dict(params), f"nearest {key}"
-    return None, None
+    return None
+
+
+def lookup(identity, workload, limits, excluded=(), document=DOCUMENT, traits=None):
+    """(params, source) for ``workload``: source is "tuned", "nearest <key>", "relative <device>: tuned" or
+    "relative <device>: nearest <key>" (borrowed from the nearest tuned device of ``traits``'s family), or
+    (None, None) when nothing fits.
+
+    ``excluded`` holds parameter sets that failed in this process; they are passed over.
+    """
+    skip = {space.identity(p) for p in excluded}
+    stored = {**seed_entries(identity), **entries(identity, document)}  # the user's own tuning wins
+    found = _choose(stored, workload, limits, skip)
+    if found is None and traits is not None:
+        for name, other_traits, workloads in relatives_of(identity, traits, document):
+            found = _choose(workloads, workload, limits, skip)
+            if found is not None:
+                found = found[0], f"relative {name} ({other_traits.describe()}): {found[1]}"
+                break
+    return found if found is not None else (None, None)
+
+
+def provenance(identity, traits, document=DOCUMENT):
+    """One line on where a device's tuned parameters come from."""
+    own, shipped = entries(identity, document), seed_entries(identity)
+    if own or shipped:
+        parts = [f"{len(own)} tuned here"] if own else []
+        parts += [f"{len(shipped)} shipped"] if shipped else []
+        return "tuned workloads: " + ", ".join(parts)
+    family = relatives_of(identity, traits, document) if traits is not None else []
+    if family:
+        name, other_traits, workloads = family[0]
+        return (f"no tuning of its own: borrows the {len(workloads)} tuned workloads of {name} "
+                f"({other_traits.describe()}), its nearest relative")
+    return "no tuning of its own and no tuned relative: the device kind's defaults"
