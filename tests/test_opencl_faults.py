@@ -108,10 +108,10 @@ def inject_oversized_launch(monkeypatch, device, workload):
     bad = oversized_params(device)
     real = database.lookup
 
-    def lookup(identity, w, limits, excluded=(), document=database.DOCUMENT):
+    def lookup(identity, w, limits, excluded=(), document=database.DOCUMENT, traits=None):
         if w == workload and bad not in [space.complete(p) for p in excluded]:
             return dict(bad), "tuned"
-        return real(identity, w, limits, excluded, document)
+        return real(identity, w, limits, excluded, document, traits)
 
     monkeypatch.setattr(database, "lookup", lookup)
     return bad, "exceeds the device's"

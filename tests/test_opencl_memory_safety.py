@@ -153,6 +153,11 @@ CASES = [
     ("gpu matmul VEC_A4", {**GPU, "VEC_A": 4, "TN": 64, "WN": 8}, lambda r: make_matmul(r, 13, 20, 37)),
     ("gpu fp64 VW4", {**GPU, "VW": 4}, lambda r: make_conv(r, (1, 3, 5, 6), (4, 3, 3, 3), F64, bias=True,
                                                           padding=1)),
+    ("gpu split-K 4 slices bias relu", {**GPU, "KSPLIT": 4},  # 17 reduction tiles: the last slice is short
+     lambda r: make_conv(r, (1, 15, 4, 5), (5, 15, 3, 3), bias=True, padding=1, activation="relu")),
+    ("gpu split-K fp64 VW4", {**GPU, "VW": 4, "KSPLIT": 2}, lambda r: make_conv(r, (1, 8, 3, 3), (6, 8, 3, 3), F64,
+                                                                                padding=1)),
+    ("cpu split-K matmul", {**CPU, "KSPLIT": 2}, lambda r: make_matmul(r, 7, 70, 9)),
     ("cpu 3x3 pad bias", CPU, lambda r: make_conv(r, (2, 3, 7, 5), (5, 3, 3, 3), bias=True, padding=1)),
     ("cpu device defaults", space.DEVICE_DEFAULTS["cpu"], lambda r: make_conv(r, (1, 3, 9, 7), (10, 3, 3, 3),
                                                                               padding=1, stride=(2, 1))),

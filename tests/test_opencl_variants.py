@@ -161,6 +161,12 @@ def scenario_matmul_vec(rng):
     return Problem("matmul", ((m, k), (k, n)), dtype="float64")
 
 
+def scenario_split_k(rng):
+    # Few output tiles over a long reduction (a small late layer at N=1): split-K's slices, uneven last slice.
+    return conv(1, odd(rng, 460, 520), odd(rng, 3, 7), odd(rng, 3, 7), odd(rng, 3, 17), 1, (3, 3),
+                bias=bool(rng.integers(2)), padding=1, activation=["relu", None][int(rng.integers(2))])
+
+
 def vector_pixels_divide(params, workload):
     return params["VN"] > 1 and (workload.out_h * workload.out_w) % params["VN"] == 0
 
@@ -179,6 +185,8 @@ SCENARIOS = {
     "vec_a": (scenario_vec_a, {"gpu": ("VEC_A=4", lambda p, w: p["VEC_A"] == 4)}),
     "matmul": (scenario_matmul, {}),
     "matmul_vec": (scenario_matmul_vec, {"gpu": ("VEC_A=4 and VEC_B=4", lambda p, w: p["VEC_A"] == p["VEC_B"] == 4)}),
+    "split_k": (scenario_split_k, {"gpu": ("KSPLIT > 1", lambda p, w: p["KSPLIT"] > 1),
+                                   "cpu": ("KSPLIT > 1", lambda p, w: p["KSPLIT"] > 1)}),
 }
 
 
@@ -326,7 +334,8 @@ def test_scenarios_reach_every_tunable_value(family):
     # Every value of every tunable in the family's space occurs in a valid candidate for problems the
     # scenarios draw (a fixed handful of draws; no device involved: the limits of a device with room for
     # every tile). A value that no scenario can produce would never be tested by the sample above.
-    limits = space.DeviceLimits(max_work_group_size=1024, local_memory=64 * 1024, has_fp64=True)
+    limits = space.DeviceLimits(max_work_group_size=1024, local_memory=64 * 1024, has_fp64=True,
+                                compute_units=132)  # a large GPU: every split-K slice count pays somewhere
     rng = np.random.default_rng(0)
     seen = {name: set() for name in space.SPACES[family]}
     for _ in range(4):

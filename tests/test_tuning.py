@@ -243,6 +243,8 @@ def test_candidates_are_valid_and_complete(kind, limits, name):
         params = dict(zip(names, values))
         fits = params["TM"] <= max(smallest_m, workload.gemm_m) and params["TN"] <= max(smallest_n,
                                                                                           workload.gemm_n)
+        # split-K only up to the slice count that fills the device
+        fits = fits and params["KSPLIT"] <= space.split_for_occupancy(params, workload, limits)
         if fits and not space.violations(params, workload, limits):
             assert tuple(sorted(params.items())) in set(keys), params
 
@@ -254,7 +256,8 @@ def test_device_defaults_fit_any_float32_workload_on_a_modest_device(name):
         params = space.default_params(workload, SMALL if workload.dtype == "float32" else BIG, kind)
         assert params is not None
         if workload.dtype == "float32":
-            assert params == space.DEVICE_DEFAULTS[kind]
+            split = space.split_for_occupancy(params, workload, SMALL) if kind == "gpu" else 1
+            assert space.identity(params) == space.identity({**space.DEVICE_DEFAULTS[kind], "KSPLIT": split})
         assert space.violations(params, workload, BIG) == []
     if workload.dtype == "float64":  # twice the local memory: the GPU defaults do not fit 16 KiB
         assert space.default_params(workload, DeviceLimits(128, 16 * 1024), "gpu") == DEFAULTS

@@ -47,10 +47,9 @@ def choose_params(device, workload):
     params, source = database.lookup(device.identity, workload, limits, excluded, traits=DeviceTraits.of(device))
     if params is not None:
         return params, source
-    skip = {space.identity(p) for p in excluded}
-    for params in (space.DEVICE_DEFAULTS[device.kind], space.complete({})):
-        if space.identity(params) not in skip and not space.violations(params, workload, limits):
-            return dict(params), "default"
+    params = space.default_params(workload, limits, device.kind, {space.identity(p) for p in excluded})
+    if params is not None:
+        return params, "default"
     if workload.dtype == "float64" and not device.has_fp64:
         return None, f"{device.id} ({device.name}) has no float64 support"
     return None, "every variant for this workload failed on this device" if excluded else \

@@ -67,7 +67,7 @@ class Workload(ConvGeometry):
 
 
 # Tunables, in the order they appear in the source; each has a default in the template.
-TUNABLES = ("TM", "TN", "TK", "WM", "WN", "VW", "USE_LOCAL", "VEC_A", "VEC_B", "VN")
+TUNABLES = ("TM", "TN", "TK", "WM", "WN", "VW", "USE_LOCAL", "VEC_A", "VEC_B", "VN", "KSPLIT")
 
 
 @lru_cache(maxsize=1)
@@ -114,8 +114,33 @@ def launch_geometry(workload, params):
     threads_n, threads_m = p["TN"] // p["WN"], p["TM"] // p["WM"]
     tiles_n = -(-workload.gemm_n // p["TN"])
     tiles_m = -(-workload.gemm_m // p["TM"])
-    return (tiles_n * threads_n, tiles_m * threads_m, workload.groups), (threads_n, threads_m, 1)
+    return (tiles_n * threads_n, tiles_m * threads_m, workload.groups * p["KSPLIT"]), (threads_n, threads_m, 1)
+
+
+def output_size(workload):
+    return workload.batch * workload.out_channels * workload.out_h * workload.out_w
+
+
+def work_groups(workload, params):
+    """Work-groups the main kernel launches (what fills a device's compute units)."""
+    p = {**DEFAULTS, **params}
+    return -(-workload.gemm_n // p["TN"]) * -(-workload.gemm_m // p["TM"]) * workload.groups * p["KSPLIT"]
+
+
+def split_slices(params):
+    """Split-K's slice count (1: no split, one kernel writes the output)."""
+    return int({**DEFAULTS, **params}["KSPLIT"])
+
+
+def reduce_geometry(workload):
+    """(global size, local size) of split-K's reduction: one work-item per output element."""
+    return (-(-output_size(workload) // REDUCE_LOCAL) * REDUCE_LOCAL,), (REDUCE_LOCAL,)
 
 
 # Mirrors the template's #ifndef defaults (tests check the two agree).
-DEFAULTS = {"TM": 32, "TN": 32, "TK": 8, "WM": 4, "WN": 4, "VW": 1, "USE_LOCAL": 1, "VEC_A": 1, "VEC_B": 1, "VN": 1}
+DEFAULTS = {"TM": 32, "TN": 32, "TK": 8, "WM": 4, "WN": 4, "VW": 1, "USE_LOCAL": 1, "VEC_A": 1, "VEC_B": 1, "VN": 1,
+            "KSPLIT": 1}
+
+# Split-K's reduction kernel (defined in the source when KSPLIT > 1) and its work-group size.
+REDUCE_KERNEL = "reduce_slices"
+REDUCE_LOCAL = 64

@@ -52,7 +52,7 @@ class _Variant:
         self.global_size, self.local_size = codegen.launch_geometry(call.workload, params)
         self._call = call
         self._source = self._key = None
-        self.kernel = None
+        self.kernel = self.reduce = None
         self.lock = threading.Lock()  # clSetKernelArg + enqueue on one kernel object is not thread-safe
 
     @property
@@ -69,12 +69,45 @@ class _Variant:
         return self._key
 
     def build(self):
-        """Build (or take from the program caches) and make the kernel object; raises the driver's error."""
-        device = self._call.device
-        kernel = cl.Kernel(device.program(self.source, key=self.program_key), KERNEL_NAME)
-        if not self._call.has_bias:
-            kernel.set_arg(BIAS_ARG, self._call.unused_bias.buffer)  # never read, but must be a buffer
+        """Build (or take from the program caches) and make the kernel objects; raises the driver's error."""
+        call = self._call
+        device = call.device
+        program = device.program(self.source, key=self.program_key)
+        kernel = cl.Kernel(program, KERNEL_NAME)
+        reduce = None
+        if codegen.split_slices(self.params) > 1:  # split-K: the slices write a workspace of this variant's own
+            reduce = cl.Kernel(program, codegen.REDUCE_KERNEL)
+            workspace = device.pool_buffer(launch.workspace_bytes(call.workload, self.params))
+            weakref.finalize(self, device.pool.give, workspace)
+            kernel.set_arg(OUT_ARG, workspace)
+            reduce.set_arg(0, workspace)
+            self.reduce_global, self.reduce_local = codegen.reduce_geometry(call.workload)
+        if not call.has_bias:
+            unused = call.unused_bias.buffer  # never read, but must be a buffer
+            kernel.set_arg(BIAS_ARG, unused)
+            if reduce is not None:
+                reduce.set_arg(1, unused)
+        self.reduce = reduce
         self.kernel = kernel
+
+    def enqueue(self, queue, x_buf, w_buf, bias_buf, out_buf):
+        """Set the arguments that change and enqueue (no wait); raises the driver's error."""
+        kernel, reduce = self.kernel, self.reduce
+        with self.lock:  # a split's workspace is used by one call at a time (the queue is in order)
+            kernel.set_arg(0, x_buf)
+            kernel.set_arg(1, w_buf)
+            if bias_buf is not None:
+                kernel.set_arg(BIAS_ARG, bias_buf)
+            if reduce is None:
+                kernel.set_arg(OUT_ARG, out_buf)
+            cl.enqueue_nd_range_kernel(queue, kernel, self.global_size, self.local_size,
+                                       None, None, False, False)  # positional: keywords cost here
+            if reduce is not None:
+                if bias_buf is not None:
+                    reduce.set_arg(1, bias_buf)
+                reduce.set_arg(2, out_buf)
+                cl.enqueue_nd_range_kernel(queue, reduce, self.reduce_global, self.reduce_local,
+                                           None, None, False, False)
 
 
 class PreparedCall:
@@ -223,15 +256,8 @@ class PreparedCall:
         out = None
         try:
             out = self.device.pool_buffer(self._out_nbytes)
-            kernel = variant.kernel
-            with variant.lock:
-                kernel.set_arg(0, image.buffer)
-                kernel.set_arg(1, weights.buffer)
-                if bias is not None:
-                    kernel.set_arg(BIAS_ARG, bias.buffer)
-                kernel.set_arg(OUT_ARG, out)
-                cl.enqueue_nd_range_kernel(self._queue, kernel, variant.global_size, variant.local_size,
-                                           None, None, False, False)  # positional: keywords cost here
+            variant.enqueue(self._queue, image.buffer, weights.buffer, bias.buffer if bias is not None else None,
+                            out)
         except (cl.Error, MemoryError) as error:
             if out is not None:
                 self._give(out)
@@ -261,15 +287,8 @@ class PreparedCall:
                 launch.enqueue(device, self.workload, variant.params, x_dev.buffer, w_dev.buffer, unused.buffer,
                                out.buffer, has_bias=bias is not None, relu=self.relu)
             else:
-                kernel = variant.kernel
-                with variant.lock:
-                    kernel.set_arg(0, x_dev.buffer)
-                    kernel.set_arg(1, w_dev.buffer)
-                    if b_dev is not None:
-                        kernel.set_arg(BIAS_ARG, b_dev.buffer)
-                    kernel.set_arg(OUT_ARG, out.buffer)
-                    cl.enqueue_nd_range_kernel(self._queue, kernel, variant.global_size, variant.local_size,
-                                               None, None, False, False)
+                variant.enqueue(self._queue, x_dev.buffer, w_dev.buffer, b_dev.buffer if b_dev is not None else None,
+                                out.buffer)
             return out if on_device else out.get()
         except (cl.Error, MemoryError) as error:
             return self._fault(variant, error, on_device, run_on_cpu)

@@ -56,11 +56,18 @@ typedef XCAT(REAL_NAME, 4) real4;
 #ifndef VN            // CPU shape only: a work-item's pixels as vectors of VN (explicit SIMD; 1: scalars)
 #define VN 1
 #endif
+// Split-K: the reduction cut into KSPLIT slices, each its own work-groups (fills a device that too few output
+// tiles leave idle); reduce_slices adds the slices' partial sums in slice order: every run gives the same bits.
+#ifndef KSPLIT        // reduction slices (1: no split)
+#define KSPLIT 1
+#endif
 
 #define DM (TM / WM)
 #define DN (TN / WN)
 #define THREADS (DM * DN)
 #define KTILES ((KR + TK - 1) / TK)
+#define SLICE_TILES ((KTILES + KSPLIT - 1) / KSPLIT)  // reduction tiles per split-K slice
+#define OUT_SIZE ((INDEX)N_IMG * K_OUT * PQ)
 
 // Row i / column j of a work-item's register block inside the tile.
 #define ROW_OF(i, ty) (((i) / VW) * (DM * VW) + (ty) * VW + (i) % VW)
@@ -128,7 +135,10 @@ void conv2d(__global const real* restrict x, __global const real* restrict w,
     const int ty = get_local_id(1);
     const int col0 = get_group_id(0) * TN;  // first pixel of the tile
     const int row0 = get_group_id(1) * TM;  // first output channel of the tile, inside the group
-    const int group = get_group_id(2);
+    const int group = get_group_id(2) / KSPLIT;
+    const int slice = get_group_id(2) % KSPLIT;
+    const int kt_begin = slice * SLICE_TILES;  // this slice's reduction tiles: [kt_begin, kt_end)
+    const int kt_end = min(KTILES, kt_begin + SLICE_TILES);
     const __global real* wg = w + (INDEX)group * KG * KR;
 
     real acc[WM][WN];
@@ -203,8 +213,8 @@ void conv2d(__global const real* restrict x, __global const real* restrict w,
 #define B_LOAD(c, e, j) b_reg[c][e] = load_b(x, px[c], j)
 #endif
 
-    LOAD_TILE(0)
-    for (int kt = 0; kt < KTILES; ++kt) {
+    LOAD_TILE(kt_begin * TK)
+    for (int kt = kt_begin; kt < kt_end; ++kt) {
         barrier(CLK_LOCAL_MEM_FENCE);  // everyone is done reading the previous tile
         #pragma unroll
         for (int e = 0; e < A_LOADS; ++e) {
@@ -237,7 +247,7 @@ void conv2d(__global const real* restrict x, __global const real* restrict w,
                 }
             }
         barrier(CLK_LOCAL_MEM_FENCE);
-        if (kt + 1 < KTILES) {
+        if (kt + 1 < kt_end) {
             LOAD_TILE((kt + 1) * TK)
         }
         #pragma unroll
@@ -281,7 +291,7 @@ void conv2d(__global const real* restrict x, __global const real* restrict w,
         #pragma unroll
         for (int v = 0; v < WN / VN; ++v)
             accv[i][v] = (realv)0;
-    for (int kk = 0; kk < KR; ++kk) {
+    for (int kk = kt_begin * TK; kk < min(KR, kt_end * TK); ++kk) {
         real a[WM];
         #pragma unroll
         for (int i = 0; i < WM; ++i) {
@@ -311,7 +321,7 @@ void conv2d(__global const real* restrict x, __global const real* restrict w,
         for (int v = 0; v < WN / VN; ++v)
             XCAT(vstore, VN)(accv[i][v], 0, &acc[i][v * VN]);
 #else
-    for (int kk = 0; kk < KR; ++kk) {
+    for (int kk = kt_begin * TK; kk < min(KR, kt_end * TK); ++kk) {
         real a[WM], b[WN];
         #pragma unroll
         for (int i = 0; i < WM; ++i) {
@@ -329,7 +339,7 @@ void conv2d(__global const real* restrict x, __global const real* restrict w,
 #endif
 #endif
 
-    // ---- epilogue: bias, ReLU, store (out is N x K x P x Q) ----
+    // ---- epilogue: bias, ReLU, store (out is N x K x P x Q; with KSPLIT > 1, KSPLIT such arrays of raw sums) ----
     #pragma unroll
     for (int j = 0; j < WN; ++j) {
         int pixel = col0 + COL_OF(j, tx);
@@ -341,7 +351,27 @@ void conv2d(__global const real* restrict x, __global const real* restrict w,
             int row = row0 + ROW_OF(i, ty);
             if (row >= KG) continue;
             int k = group * KG + row;
+#if KSPLIT > 1
+            out[slice * OUT_SIZE + ((INDEX)n * K_OUT + k) * PQ + pq] = acc[i][j];  // a slice's partial sum
+#else
             out[((INDEX)n * K_OUT + k) * PQ + pq] = epilogue(acc[i][j], bias, k);
+#endif
         }
     }
 }
+
+#if KSPLIT > 1
+// Split-K's second kernel: out = epilogue(partial[0] + partial[1] + ... + partial[KSPLIT - 1]), in that order.
+__kernel void reduce_slices(__global const real* restrict partial, __global const real* restrict bias,
+                            __global real* restrict out)
+{
+    const INDEX at = get_global_id(0);
+    if (at >= OUT_SIZE) return;
+    real sum = partial[at];
+    #pragma unroll
+    for (int s = 1; s < KSPLIT; ++s)
+        sum += partial[s * OUT_SIZE + at];
+    const int k = (int)((at / PQ) % K_OUT);
+    out[at] = epilogue(sum, bias, k);
+}
+#endif

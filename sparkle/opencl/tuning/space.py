@@ -11,15 +11,25 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..codegen import DEFAULTS
+from ..codegen import DEFAULTS, work_groups
+
+# Split-K slice counts. A split pays only while the output tiles leave compute units idle: the candidates
+# stop at the first count that gives every compute unit OCCUPANCY work-groups (one: a ResNet-50 3x3 layer at
+# N=32 has 196 tiles of 64x128 for the H100's 132 units and is not split), and each slice keeps at least
+# MIN_SLICE_TILES reduction tiles (fewer: the reduction's extra pass costs more than the slices gain).
+SPLITS = (1, 2, 4, 8, 16, 32)
+OCCUPANCY = 1
+MIN_SLICE_TILES = 4
 
 # GPU family: local-memory tiles, work-groups of 64-256 work-items. CPU family (PoCL): no local memory,
 # no barriers, each work-item streams a register block straight from global memory.
 SPACES = {
     "gpu": {"USE_LOCAL": (1,), "TM": (32, 64, 128), "TN": (32, 64, 128, 256), "TK": (8, 16, 32),
-            "WM": (4, 8), "WN": (4, 8, 16), "VW": (1, 4), "VEC_A": (1, 4), "VEC_B": (1, 4), "VN": (1,)},
+            "WM": (4, 8), "WN": (4, 8, 16), "VW": (1, 4), "VEC_A": (1, 4), "VEC_B": (1, 4), "VN": (1,),
+            "KSPLIT": SPLITS},
     "cpu": {"USE_LOCAL": (0,), "TM": (4, 8, 16, 32), "TN": (8, 16, 32, 64, 128), "TK": (8,),
-            "WM": (1, 2, 4, 8), "WN": (4, 8, 16, 32), "VW": (1,), "VEC_A": (1,), "VEC_B": (1,), "VN": (1, 4, 8, 16)},
+            "WM": (1, 2, 4, 8), "WN": (4, 8, 16, 32), "VW": (1,), "VEC_A": (1,), "VEC_B": (1,), "VN": (1, 4, 8, 16),
+            "KSPLIT": SPLITS},
 }
 
 # Starting points per device kind. The GPU one needs 128 work-items and 12.8 KB of local memory in float32
@@ -38,10 +48,13 @@ class DeviceLimits:
     max_work_group_size: int
     local_memory: int  # bytes
     has_fp64: bool = True
+    compute_units: int = 1  # what split-K fills
+    max_alloc: int = 1 << 62  # bytes of the largest buffer (split-K's workspace must fit)
 
     @classmethod
     def of(cls, device):
-        return cls(device.max_work_group_size, device.local_memory, device.has_fp64)
+        return cls(device.max_work_group_size, device.local_memory, device.has_fp64, device.compute_units,
+                   device.max_alloc)
 
 
 def complete(params):
@@ -79,7 +92,7 @@ def violations(params, workload, limits):
     p = complete(params)
     reasons = []
     if any(not isinstance(p[name], int) or p[name] < 1
-           for name in ("TM", "TN", "TK", "WM", "WN", "VW", "VEC_A", "VEC_B", "VN")):
+           for name in ("TM", "TN", "TK", "WM", "WN", "VW", "VEC_A", "VEC_B", "VN", "KSPLIT")):
         return ["every tile size must be a positive int"]
     if p["USE_LOCAL"] not in (0, 1):
         reasons.append(f"USE_LOCAL must be 0 or 1, got {p['USE_LOCAL']}")
@@ -112,11 +125,40 @@ def violations(params, workload, limits):
     if p["VEC_B"] == 4 and (not workload.pointwise or (workload.out_h * workload.out_w) % 4
                             or p["TN"] % 4 or not p["USE_LOCAL"]):
         reasons.append("VEC_B=4 needs local tiles and a 1x1 stride-1 unpadded conv with P*Q a multiple of 4")
+    if p["KSPLIT"] > 1:
+        reasons += _split_violations(p, workload, limits, itemsize)
     if p["USE_LOCAL"]:
         vcols = p["TN"] // p["VEC_B"]
         if count % vcols and vcols % count:
             reasons.append(f"{count} work-items and {vcols} B-tile columns must divide one another")
     return reasons
+
+
+def _split_violations(p, workload, limits, itemsize):
+    tiles = -(-workload.gemm_k // p["TK"])
+    reasons = []
+    if p["KSPLIT"] not in SPLITS:
+        reasons.append(f"KSPLIT must be one of {SPLITS}, got {p['KSPLIT']}")
+    elif tiles < p["KSPLIT"] * MIN_SLICE_TILES:
+        reasons.append(f"KSPLIT={p['KSPLIT']} leaves slices under {MIN_SLICE_TILES} of the {tiles} reduction tiles")
+    workspace = p["KSPLIT"] * workload.batch * workload.out_channels * workload.out_h * workload.out_w * itemsize
+    if workspace > limits.max_alloc:
+        reasons.append(f"split-K's {workspace} byte workspace exceeds the device's largest buffer")
+    return reasons
+
+
+def split_for_occupancy(params, workload, limits):
+    """The least KSPLIT that gives every compute unit OCCUPANCY work-groups of ``params``'s tiles (1 when the
+    output tiles do already), within the reduction's length."""
+    tiles = work_groups(workload, {**params, "KSPLIT": 1})
+    wanted = OCCUPANCY * limits.compute_units
+    best = 1
+    for slices in SPLITS[1:]:
+        if tiles * best >= wanted or _split_violations({**complete(params), "KSPLIT": slices}, workload, limits,
+                                                       8 if workload.dtype == "float64" else 4):
+            break
+        best = slices
+    return best
 
 
 def candidates(workload, limits, kind):
@@ -133,14 +175,25 @@ def candidates(workload, limits, kind):
         params = dict(zip(names, values))
         if params["TM"] > max(cap_m, space["TM"][0]) or params["TN"] > max(cap_n, space["TN"][0]):
             continue
+        if params["KSPLIT"] > 1 and params["KSPLIT"] > split_for_occupancy(params, workload, limits):
+            continue  # split beyond what fills the device: only the reduction grows
         if not violations(params, workload, limits):
             found.append(params)
     return found
 
 
-def default_params(workload, limits, kind):
-    """The device kind's defaults if they fit, else the template's, else None (no safe OpenCL variant)."""
+def default_params(workload, limits, kind, excluded=()):
+    """The device kind's defaults if they fit, else the template's, else None (no safe OpenCL variant); on a
+    GPU split along the reduction when the output tiles alone leave compute units idle (``split_for_occupancy``).
+    ``excluded``: parameter sets that failed (their identities) are passed over."""
     for params in (DEVICE_DEFAULTS[kind], dict(DEFAULTS)):
-        if not violations(params, workload, limits):
-            return dict(params)
+        if violations(params, workload, limits):
+            continue
+        options = [params]
+        if kind == "gpu":
+            split = {**params, "KSPLIT": split_for_occupancy(params, workload, limits)}
+            options.insert(0, split)
+        for option in options:
+            if identity(option) not in excluded:
+                return dict(option)
     return None
