@@ -25,8 +25,9 @@ import numpy as np
 import sparkle
 from sparkle import api, reference
 from sparkle.devices import resolve_device
-from sparkle.opencl import backend, launch, transfer
+from sparkle.opencl import backend, codegen, launch, transfer
 from sparkle.opencl.codegen import Workload
+from sparkle.opencl.tuning import space
 from sparkle.workloads import RESNET50_LAYERS, layer_inputs
 
 try:
@@ -147,6 +148,14 @@ def measure(device, name, spec, host, conv_kwargs, args, rng):
     return row
 
 
+def algorithm(params):
+    """The variant's algorithm in words: "winograd", "split-K 8" or "implicit GEMM"."""
+    complete = space.complete(params)
+    if complete["ALGO"] == codegen.WINOGRAD:
+        return "winograd"
+    return f"split-K {complete['KSPLIT']}" if complete["KSPLIT"] > 1 else "implicit GEMM"
+
+
 def table(rows, title):
     has_torch = any("torch_ms" in r for r in rows)
     has_numba = any("numba_ms" in r for r in rows)
@@ -155,7 +164,7 @@ def table(rows, title):
         headers += ["torch", "torch ms", "torch GFLOPS", "sparkle/torch"]
     if has_numba:
         headers += ["Numba CPU ms", "Numba CPU GFLOPS"]
-    headers += ["params from"]
+    headers += ["algorithm", "params from"]
     body = []
     for r in rows:
         row = [r["workload"], f"{r['sparkle_ms']:.3f}", f"{r['sparkle_gflops']:.0f}"]
@@ -166,7 +175,7 @@ def table(rows, title):
         if has_numba:
             row += [f"{r['numba_ms']:.3f}" if "numba_ms" in r else "-",
                     f"{r['numba_gflops']:.1f}" if "numba_ms" in r else "-"]
-        row.append(r["params_from"])
+        row += [algorithm(r["params"]), r["params_from"]]
         body.append(row)
     return f"### {title}\n\n" + markdown_table(headers, body)
 

@@ -137,6 +137,8 @@ def run(device, params, x, w, b, spec, render_workload=None, out_shape=None):
 GPU = {"USE_LOCAL": 1, "TM": 32, "TN": 32, "TK": 8, "WM": 4, "WN": 4, "VW": 1, "VEC_A": 1, "VEC_B": 1, "VN": 1}
 CPU = {"USE_LOCAL": 0, "TM": 8, "TN": 16, "TK": 8, "WM": 2, "WN": 4, "VW": 1, "VEC_A": 1, "VEC_B": 1, "VN": 1}
 
+WINOGRAD = space.complete({"ALGO": 1, "WBK": 16, "WBT": 16, "WBC": 4, "WRK": 2, "WRT": 2})
+
 # (name, params, problem): problems are tiny and have edge tiles (sizes not multiples of the tiles).
 F32, F64 = np.float32, np.float64
 CASES = [
@@ -158,6 +160,12 @@ CASES = [
     ("gpu split-K fp64 VW4", {**GPU, "VW": 4, "KSPLIT": 2}, lambda r: make_conv(r, (1, 8, 3, 3), (6, 8, 3, 3), F64,
                                                                                 padding=1)),
     ("cpu split-K matmul", {**CPU, "KSPLIT": 2}, lambda r: make_matmul(r, 7, 70, 9)),
+    ("winograd pad bias relu odd P Q", WINOGRAD, lambda r: make_conv(r, (2, 5, 7, 6), (9, 5, 3, 3), bias=True,
+                                                                     padding=1, activation="relu")),
+    ("winograd asym pad unpadded edge", {**WINOGRAD, "WRK": 1, "WRT": 4}, lambda r: make_conv(r, (1, 6, 6, 9),
+                                                                                             (18, 6, 3, 3),
+                                                                                             padding=(0, 2, 1, 0))),
+    ("winograd fp64", WINOGRAD, lambda r: make_conv(r, (1, 3, 5, 5), (4, 3, 3, 3), F64, bias=True)),
     ("cpu 3x3 pad bias", CPU, lambda r: make_conv(r, (2, 3, 7, 5), (5, 3, 3, 3), bias=True, padding=1)),
     ("cpu device defaults", space.DEVICE_DEFAULTS["cpu"], lambda r: make_conv(r, (1, 3, 9, 7), (10, 3, 3, 3),
                                                                               padding=1, stride=(2, 1))),
@@ -195,7 +203,7 @@ SAMPLED = {
 
 
 @pytest.mark.parametrize("shape", list(SAMPLED))
-@pytest.mark.parametrize("kind", ["gpu", "cpu"])
+@pytest.mark.parametrize("kind", list(space.SPACES))
 def test_sample_of_the_search_space_is_memory_safe(oclgrind, report, kind, shape):
     """A fixed sample of each family's candidates on shapes with edge tiles everywhere."""
     problem = SAMPLED[shape](np.random.default_rng(11))

@@ -51,7 +51,7 @@ def run_seed():
 SEED = run_seed()
 RERUN = f"seed {SEED}; rerun this sample with {SEED_ENV}={SEED}"
 FAMILIES = tuple(space.SPACES)  # ("gpu", "cpu")
-SAMPLES = {"gpu": 1, "cpu": 2}  # candidates per scenario and family (plus required features and defaults)
+SAMPLES = {"gpu": 1, "cpu": 2, "winograd": 1}  # candidates per scenario and family (plus required features and defaults)
 
 
 # --- problems --------------------------------------------------------------------------------------
@@ -167,6 +167,15 @@ def scenario_split_k(rng):
                 bias=bool(rng.integers(2)), padding=1, activation=["relu", None][int(rng.integers(2))])
 
 
+def scenario_winograd(rng):
+    # 3x3 stride 1: odd output sizes (2x2 tiles cut at the edges), asymmetric padding, channels that are no
+    # multiple of WBC or WBK, over 64 tiles and channels (the largest Winograd blocks reachable).
+    pads = (int(rng.integers(0, 3)), int(rng.integers(0, 3)), int(rng.integers(0, 3)), int(rng.integers(0, 3)))
+    return conv(int(rng.integers(1, 3)), odd(rng, 3, 19), odd(rng, 9, 17), int(rng.integers(9, 18)),
+                odd(rng, 33, 81), 1, (3, 3), bias=bool(rng.integers(2)), padding=pads,
+                activation=["relu", None][int(rng.integers(2))], dtype=["float32", "float64"][int(rng.integers(2))])
+
+
 def vector_pixels_divide(params, workload):
     return params["VN"] > 1 and (workload.out_h * workload.out_w) % params["VN"] == 0
 
@@ -187,6 +196,7 @@ SCENARIOS = {
     "matmul_vec": (scenario_matmul_vec, {"gpu": ("VEC_A=4 and VEC_B=4", lambda p, w: p["VEC_A"] == p["VEC_B"] == 4)}),
     "split_k": (scenario_split_k, {"gpu": ("KSPLIT > 1", lambda p, w: p["KSPLIT"] > 1),
                                    "cpu": ("KSPLIT > 1", lambda p, w: p["KSPLIT"] > 1)}),
+    "winograd": (scenario_winograd, {"winograd": ("Winograd", lambda p, w: p["ALGO"] == 1)}),
 }
 
 
@@ -202,6 +212,8 @@ def draw_problem(name, rng, has_fp64=True):
 def build_cost(params, workload):
     """Rough PoCL build seconds: the unrolled FMA block and the unrolled pixel gathers dominate."""
     p = space.complete(params)
+    if p["ALGO"] == codegen.WINOGRAD:
+        return 0.5 + 16 * p["WRK"] * p["WRT"] / 40
     if p["USE_LOCAL"]:
         return 0.5 + p["TK"] * p["WM"] * p["WN"] / 250
     return 0.3 + p["WM"] * p["WN"] / 90 + (0 if workload.pointwise else p["WN"] / 12)
@@ -341,8 +353,8 @@ def test_scenarios_reach_every_tunable_value(family):
     for _ in range(4):
         for name in SCENARIOS:
             for params in space.candidates(Workload.from_spec(draw_problem(name, rng).spec()), limits, family):
-                for tunable, value in params.items():
-                    seen[tunable].add(value)
+                for tunable in seen:
+                    seen[tunable].add(params[tunable])
     for tunable, values in space.SPACES[family].items():
         assert seen[tunable] == set(values), \
             f"{family} {tunable}: the scenarios' candidates produce {sorted(seen[tunable])} of {values}"

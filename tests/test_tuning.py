@@ -219,13 +219,14 @@ def test_other_constraints_accept_their_neighbours():
         fixed(workload, {**GPU, **params})
 
 
-@pytest.mark.parametrize("kind", ["gpu", "cpu"])
+@pytest.mark.parametrize("kind", ["gpu", "cpu", "winograd"])
 @pytest.mark.parametrize("limits", [BIG, SMALL], ids=["big", "small"])
 @pytest.mark.parametrize("name", list(WORKLOADS))
 def test_candidates_are_valid_and_complete(kind, limits, name):
     workload = WORKLOADS[name]
     found = space.candidates(workload, limits, kind)
-    if workload.dtype == "float64" and not limits.has_fp64:
+    if (workload.dtype == "float64" and not limits.has_fp64) or (kind == "winograd"
+                                                                 and not space.winograd_applies(workload)):
         assert found == []
         return
     assert found, "no candidate at all"
@@ -237,14 +238,17 @@ def test_candidates_are_valid_and_complete(kind, limits, name):
         assert all(params[name] in values for name, values in family.items())
         assert space.violations(params, workload, limits) == []
     # Every valid combination of the family whose tiles fit the problem is offered.
-    smallest_m, smallest_n = min(family["TM"]), min(family["TN"])
     names = list(family)
     for values in itertools.product(*(family[n] for n in names)):
-        params = dict(zip(names, values))
-        fits = params["TM"] <= max(smallest_m, workload.gemm_m) and params["TN"] <= max(smallest_n,
-                                                                                          workload.gemm_n)
-        # split-K only up to the slice count that fills the device
-        fits = fits and params["KSPLIT"] <= space.split_for_occupancy(params, workload, limits)
+        params = space.complete(dict(zip(names, values)))
+        if kind == "winograd":
+            tiles = workload.batch * -(-workload.out_h // 2) * -(-workload.out_w // 2)
+            fits = params["WBK"] <= max(16, workload.out_channels) and params["WBT"] <= max(16, tiles)
+        else:
+            fits = params["TM"] <= max(min(family["TM"]), workload.gemm_m) and \
+                params["TN"] <= max(min(family["TN"]), workload.gemm_n)
+            # split-K only up to the slice count that fills the device
+            fits = fits and params["KSPLIT"] <= space.split_for_occupancy(params, workload, limits)
         if fits and not space.violations(params, workload, limits):
             assert tuple(sorted(params.items())) in set(keys), params
 

@@ -66,13 +66,20 @@ class Workload(ConvGeometry):
         return asdict(self)
 
 
-# Tunables, in the order they appear in the source; each has a default in the template.
-TUNABLES = ("TM", "TN", "TK", "WM", "WN", "VW", "USE_LOCAL", "VEC_A", "VEC_B", "VN", "KSPLIT")
+# Tunables, in the order they appear in the source; each has a default in the template. ALGO picks the
+# algorithm; the implicit GEMM reads TM..KSPLIT, Winograd F(2x2, 3x3) reads WBK..WRT.
+TUNABLES = ("ALGO", "TM", "TN", "TK", "WM", "WN", "VW", "USE_LOCAL", "VEC_A", "VEC_B", "VN", "KSPLIT",
+            "WBK", "WBT", "WBC", "WRK", "WRT")
+GEMM_TUNABLES = TUNABLES[1:12]
+WINOGRAD_TUNABLES = TUNABLES[12:]
+IMPLICIT_GEMM, WINOGRAD = 0, 1
+TEMPLATE_FILES = ("kernels/conv2d.cl", "kernels/winograd.cl")
 
 
 @lru_cache(maxsize=1)
 def template():
-    return resources.files(__package__).joinpath("kernels/conv2d.cl").read_text()
+    """Every kernel's source, ALGO choosing among them at compile time."""
+    return "\n".join(resources.files(__package__).joinpath(name).read_text() for name in TEMPLATE_FILES)
 
 
 def _index_type(workload):
@@ -108,9 +115,19 @@ def render(workload, params, *, has_bias=False, relu=False):
     return "\n".join(lines) + "\n" + template()
 
 
+def winograd_tiles(workload):
+    """2x2 output tiles of a Winograd launch."""
+    return workload.batch * -(-workload.out_h // 2) * -(-workload.out_w // 2)
+
+
 def launch_geometry(workload, params):
-    """(global size, local size) of the launch for ``params`` (defaults filled in)."""
+    """(global size, local size) of the main kernel (``conv2d``) for ``params`` (defaults filled in)."""
     p = {**DEFAULTS, **params}
+    if p["ALGO"] == WINOGRAD:
+        threads_t, threads_k = p["WBT"] // p["WRT"], p["WBK"] // p["WRK"]
+        groups_t = -(-winograd_tiles(workload) // p["WBT"])
+        groups_k = -(-workload.out_channels // p["WBK"])
+        return (groups_t * threads_t, groups_k * threads_k, 1), (threads_t, threads_k, 1)
     threads_n, threads_m = p["TN"] // p["WN"], p["TM"] // p["WM"]
     tiles_n = -(-workload.gemm_n // p["TN"])
     tiles_m = -(-workload.gemm_m // p["TM"])
@@ -124,6 +141,8 @@ def output_size(workload):
 def work_groups(workload, params):
     """Work-groups the main kernel launches (what fills a device's compute units)."""
     p = {**DEFAULTS, **params}
+    if p["ALGO"] == WINOGRAD:
+        return -(-winograd_tiles(workload) // p["WBT"]) * -(-workload.out_channels // p["WBK"])
     return -(-workload.gemm_n // p["TN"]) * -(-workload.gemm_m // p["TM"]) * workload.groups * p["KSPLIT"]
 
 
@@ -132,15 +151,52 @@ def split_slices(params):
     return int({**DEFAULTS, **params}["KSPLIT"])
 
 
-def reduce_geometry(workload):
-    """(global size, local size) of split-K's reduction: one work-item per output element."""
-    return (-(-output_size(workload) // REDUCE_LOCAL) * REDUCE_LOCAL,), (REDUCE_LOCAL,)
+def _one_per_item(count):
+    return (-(-count // REDUCE_LOCAL) * REDUCE_LOCAL,), (REDUCE_LOCAL,)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One kernel launch of a variant: the kernel, its buffer arguments by role, and its geometry.
+
+    Roles: "x", "w", "bias", "out" (the call's buffers) and the variant's workspaces (``workspaces``)."""
+
+    kernel: str
+    args: tuple
+    global_size: tuple
+    local_size: tuple
+
+
+def workspaces(workload, params):
+    """{role: bytes} of the device buffers a variant needs besides the call's own."""
+    p = {**DEFAULTS, **params}
+    itemsize = 8 if workload.dtype == "float64" else 4
+    if p["ALGO"] == WINOGRAD:
+        return {"u": 16 * workload.out_channels * workload.in_channels * itemsize}
+    if p["KSPLIT"] > 1:
+        return {"partial": p["KSPLIT"] * output_size(workload) * itemsize}
+    return {}
+
+
+def launch_plan(workload, params):
+    """The variant's kernel launches, in queue order."""
+    p = {**DEFAULTS, **params}
+    main = launch_geometry(workload, p)
+    if p["ALGO"] == WINOGRAD:
+        filters = _one_per_item(workload.out_channels * workload.in_channels)
+        return (Step(WINOGRAD_FILTER_KERNEL, ("w", "u"), *filters),
+                Step(MAIN_KERNEL, ("x", "u", "bias", "out"), *main))
+    if p["KSPLIT"] > 1:
+        return (Step(MAIN_KERNEL, ("x", "w", "bias", "partial"), *main),
+                Step(REDUCE_KERNEL, ("partial", "bias", "out"), *_one_per_item(output_size(workload))))
+    return (Step(MAIN_KERNEL, ("x", "w", "bias", "out"), *main),)
 
 
 # Mirrors the template's #ifndef defaults (tests check the two agree).
-DEFAULTS = {"TM": 32, "TN": 32, "TK": 8, "WM": 4, "WN": 4, "VW": 1, "USE_LOCAL": 1, "VEC_A": 1, "VEC_B": 1, "VN": 1,
-            "KSPLIT": 1}
+DEFAULTS = {"ALGO": 0, "TM": 32, "TN": 32, "TK": 8, "WM": 4, "WN": 4, "VW": 1, "USE_LOCAL": 1, "VEC_A": 1, "VEC_B": 1,
+            "VN": 1, "KSPLIT": 1, "WBK": 32, "WBT": 32, "WBC": 8, "WRK": 2, "WRT": 2}
 
-# Split-K's reduction kernel (defined in the source when KSPLIT > 1) and its work-group size.
-REDUCE_KERNEL = "reduce_slices"
-REDUCE_LOCAL = 64
+MAIN_KERNEL = "conv2d"
+REDUCE_KERNEL = "reduce_slices"  # split-K's reduction (in the source when KSPLIT > 1)
+WINOGRAD_FILTER_KERNEL = "winograd_filter"  # Winograd's filter transform (in the source when ALGO is 1)
+REDUCE_LOCAL = 64  # work-group size of the one-work-item-per-element kernels

@@ -1,9 +1,6 @@
-"""Build and enqueue one generated kernel variant on one device; the only place that launches the kernels.
-
-A split-K variant (KSPLIT > 1) is two kernels on the device's in-order queue: the slices write their partial
-sums into a workspace, then ``reduce_slices`` adds them in slice order into the output. The workspace comes
-from the device's buffer pool and goes back as soon as both are enqueued: the queue is in order, so a later
-call that takes it runs after this call's reduction.
+"""Build and enqueue one generated kernel variant on one device (``codegen.launch_plan``'s steps, in order on
+the device's in-order queue): the one-shot path that the tuner, the health check and ``sparkle.conv2d`` use.
+Prepared calls (prepared.py) run the same plan with kernel objects and workspaces of their own.
 """
 
 from __future__ import annotations
@@ -27,38 +24,34 @@ class Span:
         return (self.last.profile.end - self.first.profile.start) * 1e-9
 
 
-def kernel_for(device, workload, params, has_bias, relu, name="conv2d"):
+def kernel_for(device, workload, params, has_bias, relu, name=codegen.MAIN_KERNEL):
     source = codegen.render(workload, params, has_bias=has_bias, relu=relu)
     return device.kernel(source, name)
 
 
-def workspace_bytes(workload, params):
-    """Bytes of split-K's partial sums (0 for a variant without split)."""
-    slices = codegen.split_slices(params)
-    itemsize = 8 if workload.dtype == "float64" else 4
-    return slices * codegen.output_size(workload) * itemsize if slices > 1 else 0
-
-
 def enqueue(device, workload, params, x_buf, w_buf, bias_buf, out_buf, *, has_bias, relu, wait_for=None):
-    """Run the variant for ``workload`` with ``params`` on buffers already on ``device``; returns a Span."""
-    kernel = kernel_for(device, workload, params, has_bias, relu)
-    global_size, local_size = codegen.launch_geometry(workload, params)
-    if codegen.split_slices(params) == 1:
-        with device.launch_lock:
-            event = kernel(device.queue, global_size, local_size, x_buf, w_buf, bias_buf, out_buf,
-                           wait_for=wait_for)
-        return Span(event, event)
-    reduce = kernel_for(device, workload, params, has_bias, relu, codegen.REDUCE_KERNEL)
-    reduce_global, reduce_local = codegen.reduce_geometry(workload)
-    workspace = device.pool_buffer(workspace_bytes(workload, params))
+    """Run the variant for ``workload`` with ``params`` on buffers already on ``device``; returns a Span.
+
+    Workspaces (split-K's partial sums, Winograd's transformed filters) come from the device's pool and go
+    back once every step is enqueued: the queue is in order, so their next user runs after this call."""
+    plan = codegen.launch_plan(workload, params)
+    kernels = [kernel_for(device, workload, params, has_bias, relu, step.kernel) for step in plan]
+    buffers = {"x": x_buf, "w": w_buf, "bias": bias_buf, "out": out_buf}
+    taken = []
     try:
+        for role, nbytes in codegen.workspaces(workload, params).items():
+            buffers[role] = device.pool_buffer(nbytes)
+            taken.append(buffers[role])
+        events = []
         with device.launch_lock:
-            first = kernel(device.queue, global_size, local_size, x_buf, w_buf, bias_buf, workspace,
-                           wait_for=wait_for)
-            last = reduce(device.queue, reduce_global, reduce_local, workspace, bias_buf, out_buf)
+            for kernel, step in zip(kernels, plan):
+                events.append(kernel(device.queue, step.global_size, step.local_size,
+                                     *(buffers[role] for role in step.args),
+                                     wait_for=wait_for if not events else None))
     finally:
-        device.pool.give(workspace)
-    return Span(first, last)
+        for buffer in taken:
+            device.pool.give(buffer)
+    return Span(events[0], events[-1])
 
 
 def event_seconds(span):

@@ -32,14 +32,15 @@ from . import backend, codegen, launch, transfer
 from .codegen import Workload
 
 ON_FAULT = ("fallback", "raise")
-KERNEL_NAME = "conv2d"
-BIAS_ARG, OUT_ARG = 2, 3  # the kernel's arguments: x (image), w (weights), bias, out
 
 
 def variant_name(params, origin):
     """A short id of a parameter set and where it came from: "TM=64 TN=128 ... VN=1 (tuned)"."""
     complete = {**codegen.DEFAULTS, **params}
-    return " ".join(f"{name}={complete[name]}" for name in codegen.TUNABLES) + f" ({origin.split()[0]})"
+    if complete["ALGO"] == codegen.WINOGRAD:
+        return "winograd " + " ".join(f"{name}={complete[name]}" for name in codegen.WINOGRAD_TUNABLES) + \
+            f" ({origin.split()[0]})"
+    return " ".join(f"{name}={complete[name]}" for name in codegen.GEMM_TUNABLES) + f" ({origin.split()[0]})"
 
 
 class _Variant:
@@ -52,7 +53,8 @@ class _Variant:
         self.global_size, self.local_size = codegen.launch_geometry(call.workload, params)
         self._call = call
         self._source = self._key = None
-        self.kernel = self.reduce = None
+        self.kernel = None  # the last step's kernel object, once built
+        self.steps = ()
         self.lock = threading.Lock()  # clSetKernelArg + enqueue on one kernel object is not thread-safe
 
     @property
@@ -69,45 +71,42 @@ class _Variant:
         return self._key
 
     def build(self):
-        """Build (or take from the program caches) and make the kernel objects; raises the driver's error."""
+        """Build (or take from the program caches) and make the kernel objects of every step, with the
+        arguments that never change set once (workspaces, the unused bias); raises the driver's error."""
         call = self._call
         device = call.device
         program = device.program(self.source, key=self.program_key)
-        kernel = cl.Kernel(program, KERNEL_NAME)
-        reduce = None
-        if codegen.split_slices(self.params) > 1:  # split-K: the slices write a workspace of this variant's own
-            reduce = cl.Kernel(program, codegen.REDUCE_KERNEL)
-            workspace = device.pool_buffer(launch.workspace_bytes(call.workload, self.params))
-            weakref.finalize(self, device.pool.give, workspace)
-            kernel.set_arg(OUT_ARG, workspace)
-            reduce.set_arg(0, workspace)
-            self.reduce_global, self.reduce_local = codegen.reduce_geometry(call.workload)
+        workspaces = {}
+        for role, nbytes in codegen.workspaces(call.workload, self.params).items():
+            workspaces[role] = device.pool_buffer(nbytes)
+            weakref.finalize(self, device.pool.give, workspaces[role])
         if not call.has_bias:
-            unused = call.unused_bias.buffer  # never read, but must be a buffer
-            kernel.set_arg(BIAS_ARG, unused)
-            if reduce is not None:
-                reduce.set_arg(1, unused)
-        self.reduce = reduce
-        self.kernel = kernel
+            workspaces["bias"] = call.unused_bias.buffer  # never read, but must be a buffer
+        steps = []
+        for step in codegen.launch_plan(call.workload, self.params):
+            kernel = cl.Kernel(program, step.kernel)
+            per_call = []
+            for index, role in enumerate(step.args):
+                if role in workspaces:
+                    kernel.set_arg(index, workspaces[role])
+                else:
+                    per_call.append((index, _ROLES.index(role)))
+            steps.append((kernel, tuple(per_call), step.global_size, step.local_size))
+        self.steps = tuple(steps)
+        self.kernel = steps[-1][0]
 
     def enqueue(self, queue, x_buf, w_buf, bias_buf, out_buf):
-        """Set the arguments that change and enqueue (no wait); raises the driver's error."""
-        kernel, reduce = self.kernel, self.reduce
-        with self.lock:  # a split's workspace is used by one call at a time (the queue is in order)
-            kernel.set_arg(0, x_buf)
-            kernel.set_arg(1, w_buf)
-            if bias_buf is not None:
-                kernel.set_arg(BIAS_ARG, bias_buf)
-            if reduce is None:
-                kernel.set_arg(OUT_ARG, out_buf)
-            cl.enqueue_nd_range_kernel(queue, kernel, self.global_size, self.local_size,
-                                       None, None, False, False)  # positional: keywords cost here
-            if reduce is not None:
-                if bias_buf is not None:
-                    reduce.set_arg(1, bias_buf)
-                reduce.set_arg(2, out_buf)
-                cl.enqueue_nd_range_kernel(queue, reduce, self.reduce_global, self.reduce_local,
-                                           None, None, False, False)
+        """Set the arguments that change and enqueue every step (no wait); raises the driver's error."""
+        buffers = (x_buf, w_buf, bias_buf, out_buf)
+        with self.lock:  # workspaces serve one call at a time (the queue is in order)
+            for kernel, per_call, global_size, local_size in self.steps:
+                for index, role in per_call:
+                    kernel.set_arg(index, buffers[role])
+                cl.enqueue_nd_range_kernel(queue, kernel, global_size, local_size,
+                                           None, None, False, False)  # positional: keywords cost here
+
+
+_ROLES = ("x", "w", "bias", "out")  # the call's own buffers, in enqueue's order
 
 
 class PreparedCall:

@@ -17,7 +17,7 @@ import numpy as np
 from .. import api, reference
 from ..device_array import DeviceArray
 from ..devices import resolve_tuning_device
-from . import launch, transfer
+from . import codegen, launch, transfer
 from .codegen import Workload
 from .tuning import database, space
 from .tuning.relatives import DeviceTraits
@@ -142,6 +142,9 @@ def _likely_first(found, rng):
     """Shuffled, with the parameter sets that usually win on their device kind first: register blocks of
     32-64 accumulators (GPU) or vectorized ones (CPU), and 64-256 work-items per group."""
     def likely(p):
+        if p["ALGO"] == codegen.WINOGRAD:
+            threads = (p["WBK"] // p["WRK"]) * (p["WBT"] // p["WRT"])
+            return 4 <= p["WRK"] * p["WRT"] <= 8 and 64 <= threads <= 256
         if p["USE_LOCAL"]:
             return 32 <= p["WM"] * p["WN"] <= 64 and 64 <= space.threads(p) <= 256
         return p["VN"] >= 4 and p["WM"] * p["WN"] >= 32
@@ -150,11 +153,22 @@ def _likely_first(found, rng):
     return found
 
 
+def _taking_turns(queues):
+    """One queue (popped from the end, like each of ``queues``) in which the queues take turns: every
+    algorithm that applies is tried early."""
+    turns = []
+    while any(queues):
+        turns += [queue.pop() for queue in queues if queue]
+    return turns[::-1]
+
+
 def _order(workload, device, limits, rng):
     """Defaults first, then the stored best of the nearest shape, then the search space (likely winners
     first, see ``_likely_first``), three candidates of the device's own family for each of the other."""
-    own, other = (_likely_first(space.candidates(workload, limits, kind), rng) for kind in
-                  (device.kind, "cpu" if device.kind == "gpu" else "gpu"))
+    other_kind = "cpu" if device.kind == "gpu" else "gpu"
+    own, other = (_taking_turns([_likely_first(space.candidates(workload, limits, family), rng)
+                                 for family in space.KIND_FAMILIES[kind]])
+                  for kind in (device.kind, other_kind))
     mixed = []
     while own or other:
         mixed += [own.pop() for _ in range(min(3, len(own)))]

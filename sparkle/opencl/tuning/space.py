@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..codegen import DEFAULTS, work_groups
+from ..codegen import (DEFAULTS, GEMM_TUNABLES, IMPLICIT_GEMM, WINOGRAD, WINOGRAD_TUNABLES, winograd_tiles,
+                       work_groups)
 
 # Split-K slice counts. A split pays only while the output tiles leave compute units idle: the candidates
 # stop at the first count that gives every compute unit OCCUPANCY work-groups (one: a ResNet-50 3x3 layer at
@@ -22,7 +23,9 @@ OCCUPANCY = 1
 MIN_SLICE_TILES = 4
 
 # GPU family: local-memory tiles, work-groups of 64-256 work-items. CPU family (PoCL): no local memory,
-# no barriers, each work-item streams a register block straight from global memory.
+# no barriers, each work-item streams a register block straight from global memory. Winograd family:
+# F(2x2, 3x3) for 3x3 stride-1 undilated single-group convs, local-memory tiles (GPU devices); its
+# candidates keep the implicit GEMM's tunables at their defaults.
 SPACES = {
     "gpu": {"USE_LOCAL": (1,), "TM": (32, 64, 128), "TN": (32, 64, 128, 256), "TK": (8, 16, 32),
             "WM": (4, 8), "WN": (4, 8, 16), "VW": (1, 4), "VEC_A": (1, 4), "VEC_B": (1, 4), "VN": (1,),
@@ -30,7 +33,11 @@ SPACES = {
     "cpu": {"USE_LOCAL": (0,), "TM": (4, 8, 16, 32), "TN": (8, 16, 32, 64, 128), "TK": (8,),
             "WM": (1, 2, 4, 8), "WN": (4, 8, 16, 32), "VW": (1,), "VEC_A": (1,), "VEC_B": (1,), "VN": (1, 4, 8, 16),
             "KSPLIT": SPLITS},
+    "winograd": {"ALGO": (WINOGRAD,), "WBK": (16, 32, 64), "WBT": (16, 32, 64), "WBC": (4, 8), "WRK": (1, 2, 4),
+                 "WRT": (1, 2, 4)},
 }
+# The families a device kind's tuner searches (its own first).
+KIND_FAMILIES = {"gpu": ("gpu", "winograd"), "cpu": ("cpu",)}
 
 # Starting points per device kind. The GPU one needs 128 work-items and 12.8 KB of local memory in float32
 # (25.6 KB in float64); where it does not fit, the template's defaults apply. On the H100 it came within
@@ -91,9 +98,13 @@ def violations(params, workload, limits):
     """Reasons ``params`` cannot run ``workload`` on a device with ``limits`` (empty list: it can)."""
     p = complete(params)
     reasons = []
+    if p["ALGO"] not in (IMPLICIT_GEMM, WINOGRAD):
+        return [f"ALGO must be {IMPLICIT_GEMM} (implicit GEMM) or {WINOGRAD} (Winograd), got {p['ALGO']!r}"]
     if any(not isinstance(p[name], int) or p[name] < 1
-           for name in ("TM", "TN", "TK", "WM", "WN", "VW", "VEC_A", "VEC_B", "VN", "KSPLIT")):
+           for name in ("TM", "TN", "TK", "WM", "WN", "VW", "VEC_A", "VEC_B", "VN", "KSPLIT") + WINOGRAD_TUNABLES):
         return ["every tile size must be a positive int"]
+    if p["ALGO"] == WINOGRAD:
+        return _winograd_violations(p, workload, limits)
     if p["USE_LOCAL"] not in (0, 1):
         reasons.append(f"USE_LOCAL must be 0 or 1, got {p['USE_LOCAL']}")
     if p["VW"] not in (1, 4) or p["VEC_A"] not in (1, 4) or p["VEC_B"] not in (1, 4):
@@ -134,6 +145,43 @@ def violations(params, workload, limits):
     return reasons
 
 
+def winograd_applies(workload):
+    """Whether Winograd F(2x2, 3x3) computes ``workload``: a 3x3, stride-1, undilated conv of one group."""
+    return (workload.op == "conv2d" and (workload.kernel_h, workload.kernel_w) == (3, 3)
+            and (workload.stride_h, workload.stride_w) == (1, 1)
+            and (workload.dilation_h, workload.dilation_w) == (1, 1) and workload.groups == 1)
+
+
+def winograd_local_memory_bytes(p, itemsize):
+    return 16 * p["WBC"] * (p["WBT"] + p["WBK"]) * itemsize + LOCAL_MEMORY_RESERVE
+
+
+def _winograd_violations(p, workload, limits):
+    if not winograd_applies(workload):
+        return ["Winograd F(2x2, 3x3) needs a 3x3, stride-1, undilated conv2d of one group"]
+    reasons = []
+    if any(p[name] != DEFAULTS[name] for name in GEMM_TUNABLES):
+        reasons.append("a Winograd variant keeps the implicit GEMM's tunables at their defaults")
+    if p["WBK"] % p["WRK"] or p["WBT"] % p["WRT"]:
+        reasons.append(f"WRK={p['WRK']} and WRT={p['WRT']} must divide WBK={p['WBK']} and WBT={p['WBT']}")
+        return reasons
+    count = (p["WBK"] // p["WRK"]) * (p["WBT"] // p["WRT"])
+    if count > limits.max_work_group_size:
+        reasons.append(f"{count} work-items exceed the device's {limits.max_work_group_size}")
+    if 16 * p["WRK"] * p["WRT"] > 128:
+        reasons.append(f"16 x {p['WRK']} x {p['WRT']} accumulators are over 128")
+    itemsize = 8 if workload.dtype == "float64" else 4
+    if workload.dtype == "float64" and not limits.has_fp64:
+        reasons.append("the device has no float64 support")
+    needed = winograd_local_memory_bytes(p, itemsize)
+    if needed > limits.local_memory:
+        reasons.append(f"{needed} bytes of local memory exceed the device's {limits.local_memory}")
+    filters = 16 * workload.out_channels * workload.in_channels * itemsize
+    if filters > limits.max_alloc:
+        reasons.append(f"the {filters} bytes of transformed filters exceed the device's largest buffer")
+    return reasons
+
+
 def _split_violations(p, workload, limits, itemsize):
     tiles = -(-workload.gemm_k // p["TK"])
     reasons = []
@@ -161,23 +209,35 @@ def split_for_occupancy(params, workload, limits):
     return best
 
 
+def _power_of_two_above(size, floor):
+    return max(floor, 1 << max(0, int(np.ceil(np.log2(max(size, 1))))))
+
+
 def candidates(workload, limits, kind):
-    """Every valid parameter set of the ``kind`` family ("gpu" or "cpu") for ``workload``, in space order.
+    """Every valid parameter set of the ``kind`` family ("gpu", "cpu" or "winograd") for ``workload``, in
+    space order, complete (every tunable named).
 
     Tiles much larger than the problem are skipped: they only compute padding.
     """
     space = SPACES[kind]
     names = list(space)
-    cap_m = max(4, 1 << max(0, int(np.ceil(np.log2(max(workload.gemm_m, 1))))))
-    cap_n = max(8, 1 << max(0, int(np.ceil(np.log2(max(workload.gemm_n, 1))))))
+    if kind == "winograd":
+        if not winograd_applies(workload):
+            return []
+        cap_k = _power_of_two_above(workload.out_channels, space["WBK"][0])
+        cap_t = _power_of_two_above(winograd_tiles(workload), space["WBT"][0])
+        fits = lambda params: params["WBK"] <= cap_k and params["WBT"] <= cap_t  # noqa: E731
+    else:
+        cap_m = _power_of_two_above(workload.gemm_m, space["TM"][0])
+        cap_n = _power_of_two_above(workload.gemm_n, space["TN"][0])
+        fits = lambda params: (params["TM"] <= cap_m and params["TN"] <= cap_n  # noqa: E731
+                               # no split beyond what fills the device: only the reduction would grow
+                               and (params["KSPLIT"] == 1
+                                    or params["KSPLIT"] <= split_for_occupancy(params, workload, limits)))
     found = []
     for values in itertools.product(*(space[name] for name in names)):
-        params = dict(zip(names, values))
-        if params["TM"] > max(cap_m, space["TM"][0]) or params["TN"] > max(cap_n, space["TN"][0]):
-            continue
-        if params["KSPLIT"] > 1 and params["KSPLIT"] > split_for_occupancy(params, workload, limits):
-            continue  # split beyond what fills the device: only the reduction grows
-        if not violations(params, workload, limits):
+        params = complete(dict(zip(names, values)))
+        if fits(params) and not violations(params, workload, limits):
             found.append(params)
     return found
 

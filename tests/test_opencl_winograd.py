@@ -1,0 +1,142 @@
+"""Winograd F(2x2, 3x3): its error against the float64 reference, over the ONNX oracles and random cases with
+long reductions, held to the bound of every other path (relative L2 <= 1e-5 in float32); its eligibility; and
+its place among the tuner's candidates. Sampled Winograd variants on awkward shapes: test_opencl_variants.py
+("winograd" family); memory safety under Oclgrind: test_opencl_memory_safety.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("pyopencl")
+
+import sparkle  # noqa: E402
+from sparkle import api, reference  # noqa: E402
+from sparkle.opencl import backend, codegen, launch, transfer  # noqa: E402
+from sparkle.opencl.codegen import Workload  # noqa: E402
+from sparkle.opencl.tuning import space  # noqa: E402
+
+from _helpers import TOLERANCE, make_array, rel_l2  # noqa: E402
+from _opencl import opencl_params, runtime_device, sparkle_cache  # noqa: E402,F401
+from test_oracles import check_onnx_case, onnx_case_ids  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("sparkle_cache")
+
+WINOGRAD = space.complete({"ALGO": codegen.WINOGRAD, "WBK": 16, "WBT": 16, "WBC": 4, "WRK": 2, "WRT": 2})
+BOUND = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-12}  # the bound of every path (the tuner's)
+
+
+@pytest.fixture
+def winograd_launches(monkeypatch):
+    """Every call whose workload Winograd computes runs the Winograd variant; returns the workloads it ran."""
+    real = backend.choose_params
+    ran = []
+
+    def choose(device, workload):
+        if not space.violations(WINOGRAD, workload, space.DeviceLimits.of(device)):
+            ran.append(workload)
+            return dict(WINOGRAD), "tuned"
+        return real(device, workload)
+
+    monkeypatch.setattr(backend, "choose_params", choose)
+    return ran
+
+
+@pytest.mark.parametrize("device_id", opencl_params())
+def test_onnx_oracles_through_winograd(device_id, winograd_launches):
+    eligible = 0
+    for suite, name in onnx_case_ids():
+        before = len(winograd_launches)
+        out, operands, kwargs = check_onnx_case(suite, name, device_id)  # expected output, float32 tolerance
+        if len(winograd_launches) > before:
+            eligible += 1
+            x, w, bias = operands
+            assert rel_l2(out, reference.conv2d(x, w, bias, **kwargs)) <= BOUND[np.dtype(np.float32)], name
+    assert eligible >= 3  # basic conv with and without padding, autopad same, PyTorch's Conv2d cases
+
+
+CASES = {  # (x shape, w shape, padding): reductions up to 512 x 9, odd sizes, one and both pads
+    "res4-like C=256": ((1, 256, 9, 7), (24, 256, 3, 3), 1),
+    "res5-like C=512": ((1, 512, 5, 6), (12, 512, 3, 3), 1),
+    "unpadded odd": ((2, 33, 11, 8), (17, 33, 3, 3), 0),
+    "asymmetric pad": ((1, 19, 6, 9), (7, 19, 3, 3), (2, 0, 1, 2)),
+}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("device_id", opencl_params())
+def test_winograd_error_is_within_the_bound_of_every_path(device_id, case, dtype):
+    device = runtime_device(device_id)
+    if dtype == np.float64 and not device.has_fp64:
+        pytest.skip(f"{device_id} has no float64")
+    x_shape, w_shape, padding = CASES[case]
+    rng = np.random.default_rng(len(case))
+    x, w = make_array(rng, x_shape, np.dtype(dtype)), make_array(rng, w_shape, np.dtype(dtype))
+    bias = make_array(rng, w_shape[:1], np.dtype(dtype))
+    spec = api.conv2d_spec(x, w, bias, padding=padding, activation="relu")
+    workload = Workload.from_spec(spec)
+    assert space.violations(WINOGRAD, workload, space.DeviceLimits.of(device)) == []
+    buffers = [transfer.upload(device, a, np.dtype(dtype)) for a in (x, w, bias)]
+    out = transfer.empty(device, spec.output_shape, np.dtype(dtype))
+    launch.enqueue(device, workload, WINOGRAD, *(b.buffer for b in buffers), out.buffer, has_bias=True,
+                   relu=True).wait()
+    expected = reference.conv2d(x, w, bias, padding=padding, activation="relu")
+    error = rel_l2(out.get(), expected)
+    assert error <= BOUND[np.dtype(dtype)], f"{case}: relative L2 {error:.2e}"
+    assert error <= TOLERANCE[np.dtype(dtype)]
+
+
+@pytest.mark.parametrize("device_id", opencl_params())
+def test_a_prepared_winograd_call_matches_on_both_paths(device_id, winograd_launches):
+    rng = np.random.default_rng(8)
+    x, w = make_array(rng, (2, 21, 9, 10), np.dtype(np.float32)), make_array(rng, (13, 21, 3, 3), np.dtype(np.float32))
+    expected = reference.conv2d(x, w, None, padding=1)
+    prepared = backend.prepare_conv2d(api.conv2d_spec(x, w, None, padding=1), runtime_device(device_id),
+                                      on_fault="raise")
+    assert prepared.variant.startswith("winograd WBK=16")
+    host = prepared(x, w)
+    assert rel_l2(host, expected) <= BOUND[np.dtype(np.float32)]
+    resident = prepared(sparkle.to_device(x, device_id), sparkle.to_device(w, device_id)).get()
+    np.testing.assert_array_equal(resident, host)
+
+
+def workload_of(x_shape, w_shape, dtype=np.float32, **kwargs):
+    x, w = np.zeros(x_shape, dtype), np.zeros(w_shape, dtype)
+    return Workload.from_spec(api.conv2d_spec(x, w, None, **kwargs))
+
+
+def test_winograd_applies_only_to_3x3_stride1_undilated_single_group_convs():
+    limits = space.DeviceLimits(1024, 48 * 1024, True, 132)
+    assert space.violations(WINOGRAD, workload_of((1, 8, 9, 9), (8, 8, 3, 3), padding=1), limits) == []
+    for kwargs, w_shape in (({"stride": 2}, (8, 8, 3, 3)), ({"dilation": 2}, (8, 8, 3, 3)),
+                            ({"groups": 2}, (8, 4, 3, 3)), ({}, (8, 8, 5, 5)), ({}, (8, 8, 1, 1))):
+        reasons = space.violations(WINOGRAD, workload_of((1, 8, 9, 9), w_shape, **kwargs), limits)
+        assert reasons == ["Winograd F(2x2, 3x3) needs a 3x3, stride-1, undilated conv2d of one group"], kwargs
+    gemm = Workload.from_spec(api.matmul_spec(np.zeros((8, 8), np.float32), np.zeros((8, 8), np.float32)))
+    assert space.violations(WINOGRAD, gemm, limits)
+    assert space.candidates(gemm, limits, "winograd") == []
+    layer = workload_of((32, 256, 14, 14), (256, 256, 3, 3), padding=1)
+    found = space.candidates(layer, limits, "winograd")
+    assert found and all(p["ALGO"] == codegen.WINOGRAD for p in found)
+    assert any("keeps the implicit GEMM's tunables" in r for r in space.violations({**WINOGRAD, "TM": 64}, layer,
+                                                                                    limits))
+    assert any("accumulators" in r for r in space.violations({**WINOGRAD, "WRK": 4, "WRT": 4}, layer, limits))
+    small_local = space.DeviceLimits(1024, 8 * 1024, True, 132)
+    assert any("local memory" in r for r in space.violations({**WINOGRAD, "WBK": 64, "WBT": 64}, layer,
+                                                              small_local))
+
+
+def test_the_tuner_offers_winograd_to_gpus_beside_the_implicit_gemm():
+    from sparkle.opencl import tuner
+
+    layer = workload_of((1, 64, 14, 14), (64, 64, 3, 3), padding=1)
+    gpu = type("Device", (), {"kind": "gpu", "identity": "x|x|x|Fake GPU|x|x", "vendor": "x", "architecture": "x",
+                              "compute_units": 132, "local_memory": 48 * 1024, "max_work_group_size": 1024,
+                              "memory": 1 << 34})()
+    import random
+
+    order = tuner._order(layer, gpu, space.DeviceLimits(1024, 48 * 1024, True, 132), random.Random(0))
+    algorithms = [p["ALGO"] for p in order]
+    assert codegen.WINOGRAD in algorithms[:12] and codegen.IMPLICIT_GEMM in algorithms[:12]
