@@ -88,3 +88,10 @@ def reference_result(op, spec, host_operands):
         return np.ascontiguousarray(reference.matmul(*host_operands), dtype=spec.dtype)
     x, w, bias = host_operands
     return np.ascontiguousarray(reference.conv2d(x, w, bias, **verify.conv2d_arguments(spec)), dtype=spec.dtype)
+
+
+def deliver(result, home):
+    """The result on ``home``'s device (where the call's device-resident operands live)."""
+    from ..opencl import transfer
+
+    return transfer.upload(home.device, result, result.dtype)

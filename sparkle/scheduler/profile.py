@@ -6,6 +6,8 @@ A profile is the cost model's starting point; the model then learns from every r
 
 from __future__ import annotations
 
+import logging
+import math
 import time
 from dataclasses import asdict, dataclass
 
@@ -13,6 +15,8 @@ import numpy as np
 
 from .. import api, cache
 from . import verify
+
+logger = logging.getLogger("sparkle.scheduler")
 
 PROFILE_VERSION = 2
 TRANSFER_PROBE_BYTES = 16 * 2**20
@@ -118,3 +122,35 @@ class ProfileStore:
 
     def clear(self):
         self.document.update(lambda document: document.clear())
+
+
+def ensure_profiles(scheduler, force=False):
+    """Give every device of ``scheduler`` a profile: the stored one for its identity, else measured now
+    (with a progress bar); a device that cannot be profiled is not used (nor measured again in this process)."""
+    missing = [state for state in scheduler._states if force or (state.profile is None and not state.unprofilable)]
+    if not missing:
+        return
+    for state in missing:
+        stored = None if force or scheduler._profiles is None else scheduler._profiles.get(state.executor.identity)
+        if stored is not None:
+            state.profile = stored
+    missing = [state for state in missing if force or (state.profile is None and not state.unprofilable)]
+    if not missing:
+        return
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(missing), desc="sparkle: profiling devices", unit="device", delay=1.0,
+              disable=not scheduler.progress, leave=False) as bar:
+        for state in missing:
+            try:
+                state.profile = measure(state.executor, progress=bar.set_postfix_str)
+            except Exception as error:  # noqa: BLE001 - a device that cannot be profiled is not used
+                logger.warning("sparkle scheduler: profiling %s failed (%s); it is not used", state.id, error)
+                state.faults += 1
+                state.avoid_until = math.inf
+                state.unprofilable = True  # not measured again in this process (profile(force=True) does)
+                bar.update()
+                continue
+            if scheduler._profiles is not None:
+                scheduler._profiles.put(state.profile)
+            bar.update()

@@ -25,14 +25,14 @@ from time import perf_counter
 import numpy as np
 
 from .. import api
-from ..device_array import DeviceArray, to_host
-from . import builds, calls, policy, verify
+from ..device_array import DeviceArray
+from . import builds, calls, policy, safeguards
 from . import split as split_calls
 from .executors import CpuExecutor, DeviceFault, OpenCLExecutor, is_sample
 from .explain import Decision, Prediction
 from .features import features_of
 from .model import MIN_NOISE, History
-from .profile import ProfileStore, measure
+from .profile import ProfileStore, ensure_profiles
 from .store import ModelStore, QuarantineStore
 
 logger = logging.getLogger("sparkle.scheduler")
@@ -217,14 +217,14 @@ class Scheduler:
         if plan is None:
             plan = _Plan(op, spec, tuple(self._home_of(o) for o in operands))
         with self._lock:
-            self._ensure_profiles()
+            ensure_profiles(self)
             self._fold_pending()
             return self._decide(plan, explore=False)
 
     def profile(self, force=False):
         """Profile every device not yet profiled (or all of them with ``force``); returns {id: DeviceProfile}."""
         with self._lock:
-            self._ensure_profiles(force=force)
+            ensure_profiles(self, force=force)
             return {state.id: state.profile for state in self._states}
 
     def history(self, last=None):
@@ -278,7 +278,7 @@ class Scheduler:
             try:
                 result = runner(*operands)
             except Exception as error:  # noqa: BLE001 - a device fault: the slow path records it, runs elsewhere
-                return self._after_fault(plan, plan.state, operands, error)
+                return safeguards.after_fault(self, plan, plan.state, operands, error)
             seconds = perf_counter() - start
             # The hot path's bookkeeping: plain floats, a set and a deque; folded into the model on review.
             with plan.lock:
@@ -290,7 +290,7 @@ class Scheduler:
             self._records.append((plan.op, plan.shape_text, plan.state.id, plan.predicted, seconds))
             self._spent_seconds += seconds
             if plan.home is not None and plan.state.executor is not plan.home:
-                result = _deliver(result, plan.home)
+                result = calls.deliver(result, plan.home)
             if self._log_decisions:
                 logger.info("%s (cached)", plan.decision.summary())
             return result
@@ -314,7 +314,7 @@ class Scheduler:
 
     def _slow_call(self, plan, operands):
         with self._lock:
-            self._ensure_profiles()
+            ensure_profiles(self)
             if plan.decision is None or plan.calls >= plan.next_review:
                 self._review(plan)
             decision, trial = plan.decision, plan.trial
@@ -336,11 +336,11 @@ class Scheduler:
             result = prepared(*operands)
             seconds = time.perf_counter() - start
         except Exception as error:  # noqa: BLE001 - any failure of a device is a fault (bad input re-raised)
-            return self._after_fault(plan, state, operands, error)
+            return safeguards.after_fault(self, plan, state, operands, error)
         prediction = next((p for p in decision.predictions if p.device == state.id), None)
         predicted = prediction.seconds if prediction else float("nan")
         transfer = prediction.transfer if prediction else 0.0
-        result = self._checked(plan, state, prepared, operands, result)
+        result = safeguards.checked(self, plan, state, prepared, operands, result)
         if not compiled and prediction is not None:  # this call built its kernel: learn what a build costs
             with self._lock:
                 state.model.observe_build(max(seconds - (prediction.seconds - prediction.compile), 0.1 * seconds))
@@ -356,66 +356,8 @@ class Scheduler:
             if plan.runner is None and self.verify_mode != "always":
                 plan.next_review = plan.calls  # verified, compiled or explored now: the next call can take the fast path
         if plan.home is not None and state.executor is not plan.home:
-            result = _deliver(result, plan.home)
+            result = calls.deliver(result, plan.home)
         return result
-
-    def _checked(self, plan, state, prepared, operands, result):
-        """The result, checked on a sample of outputs when this (device, variant, shape class) is new (or
-        always, with verify="always"); a wrong variant is quarantined and the result recomputed elsewhere."""
-        key = (state.executor.identity, prepared.variant, plan.features.shape_class)
-        if self.verify_mode == "off" or (self.verify_mode == "first" and key in self._verified):
-            return result
-        host_operands = tuple(None if o is None else to_host(o) for o in operands)
-        host_result = to_host(result)
-        with self._lock:
-            passed, worst = verify.check(plan.op, plan.spec, host_operands, host_result, self._rng)
-            if passed:
-                self._verified.add(key)
-                return result
-            self._quarantine.add(state.executor.identity, prepared.variant, plan.features.shape_class,
-                                 dict(op=plan.op, shape=plan.shape_text, worst_error_over_tolerance=worst))
-            plan.runner, plan.next_review = None, plan.calls  # decide again without the variant
-            bad_variant = prepared.variant
-            prepared.quarantine()  # the backend moves to its next variant, if it has one
-        logger.warning("sparkle scheduler: %s kernel variant %r gave a wrong result for %s %s (error %.3g x "
-                       "the tolerance); it is quarantined and this call's result comes from a verified path",
-                       state.id, bad_variant, plan.op, plan.shape_text, worst)
-        return self._recompute_verified(plan, state, host_operands)
-
-    def _recompute_verified(self, plan, failed_state, host_operands):
-        """The call's result from another device whose variant verifies, else from the float64 reference."""
-        for state in self._states:
-            if state is failed_state or not self._usable(state)[0]:
-                continue
-            try:
-                prepared = plan.prepared_call(state)
-                if self._quarantine.holds(state.executor.identity, prepared.variant, plan.features.shape_class):
-                    continue
-                result = to_host(prepared(*host_operands))
-                passed, _ = verify.check(plan.op, plan.spec, host_operands, result, self._rng)
-            except Exception:  # noqa: BLE001 - any failure here means: try the next path
-                continue
-            if passed:
-                self._verified.add((state.executor.identity, prepared.variant, plan.features.shape_class))
-                return _deliver(result, plan.home) if plan.home is not None else result
-        result = calls.reference_result(plan.op, plan.spec, host_operands)
-        return _deliver(result, plan.home) if plan.home is not None else result
-
-    def _after_fault(self, plan, state, operands, error):
-        if isinstance(error, (ValueError, TypeError)) and not isinstance(error, DeviceFault):
-            raise error  # bad input is the caller's, not the device's
-        with self._lock:
-            cooldown = state.record_fault()
-            plan.runner, plan.next_review = None, plan.calls
-            self._review(plan)
-            decision = plan.decision
-        logger.warning("sparkle scheduler: %s failed on %s %s (%s); avoided for %.0f s, this call runs on %s",
-                       state.id, plan.op, plan.shape_text, error, cooldown, decision.choice())
-        if decision.device is None and not decision.split:
-            raise DeviceFault(f"no device can run {plan.op} {plan.shape_text}: the last error was {error}") from error
-        if decision.split:
-            return split_calls.run_split(self, plan, decision, operands)
-        return self._run_on(plan, self._by_id[decision.device], operands, decision)
 
     # --- decisions ------------------------------------------------------------------------------------
 
@@ -560,35 +502,6 @@ class Scheduler:
         if unfolded:
             self._models.mark_changed(len(unfolded))
 
-    def _ensure_profiles(self, force=False):
-        missing = [state for state in self._states if force or (state.profile is None and not state.unprofilable)]
-        if not missing:
-            return
-        for state in missing:
-            stored = None if force or self._profiles is None else self._profiles.get(state.executor.identity)
-            if stored is not None:
-                state.profile = stored
-        missing = [state for state in missing if force or (state.profile is None and not state.unprofilable)]
-        if not missing:
-            return
-        from tqdm.auto import tqdm
-
-        with tqdm(total=len(missing), desc="sparkle: profiling devices", unit="device", delay=1.0,
-                  disable=not self.progress, leave=False) as bar:
-            for state in missing:
-                try:
-                    state.profile = measure(state.executor, progress=bar.set_postfix_str)
-                except Exception as error:  # noqa: BLE001 - a device that cannot be profiled is not used
-                    logger.warning("sparkle scheduler: profiling %s failed (%s); it is not used", state.id, error)
-                    state.faults += 1
-                    state.avoid_until = math.inf
-                    state.unprofilable = True  # not measured again in this process (profile(force=True) does)
-                    bar.update()
-                    continue
-                if self._profiles is not None:
-                    self._profiles.put(state.profile)
-                bar.update()
-
     def _home_of(self, operand):
         if isinstance(operand, DeviceArray):
             for state in self._states:
@@ -661,13 +574,6 @@ def _replace(decision_or_prediction, **changes):
     import dataclasses
 
     return dataclasses.replace(decision_or_prediction, **changes)
-
-
-def _deliver(result, home):
-    """The result on ``home``'s device (where the call's device-resident operands live)."""
-    from ..opencl import transfer
-
-    return transfer.upload(home.device, result, result.dtype)
 
 
 def _save_at_exit(reference_to_scheduler):
