@@ -1,0 +1,209 @@
+"""sparkle.dask throughput: a ResNet-50 layer over a batch chunked along N, on Dask worker processes, next to
+the same calls made directly in one process.
+
+Run from the repository root:
+
+    python benchmarks/dask_throughput.py [--layer res3_3x3] [--batch 64] [--chunk 8] [--workers 1 2]
+        [--repeat 5] [--mixed] [--json PATH] [--markdown PATH]
+
+What is measured (float32):
+
+1. Raw: in this process, ``sparkle.conv2d(x, w)`` of the whole batch, and of one chunk (best of ``--repeat``,
+   after a warm-up call), through the default scheduler.
+2. Dask, per worker count k: a LocalCluster of k worker processes, one task at a time each, the cores split
+   between them (``NUMBA_NUM_THREADS`` = cores // k and, for k > 1, ``SPARKLE_BIND_THREADS=0``), a
+   ``SparklePlugin`` that compiles the chunk's call at setup. The images are generated on the workers and
+   persisted first; then each repetition persists ``sparkle.dask.conv2d`` of them (with weights that differ
+   per repetition, so nothing is reused) and waits: images/s over the whole batch, best of ``--repeat``.
+   Per-chunk overhead = (wall time x k / chunks) - the raw call on one chunk.
+3. ``--mixed`` (the GPU machine): two workers, one with OpenCL hidden (``SPARKLE_OPENCL=0``: CPU only) and one
+   with every device; Dask's own scheduling hands more chunks to the faster one. Reported: chunks and devices
+   per worker.
+
+Every result is checked against the float64 reference on one chunk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+
+import sparkle
+import sparkle.dask
+from sparkle.workloads import RESNET50_LAYERS, layer_inputs
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def best_seconds(call, repeat):
+    call()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return min(times), statistics.median(times)
+
+
+def check(result, x, w, kwargs):
+    expected = sparkle.reference.conv2d(x, w, **kwargs)
+    error = float(np.linalg.norm(result - expected) / np.linalg.norm(expected))
+    if not error <= 1e-5:
+        sys.exit(f"wrong result: relative L2 error {error:.2e}")
+    return error
+
+
+def run_cluster(cluster_factory, layer, batch, chunk, repeat, cores_per_worker):
+    """(best seconds, median seconds, {worker: chunks}, worker_devices) of persisting the layer's conv2d."""
+    import dask.array as da
+    from distributed import Client, wait
+
+    x_shape, w_shape = layer.shapes(batch)
+    kwargs = layer.conv_kwargs()
+    _, w = layer_inputs(layer, 1)
+    with cluster_factory() as cluster, Client(cluster) as client:
+        client.register_plugin(sparkle.dask.SparklePlugin(prepare=[("conv2d", (chunk,) + x_shape[1:], w_shape,
+                                                                     kwargs)]))
+        images = da.random.default_rng(0).standard_normal(x_shape, chunks=(chunk,) + x_shape[1:],
+                                                          dtype=np.float32).persist()
+        wait(images)
+        times, placed = [], {}
+        for repetition in range(repeat + 1):
+            weights = (w * np.float32(1 + repetition)).astype(np.float32)
+            output = sparkle.dask.conv2d(images, weights, **kwargs)
+            start = time.perf_counter()
+            persisted = output.persist()
+            wait(persisted)
+            seconds = time.perf_counter() - start
+            if repetition == 0:  # warm-up; its first chunk is checked
+                check(persisted.blocks[0].compute(), images.blocks[0].compute(), weights, kwargs)
+            else:
+                times.append(seconds)
+            if repetition == repeat:  # where the last repetition's chunks were computed
+                for key, workers in client.who_has(persisted).items():
+                    for address in workers:
+                        placed[address] = placed.get(address, 0) + 1
+            del persisted
+        report = sparkle.dask.worker_devices(client)
+    return min(times), statistics.median(times), placed, report
+
+
+def local_cluster_factory(workers, cores):
+    from distributed import LocalCluster
+
+    per_worker = max(1, cores // workers)
+    env = {"NUMBA_NUM_THREADS": str(per_worker), "OPENBLAS_NUM_THREADS": "1"}
+    if workers > 1:
+        env["SPARKLE_BIND_THREADS"] = "0"
+    return lambda: LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
+                                env=env, silence_logs=40)
+
+
+def mixed_cluster_factory(cores):
+    """A CPU-only worker (OpenCL hidden) and a worker with every device, each with half the cores."""
+    from distributed import Nanny, Scheduler, SpecCluster
+
+    half = str(max(1, cores // 2))
+    common = {"NUMBA_NUM_THREADS": half, "SPARKLE_BIND_THREADS": "0", "OPENBLAS_NUM_THREADS": "1"}
+    workers = {"cpu-only": {"cls": Nanny, "options": {"nthreads": 1, "env": {**common, "SPARKLE_OPENCL": "0"}}},
+               "all-devices": {"cls": Nanny, "options": {"nthreads": 1, "env": common}}}
+    scheduler = {"cls": Scheduler, "options": {"dashboard_address": ":0"}}
+    return lambda: SpecCluster(workers=workers, scheduler=scheduler, silence_logs=40)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layer", default="res3_3x3", choices=[layer.name for layer in RESNET50_LAYERS])
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--chunk", type=int, default=8)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--mixed", action="store_true", help="a CPU-only worker beside one with every device")
+    parser.add_argument("--json")
+    parser.add_argument("--markdown")
+    args = parser.parse_args(argv)
+    layer = next(layer for layer in RESNET50_LAYERS if layer.name == args.layer)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    kwargs = layer.conv_kwargs()
+    x, w = layer_inputs(layer, args.batch)
+    chunk_x = x[:args.chunk].copy()
+    check(sparkle.conv2d(chunk_x, w, **kwargs), chunk_x, w, kwargs)
+    whole_best, whole_median = best_seconds(lambda: sparkle.conv2d(x, w, **kwargs), args.repeat)
+    chunk_best, chunk_median = best_seconds(lambda: sparkle.conv2d(chunk_x, w, **kwargs), args.repeat)
+    chunks = -(-args.batch // args.chunk)
+    pieces = [x[start:start + args.chunk].copy() for start in range(0, args.batch, args.chunk)]
+    # Chunk by chunk, every output kept (as Dask keeps them): each output lands in fresh memory.
+    kept_best, kept_median = best_seconds(lambda: [sparkle.conv2d(piece, w, **kwargs) for piece in pieces],
+                                          args.repeat)
+    report = {"machine": {"cpu": cpu_model(), "cores": cores, "python": platform.python_version(),
+                          "date": time.strftime("%Y-%m-%d %H:%M"), "devices": [d.id for d in sparkle.devices()]},
+              "layer": layer.name, "batch": args.batch, "chunk": args.chunk, "chunks": chunks,
+              "raw": {"whole_batch_seconds": whole_best, "whole_batch_median": whole_median,
+                      "chunk_seconds": chunk_best, "chunk_median": chunk_median,
+                      "chunks_kept_seconds": kept_best, "chunks_kept_median": kept_median}, "dask": []}
+    print(f"{layer.name} N={args.batch} in chunks of {args.chunk}, {cores} cores ({cpu_model()})")
+    print(f"raw, this process: whole batch {whole_best * 1e3:.1f} ms ({args.batch / whole_best:.0f} images/s), "
+          f"one chunk {chunk_best * 1e3:.2f} ms; chunk by chunk, outputs kept: {kept_best * 1e3:.1f} ms")
+    configurations = [(f"{k} worker{'s' if k > 1 else ''}", local_cluster_factory(k, cores), k)
+                      for k in args.workers]
+    if args.mixed:
+        configurations.append(("CPU-only worker + all-devices worker", mixed_cluster_factory(cores), 2))
+    for label, factory, workers in configurations:
+        best, median, placed, devices = run_cluster(factory, layer, args.batch, args.chunk, args.repeat,
+                                                    max(1, cores // workers))
+        per_chunk = best * workers / chunks - chunk_best
+        row = {"configuration": label, "workers": workers, "seconds": best, "median": median,
+               "images_per_second": args.batch / best, "overhead_per_chunk_seconds": per_chunk,
+               "chunks_per_worker": placed, "worker_devices": devices}
+        report["dask"].append(row)
+        print(f"{label}: {best * 1e3:.1f} ms ({args.batch / best:.0f} images/s, {whole_best / best:.2f}x the raw "
+              f"batch), overhead per chunk {per_chunk * 1e3:+.2f} ms; chunks per worker {placed}")
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(report, out, indent=1, default=str)
+    if args.markdown:
+        with open(args.markdown, "w") as out:
+            out.write(markdown(report))
+    return report
+
+
+def markdown(report):
+    raw = report["raw"]
+    lines = [f"# sparkle.dask throughput: {report['layer']}, N={report['batch']}, chunks of {report['chunk']}", "",
+             f"Machine: {report['machine']['cpu']}, {report['machine']['cores']} cores; devices "
+             f"{report['machine']['devices']}; {report['machine']['date']}.", "",
+             "| configuration | ms (best) | ms (median) | images/s | vs raw batch | overhead per chunk (ms) |"
+             " chunks per worker |", "|---|---|---|---|---|---|---|",
+             f"| raw call, this process (whole batch) | {raw['whole_batch_seconds'] * 1e3:.1f} | "
+             f"{raw['whole_batch_median'] * 1e3:.1f} | {report['batch'] / raw['whole_batch_seconds']:.0f} | 1.00 | - | - |",
+             f"| raw call, one chunk | {raw['chunk_seconds'] * 1e3:.2f} | {raw['chunk_median'] * 1e3:.2f} | "
+             f"{report['chunk'] / raw['chunk_seconds']:.0f} | - | - | - |",
+             f"| raw calls chunk by chunk, outputs kept | {raw['chunks_kept_seconds'] * 1e3:.1f} | "
+             f"{raw['chunks_kept_median'] * 1e3:.1f} | {report['batch'] / raw['chunks_kept_seconds']:.0f} | "
+             f"{raw['whole_batch_seconds'] / raw['chunks_kept_seconds']:.2f} | - | - |"]
+    for row in report["dask"]:
+        counts = ", ".join(f"{address.rsplit(':', 1)[-1]}: {count}" for address, count in row["chunks_per_worker"].items())
+        lines.append(f"| {row['configuration']} | {row['seconds'] * 1e3:.1f} | {row['median'] * 1e3:.1f} | "
+                     f"{row['images_per_second']:.0f} | {raw['whole_batch_seconds'] / row['seconds']:.2f} | "
+                     f"{row['overhead_per_chunk_seconds'] * 1e3:+.2f} | {counts} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
