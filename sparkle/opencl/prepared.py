@@ -96,14 +96,17 @@ class _Variant:
         self.kernel = steps[-1][0]
 
     def enqueue(self, queue, x_buf, w_buf, bias_buf, out_buf):
-        """Set the arguments that change and enqueue every step (no wait); raises the driver's error."""
+        """Set the arguments that change and enqueue every step (no wait); returns the first and the last
+        step's events; raises the driver's error."""
         buffers = (x_buf, w_buf, bias_buf, out_buf)
+        events = []
         with self.lock:  # workspaces serve one call at a time (the queue is in order)
             for kernel, per_call, global_size, local_size in self.steps:
                 for index, role in per_call:
                     kernel.set_arg(index, buffers[role])
-                cl.enqueue_nd_range_kernel(queue, kernel, global_size, local_size,
-                                           None, None, False, False)  # positional: keywords cost here
+                events.append(cl.enqueue_nd_range_kernel(queue, kernel, global_size, local_size,
+                                                         None, None, False, False))  # positional: keywords cost
+        return events[0], events[-1]
 
 
 _ROLES = ("x", "w", "bias", "out")  # the call's own buffers, in enqueue's order
@@ -150,6 +153,8 @@ class PreparedCall:
                                f"({device.max_alloc / 2**20:.0f} MiB)")
         self._variant = self._no_variant = None
         self._ready = None  # the built variant while calls of resident operands may take the direct path
+        # (first, last) event of the latest launch on the direct path: its device time, once it has run
+        self.last_launch = None
         if not self._empty:
             self._choose()
 
@@ -255,8 +260,8 @@ class PreparedCall:
         out = None
         try:
             out = self.device.pool_buffer(self._out_nbytes)
-            variant.enqueue(self._queue, image.buffer, weights.buffer, bias.buffer if bias is not None else None,
-                            out)
+            self.last_launch = variant.enqueue(self._queue, image.buffer, weights.buffer,
+                                               bias.buffer if bias is not None else None, out)
         except (cl.Error, MemoryError) as error:
             if out is not None:
                 self._give(out)
@@ -283,11 +288,12 @@ class PreparedCall:
             out = transfer.empty(device, self.out_shape, dtype)
             if self._one_shot:
                 unused = b_dev if b_dev is not None else transfer.empty(device, (1,), dtype)
-                launch.enqueue(device, self.workload, variant.params, x_dev.buffer, w_dev.buffer, unused.buffer,
-                               out.buffer, has_bias=bias is not None, relu=self.relu)
+                span = launch.enqueue(device, self.workload, variant.params, x_dev.buffer, w_dev.buffer,
+                                      unused.buffer, out.buffer, has_bias=bias is not None, relu=self.relu)
+                self.last_launch = span.first, span.last
             else:
-                variant.enqueue(self._queue, x_dev.buffer, w_dev.buffer, b_dev.buffer if b_dev is not None else None,
-                                out.buffer)
+                self.last_launch = variant.enqueue(self._queue, x_dev.buffer, w_dev.buffer,
+                                                   b_dev.buffer if b_dev is not None else None, out.buffer)
             return out if on_device else out.get()
         except (cl.Error, MemoryError) as error:
             return self._fault(variant, error, on_device, run_on_cpu)

@@ -7,6 +7,7 @@ it measures around them.
 
 from __future__ import annotations
 
+import collections
 import threading
 import time
 
@@ -44,6 +45,11 @@ class Executor:
     def compile_seconds(self):
         """Seconds to build a kernel for a shape seen for the first time (0 where shapes never compile)."""
         return 0.0
+
+    def launch_timer(self, prepared):
+        """For calls of ``prepared`` whose result stays in this device's memory and returns before the device
+        has run it: a LaunchTimer reading the device's own time; None where a call's host time is its time."""
+        return None
 
 
 class PreparedCall:
@@ -136,6 +142,52 @@ def _cpu_call(op, spec, serial=False):
     return (lambda a, b: prepared(to_host(a), to_host(b))), f"cpu {prepared.variant}", prepared
 
 
+# Launches of one signature whose device time is still to be read: a queue this far behind drops the oldest.
+PENDING_LAUNCHES = 64
+
+
+class LaunchTimer:
+    """The device time of queued launches of one prepared OpenCL call, read once they have run (it never
+    waits): a call whose result stays on the device returns when it is enqueued, and its host time (tens of
+    microseconds) says nothing of what the device spends on it."""
+
+    def __init__(self, source):
+        import pyopencl as cl
+
+        self._source = source
+        self._complete = cl.command_execution_status.COMPLETE
+        self._pending = collections.deque(maxlen=PENDING_LAUNCHES)
+
+    def after_call(self):
+        """Note the launch just made; return the device seconds of the noted launches that have run since
+        (first kernel's start to last kernel's end), oldest first: often none, as a queued call returns
+        before its launch has run."""
+        launch = self._source.last_launch
+        pending = self._pending
+        if launch is not None and (not pending or pending[-1] is not launch):
+            pending.append(launch)
+        done = []
+        while pending:
+            first, last = pending[0]
+            status = last.command_execution_status
+            if status > self._complete:  # queued, submitted or running: so are the later ones (in-order queue)
+                break
+            pending.popleft()
+            if status == self._complete:  # (a failed launch has no time to read; its fault surfaces on next use)
+                done.append((last.profile.end - first.profile.start) * 1e-9)
+        return done
+
+    def wait_for_last(self):
+        """The device seconds of the latest launch, waiting for it (the slow path's calls, which are checked
+        and read back anyway); None if there is none."""
+        launch = self._source.last_launch
+        if launch is None:
+            return None
+        first, last = launch
+        last.wait()
+        return (last.profile.end - first.profile.start) * 1e-9
+
+
 class OpenCLExecutor(Executor):
     """One OpenCL device through Sparkle's OpenCL backend; faults are raised, not hidden by a fallback.
 
@@ -156,6 +208,9 @@ class OpenCLExecutor(Executor):
 
     def holds(self, operand):
         return isinstance(operand, DeviceArray) and operand._device is self.device
+
+    def launch_timer(self, prepared):
+        return LaunchTimer(prepared.source) if prepared.source is not None else None
 
     def prepare(self, op, spec):
         from ..opencl import backend

@@ -107,6 +107,15 @@ class _Plan:
         self.history = None
         self.transfer_seconds = 0.0
         self.predicted = 0.0
+        self.timer = None  # the fast path's LaunchTimer where calls return before the device ran them
+        self.timers = {}  # device id -> LaunchTimer (None: host times are the calls' times)
+
+    def launch_timer(self, state):
+        """The LaunchTimer of this signature's calls on ``state`` (kept across decisions: its pending launches
+        are read later), or None where the device's host times are its times."""
+        if state.id not in self.timers:
+            self.timers[state.id] = state.executor.launch_timer(self.prepared_call(state))
+        return self.timers[state.id]
 
     def prepared_call(self, state, part=None):
         key = (state.id, part)
@@ -280,15 +289,22 @@ class Scheduler:
             except Exception as error:  # noqa: BLE001 - a device fault: the slow path records it, runs elsewhere
                 return safeguards.after_fault(self, plan, plan.state, operands, error)
             seconds = perf_counter() - start
+            self._spent_seconds += seconds
+            timer = plan.timer
+            # Queued on the device, a call returns before it ran: what counts is the device time of launches
+            # that have run (read without waiting), not this call's host time.
+            measured = (seconds,) if timer is None else timer.after_call()
             # The hot path's bookkeeping: plain floats, a set and a deque; folded into the model on review.
             with plan.lock:
                 plan.calls += 1
-                plan.fast_calls += 1
-                if not self._builds_running and plan.history.add(log(seconds) if seconds > 1e-9 else -20.7):
-                    plan.next_review = plan.calls  # its times changed regime: decide again on the next call
-            self._dirty.add(plan)
-            self._records.append((plan.op, plan.shape_text, plan.state.id, plan.predicted, seconds))
-            self._spent_seconds += seconds
+                for seconds in measured:
+                    plan.fast_calls += 1
+                    if not self._builds_running and plan.history.add(log(seconds) if seconds > 1e-9 else -20.7):
+                        plan.next_review = plan.calls  # its times changed regime: decide again on the next call
+            if measured:
+                self._dirty.add(plan)
+                for seconds in measured:
+                    self._records.append((plan.op, plan.shape_text, plan.state.id, plan.predicted, seconds))
             if plan.home is not None and plan.state.executor is not plan.home:
                 result = calls.deliver(result, plan.home)
             if self._log_decisions:
@@ -305,6 +321,18 @@ class Scheduler:
         self._note_measured(state, plan.op, plan.signature, plan.features, history, transfer_seconds)
         self._records.append((plan.op, plan.shape_text, state.id, predicted, seconds))
         self._spent_seconds += seconds
+
+    def _record_queued(self, plan, state, times):
+        """Device times of earlier queued calls of ``plan`` on ``state``, read now (fast-path bookkeeping)."""
+        if not times:
+            return
+        history = state.history(plan.signature)
+        with plan.lock:
+            for seconds in times:
+                history.add(math.log(max(seconds, 1e-9)))
+        self._note_measured(state, plan.op, plan.signature, plan.features, history, 0.0)
+        for seconds in times:
+            self._records.append((plan.op, plan.shape_text, state.id, plan.predicted, seconds))
 
     def _note_measured(self, state, op, signature, features, history, transfer_seconds, table=None):
         """Remember that ``signature`` was measured on ``state`` since the last fold (in ``table``, default the
@@ -335,6 +363,11 @@ class Scheduler:
             start = time.perf_counter()
             result = prepared(*operands)
             seconds = time.perf_counter() - start
+            timer = plan.launch_timer(state) if plan.home is state.executor else None
+            if timer is not None:  # the result stays on the device: its call returned once queued
+                timer.wait_for_last()
+                *earlier, seconds = timer.after_call() or [seconds]  # this call's device time, and the
+                self._record_queued(plan, state, earlier)  # fast path's launches that ran meanwhile
         except Exception as error:  # noqa: BLE001 - any failure of a device is a fault (bad input re-raised)
             return safeguards.after_fault(self, plan, state, operands, error)
         prediction = next((p for p in decision.predictions if p.device == state.id), None)
@@ -390,6 +423,7 @@ class Scheduler:
             plan.state, plan.history = state, state.history(plan.signature)
             plan.transfer_seconds = prediction.transfer
             plan.predicted = prediction.seconds
+            plan.timer = plan.launch_timer(state) if plan.home is state.executor else None
             # Numpy operands (home None) skip the conversions a device array would need.
             plan.runner = prepared.host_run if plan.home is None else prepared.run
 

@@ -1,0 +1,55 @@
+"""The scheduler with a real OpenCL device (PoCL here): calls whose operands live on the device return once
+queued, so they are timed by the device's own events, read once the launches have run."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("pyopencl")
+
+import sparkle  # noqa: E402
+from sparkle import api, reference  # noqa: E402
+from sparkle.opencl import launch, transfer  # noqa: E402
+from sparkle.opencl.codegen import Workload  # noqa: E402
+from sparkle.scheduler import Scheduler  # noqa: E402
+
+from _helpers import assert_close_to_reference, make_array  # noqa: E402
+from _opencl import opencl_params, runtime_device, sparkle_cache  # noqa: E402,F401
+
+pytestmark = pytest.mark.usefixtures("sparkle_cache")
+
+
+@pytest.mark.parametrize("device_id", opencl_params())
+def test_device_array_calls_are_timed_by_the_devices_events(device_id):
+    device = runtime_device(device_id)
+    rng = np.random.default_rng(0)
+    x, w = make_array(rng, (2, 32, 20, 20), np.dtype(np.float32)), make_array(rng, (32, 32, 3, 3), np.dtype(np.float32))
+    scheduler = Scheduler([device_id], persist=False, progress=False)
+    x_dev, w_dev = sparkle.to_device(x, device_id), sparkle.to_device(w, device_id)
+    results = [scheduler.conv2d(x_dev, w_dev, padding=1) for _ in range(4)]  # compile, verify, fast path
+    assert_close_to_reference(results[-1].get(), reference.conv2d(x, w, padding=1), np.float32)
+
+    queued = []
+    for _ in range(30):
+        start = time.perf_counter()
+        results.append(scheduler.conv2d(x_dev, w_dev, padding=1))
+        queued.append(time.perf_counter() - start)
+    results[-1].get()  # the queue drains
+    results.append(scheduler.conv2d(x_dev, w_dev, padding=1))  # reads what ran meanwhile
+    measured = [record["measured"] for record in scheduler.history()[4:]]
+    assert len(measured) >= 20  # launches that had run by the next call are recorded, none twice
+    # The same kernel timed directly by its events, on the same buffers.
+    spec = api.conv2d_spec(x, w, None, padding=1)
+    prepared = scheduler._plans[next(iter(scheduler._plans))].prepared_call(scheduler._by_id[device_id])
+    out = transfer.empty(device, spec.output_shape, np.float32)
+    direct = [launch.enqueue(device, Workload.from_spec(spec), prepared.source.params, x_dev.buffer, w_dev.buffer,
+                             transfer.empty(device, (1,), np.float32).buffer, out.buffer, has_bias=False,
+                             relu=False).seconds for _ in range(10)]
+    kernel = statistics.median(direct)
+    assert 0.5 * kernel <= statistics.median(measured) <= 2.0 * kernel, (statistics.median(measured), kernel)
+    # what the model learned is the device's time, not the enqueue's
+    assert statistics.median(measured) > 2 * statistics.median(queued) or kernel < 2 * statistics.median(queued)
