@@ -99,14 +99,16 @@ class _Variant:
         """Set the arguments that change and enqueue every step (no wait); returns the first and the last
         step's events; raises the driver's error."""
         buffers = (x_buf, w_buf, bias_buf, out_buf)
-        events = []
+        first = None
         with self.lock:  # workspaces serve one call at a time (the queue is in order)
             for kernel, per_call, global_size, local_size in self.steps:
                 for index, role in per_call:
                     kernel.set_arg(index, buffers[role])
-                events.append(cl.enqueue_nd_range_kernel(queue, kernel, global_size, local_size,
-                                                         None, None, False, False))  # positional: keywords cost
-        return events[0], events[-1]
+                last = cl.enqueue_nd_range_kernel(queue, kernel, global_size, local_size,
+                                                  None, None, False, False)  # positional: keywords cost here
+                if first is None:
+                    first = last
+        return first, last
 
 
 _ROLES = ("x", "w", "bias", "out")  # the call's own buffers, in enqueue's order

@@ -7,7 +7,6 @@ it measures around them.
 
 from __future__ import annotations
 
-import collections
 import threading
 import time
 
@@ -142,44 +141,47 @@ def _cpu_call(op, spec, serial=False):
     return (lambda a, b: prepared(to_host(a), to_host(b))), f"cpu {prepared.variant}", prepared
 
 
-# Launches of one signature whose device time is still to be read: a queue this far behind drops the oldest.
-PENDING_LAUNCHES = 64
+# A queued call's device time is sampled: one launch in flight is watched, its state read every this many calls.
+LAUNCH_CHECK_EVERY = 8
 
 
 class LaunchTimer:
-    """The device time of queued launches of one prepared OpenCL call, read once they have run (it never
+    """Samples of the device time of one prepared OpenCL call's launches, read once they have run (it never
     waits): a call whose result stays on the device returns when it is enqueued, and its host time (tens of
-    microseconds) says nothing of what the device spends on it."""
+    microseconds) says nothing of what the device spends on it. One launch is watched at a time and its
+    state read every LAUNCH_CHECK_EVERY calls, so the hot path pays a counter, not a driver query."""
 
     def __init__(self, source):
         import pyopencl as cl
 
         self._source = source
         self._complete = cl.command_execution_status.COMPLETE
-        self._pending = collections.deque(maxlen=PENDING_LAUNCHES)
+        self._watched = None  # (first, last) event of the launch being watched
+        self._calls = 0
 
     def after_call(self):
-        """Note the launch just made; return the device seconds of the noted launches that have run since
-        (first kernel's start to last kernel's end), oldest first: often none, as a queued call returns
-        before its launch has run."""
-        launch = self._source.last_launch
-        pending = self._pending
-        if launch is not None and (not pending or pending[-1] is not launch):
-            pending.append(launch)
-        done = []
-        while pending:
-            first, last = pending[0]
-            status = last.command_execution_status
-            if status > self._complete:  # queued, submitted or running: so are the later ones (in-order queue)
-                break
-            pending.popleft()
-            if status == self._complete:  # (a failed launch has no time to read; its fault surfaces on next use)
-                done.append((last.profile.end - first.profile.start) * 1e-9)
-        return done
+        """After a call: the device seconds of the watched launch if it has run (first kernel's start to last
+        kernel's end; the call's own launch is watched next), else nothing."""
+        self._calls += 1
+        watched = self._watched
+        if watched is None:
+            self._watched = self._source.last_launch
+            return ()
+        if self._calls % LAUNCH_CHECK_EVERY:
+            return ()
+        first, last = watched
+        status = last.command_execution_status
+        if status > self._complete:  # queued, submitted or running
+            return ()
+        self._watched = self._source.last_launch
+        if status < 0:  # the launch failed: no time to read (its fault surfaces on the next use)
+            return ()
+        return ((last.profile.end - first.profile.start) * 1e-9,)
 
     def wait_for_last(self):
         """The device seconds of the latest launch, waiting for it (the slow path's calls, which are checked
-        and read back anyway); None if there is none."""
+        and read back anyway); None if there is none. The watch starts afresh."""
+        self._watched = None
         launch = self._source.last_launch
         if launch is None:
             return None

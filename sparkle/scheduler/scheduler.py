@@ -291,8 +291,8 @@ class Scheduler:
             seconds = perf_counter() - start
             self._spent_seconds += seconds
             timer = plan.timer
-            # Queued on the device, a call returns before it ran: what counts is the device time of launches
-            # that have run (read without waiting), not this call's host time.
+            # Queued on the device, a call returns before it ran: what counts is the device time of a launch
+            # that has run (sampled, read without waiting), not this call's host time.
             measured = (seconds,) if timer is None else timer.after_call()
             # The hot path's bookkeeping: plain floats, a set and a deque; folded into the model on review.
             with plan.lock:
@@ -321,18 +321,6 @@ class Scheduler:
         self._note_measured(state, plan.op, plan.signature, plan.features, history, transfer_seconds)
         self._records.append((plan.op, plan.shape_text, state.id, predicted, seconds))
         self._spent_seconds += seconds
-
-    def _record_queued(self, plan, state, times):
-        """Device times of earlier queued calls of ``plan`` on ``state``, read now (fast-path bookkeeping)."""
-        if not times:
-            return
-        history = state.history(plan.signature)
-        with plan.lock:
-            for seconds in times:
-                history.add(math.log(max(seconds, 1e-9)))
-        self._note_measured(state, plan.op, plan.signature, plan.features, history, 0.0)
-        for seconds in times:
-            self._records.append((plan.op, plan.shape_text, state.id, plan.predicted, seconds))
 
     def _note_measured(self, state, op, signature, features, history, transfer_seconds, table=None):
         """Remember that ``signature`` was measured on ``state`` since the last fold (in ``table``, default the
@@ -365,9 +353,7 @@ class Scheduler:
             seconds = time.perf_counter() - start
             timer = plan.launch_timer(state) if plan.home is state.executor else None
             if timer is not None:  # the result stays on the device: its call returned once queued
-                timer.wait_for_last()
-                *earlier, seconds = timer.after_call() or [seconds]  # this call's device time, and the
-                self._record_queued(plan, state, earlier)  # fast path's launches that ran meanwhile
+                seconds = timer.wait_for_last() or seconds
         except Exception as error:  # noqa: BLE001 - any failure of a device is a fault (bad input re-raised)
             return safeguards.after_fault(self, plan, state, operands, error)
         prediction = next((p for p in decision.predictions if p.device == state.id), None)
