@@ -1,6 +1,7 @@
-"""Winograd F(2x2, 3x3): its error against the float64 reference, over the ONNX oracles and random cases with
-long reductions, held to the bound of every other path (relative L2 <= 1e-5 in float32); its eligibility; and
-its place among the tuner's candidates. Sampled Winograd variants on awkward shapes: test_opencl_variants.py
+"""Winograd F(2x2, 3x3) and F(4x4, 3x3): the generated transforms checked in float64 against the direct sum, the
+error against the float64 reference over the ONNX oracles and random cases with long reductions, held to the
+bound of every other path (relative L2 <= 1e-5 in float32); eligibility; and the place among the tuner's
+candidates. Sampled Winograd variants on awkward shapes: test_opencl_variants.py
 ("winograd" family); memory safety under Oclgrind: test_opencl_memory_safety.py.
 """
 
@@ -13,7 +14,7 @@ pytest.importorskip("pyopencl")
 
 import sparkle  # noqa: E402
 from sparkle import api, reference  # noqa: E402
-from sparkle.opencl import backend, codegen, launch, transfer  # noqa: E402
+from sparkle.opencl import backend, codegen, launch, transfer, winograd  # noqa: E402
 from sparkle.opencl.codegen import Workload  # noqa: E402
 from sparkle.opencl.tuning import space  # noqa: E402
 
@@ -24,6 +25,29 @@ from test_oracles import check_onnx_case, onnx_case_ids  # noqa: E402
 pytestmark = pytest.mark.usefixtures("sparkle_cache")
 
 WINOGRAD = space.complete({"ALGO": codegen.WINOGRAD, "WBK": 16, "WBT": 16, "WBC": 4, "WRK": 2, "WRT": 2})
+WINOGRAD_4 = space.complete({**WINOGRAD, "WINO_M": 4, "WRK": 1})  # 36 x 1 x 2 accumulators
+TILES = [pytest.param(WINOGRAD, id="F(2x2,3x3)"), pytest.param(WINOGRAD_4, id="F(4x4,3x3)")]
+
+
+@pytest.mark.parametrize("m", winograd.TILE_SIZES)
+def test_the_transform_matrices_compute_the_direct_sum(m):
+    bt, g, at = (np.array(matrix, dtype=float) for matrix in winograd.MATRICES[m])
+    rng = np.random.default_rng(m)
+    for _ in range(5):
+        patch, taps = rng.standard_normal((m + 2, m + 2)), rng.standard_normal((3, 3))
+        tile = at @ ((g @ taps @ g.T) * (bt @ patch @ bt.T)) @ at.T
+        direct = [[np.sum(patch[i:i + 3, j:j + 3] * taps) for j in range(m)] for i in range(m)]
+        np.testing.assert_allclose(tile, direct, rtol=0, atol=1e-12)
+
+
+def test_generated_transforms_leave_out_zeros_and_multiply_only_by_other_constants():
+    assert winograd.combination((1, 0, -1, 0), lambda t: f"d{t}") == "d0 - d2"
+    assert winograd.combination((0, -4, 0, 1), lambda t: f"d{t}") == "-(real)4 * d1 + d3"
+    assert winograd.combination((0, 0), lambda t: "x") == "(real)0"
+    text = winograd.defines(4)
+    assert "* d[" in text and "(real)0 *" not in text and "(real)1 *" not in text
+    with pytest.raises(ValueError, match="tile size must be one of"):
+        winograd.defines(3)
 BOUND = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-12}  # the bound of every path (the tuner's)
 
 
@@ -64,10 +88,11 @@ CASES = {  # (x shape, w shape, padding): reductions up to 512 x 9, odd sizes, o
 }
 
 
+@pytest.mark.parametrize("params", TILES)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("device_id", opencl_params())
-def test_winograd_error_is_within_the_bound_of_every_path(device_id, case, dtype):
+def test_winograd_error_is_within_the_bound_of_every_path(device_id, case, dtype, params):
     device = runtime_device(device_id)
     if dtype == np.float64 and not device.has_fp64:
         pytest.skip(f"{device_id} has no float64")
@@ -77,10 +102,10 @@ def test_winograd_error_is_within_the_bound_of_every_path(device_id, case, dtype
     bias = make_array(rng, w_shape[:1], np.dtype(dtype))
     spec = api.conv2d_spec(x, w, bias, padding=padding, activation="relu")
     workload = Workload.from_spec(spec)
-    assert space.violations(WINOGRAD, workload, space.DeviceLimits.of(device)) == []
+    assert space.violations(params, workload, space.DeviceLimits.of(device)) == []
     buffers = [transfer.upload(device, a, np.dtype(dtype)) for a in (x, w, bias)]
     out = transfer.empty(device, spec.output_shape, np.dtype(dtype))
-    launch.enqueue(device, workload, WINOGRAD, *(b.buffer for b in buffers), out.buffer, has_bias=True,
+    launch.enqueue(device, workload, params, *(b.buffer for b in buffers), out.buffer, has_bias=True,
                    relu=True).wait()
     expected = reference.conv2d(x, w, bias, padding=padding, activation="relu")
     error = rel_l2(out.get(), expected)
@@ -95,7 +120,7 @@ def test_a_prepared_winograd_call_matches_on_both_paths(device_id, winograd_laun
     expected = reference.conv2d(x, w, None, padding=1)
     prepared = backend.prepare_conv2d(api.conv2d_spec(x, w, None, padding=1), runtime_device(device_id),
                                       on_fault="raise")
-    assert prepared.variant.startswith("winograd WBK=16")
+    assert prepared.variant.startswith("winograd WINO_M=2 WBK=16")
     host = prepared(x, w)
     assert rel_l2(host, expected) <= BOUND[np.dtype(np.float32)]
     resident = prepared(sparkle.to_device(x, device_id), sparkle.to_device(w, device_id)).get()
@@ -123,6 +148,12 @@ def test_winograd_applies_only_to_3x3_stride1_undilated_single_group_convs():
     assert any("keeps the implicit GEMM's tunables" in r for r in space.violations({**WINOGRAD, "TM": 64}, layer,
                                                                                     limits))
     assert any("accumulators" in r for r in space.violations({**WINOGRAD, "WRK": 4, "WRT": 4}, layer, limits))
+    assert any("accumulators" in r for r in space.violations({**WINOGRAD_4, "WRK": 2, "WRT": 2}, layer, limits))
+    assert space.violations(WINOGRAD_4, layer, limits) == []
+    wide = workload_of((1, 1024, 7, 7), (64, 1024, 3, 3), padding=1)  # F(4x4)'s error grows with the reduction
+    assert any("at most 512 input channels" in r for r in space.violations(WINOGRAD_4, wide, limits))
+    assert space.violations(WINOGRAD, wide, limits) == []
+    assert {p["WINO_M"] for p in found} == {2, 4}
     small_local = space.DeviceLimits(1024, 8 * 1024, True, 132)
     assert any("local memory" in r for r in space.violations({**WINOGRAD, "WBK": 64, "WBT": 64}, layer,
                                                               small_local))

@@ -13,6 +13,7 @@ from importlib import resources
 import numpy as np
 
 from ..api import Conv2dSpec, ConvGeometry, MatmulSpec, matmul_as_conv2d_spec
+from . import winograd
 
 TEMPLATE_VERSION = 1  # part of the tuning database key: bump when the kernel's meaning of a tunable changes
 
@@ -67,9 +68,9 @@ class Workload(ConvGeometry):
 
 
 # Tunables, in the order they appear in the source; each has a default in the template. ALGO picks the
-# algorithm; the implicit GEMM reads TM..KSPLIT, Winograd F(2x2, 3x3) reads WBK..WRT.
+# algorithm; the implicit GEMM reads TM..KSPLIT, Winograd F(m x m, 3 x 3) reads WINO_M..WRT.
 TUNABLES = ("ALGO", "TM", "TN", "TK", "WM", "WN", "VW", "USE_LOCAL", "VEC_A", "VEC_B", "VN", "KSPLIT",
-            "WBK", "WBT", "WBC", "WRK", "WRT")
+            "WINO_M", "WBK", "WBT", "WBC", "WRK", "WRT")
 GEMM_TUNABLES = TUNABLES[1:12]
 WINOGRAD_TUNABLES = TUNABLES[12:]
 IMPLICIT_GEMM, WINOGRAD = 0, 1
@@ -112,12 +113,16 @@ def render(workload, params, *, has_bias=False, relu=False):
         lines.append("#define SPARKLE_FP64 1")
     lines += [f"#define {name} {value}" for name, value in shape_defines(workload, has_bias, relu).items()]
     lines += [f"#define {name} {int(params[name])}" for name in TUNABLES if name in params]
+    complete = {**DEFAULTS, **params}
+    if complete["ALGO"] == WINOGRAD:  # the transforms of this tile size, as straight-line sums
+        lines.append(winograd.defines(int(complete["WINO_M"])))
     return "\n".join(lines) + "\n" + template()
 
 
-def winograd_tiles(workload):
-    """2x2 output tiles of a Winograd launch."""
-    return workload.batch * -(-workload.out_h // 2) * -(-workload.out_w // 2)
+def winograd_tiles(workload, params=None):
+    """m x m output tiles of a Winograd launch (m = WINO_M)."""
+    m = {**DEFAULTS, **(params or {})}["WINO_M"]
+    return workload.batch * -(-workload.out_h // m) * -(-workload.out_w // m)
 
 
 def launch_geometry(workload, params):
@@ -125,7 +130,7 @@ def launch_geometry(workload, params):
     p = {**DEFAULTS, **params}
     if p["ALGO"] == WINOGRAD:
         threads_t, threads_k = p["WBT"] // p["WRT"], p["WBK"] // p["WRK"]
-        groups_t = -(-winograd_tiles(workload) // p["WBT"])
+        groups_t = -(-winograd_tiles(workload, p) // p["WBT"])
         groups_k = -(-workload.out_channels // p["WBK"])
         return (groups_t * threads_t, groups_k * threads_k, 1), (threads_t, threads_k, 1)
     threads_n, threads_m = p["TN"] // p["WN"], p["TM"] // p["WM"]
@@ -142,7 +147,7 @@ def work_groups(workload, params):
     """Work-groups the main kernel launches (what fills a device's compute units)."""
     p = {**DEFAULTS, **params}
     if p["ALGO"] == WINOGRAD:
-        return -(-winograd_tiles(workload) // p["WBT"]) * -(-workload.out_channels // p["WBK"])
+        return -(-winograd_tiles(workload, p) // p["WBT"]) * -(-workload.out_channels // p["WBK"])
     return -(-workload.gemm_n // p["TN"]) * -(-workload.gemm_m // p["TM"]) * workload.groups * p["KSPLIT"]
 
 
@@ -172,7 +177,7 @@ def workspaces(workload, params):
     p = {**DEFAULTS, **params}
     itemsize = 8 if workload.dtype == "float64" else 4
     if p["ALGO"] == WINOGRAD:
-        return {"u": 16 * workload.out_channels * workload.in_channels * itemsize}
+        return {"u": (p["WINO_M"] + 2) ** 2 * workload.out_channels * workload.in_channels * itemsize}
     if p["KSPLIT"] > 1:
         return {"partial": p["KSPLIT"] * output_size(workload) * itemsize}
     return {}
@@ -194,7 +199,7 @@ def launch_plan(workload, params):
 
 # Mirrors the template's #ifndef defaults (tests check the two agree).
 DEFAULTS = {"ALGO": 0, "TM": 32, "TN": 32, "TK": 8, "WM": 4, "WN": 4, "VW": 1, "USE_LOCAL": 1, "VEC_A": 1, "VEC_B": 1,
-            "VN": 1, "KSPLIT": 1, "WBK": 32, "WBT": 32, "WBC": 8, "WRK": 2, "WRT": 2}
+            "VN": 1, "KSPLIT": 1, "WINO_M": 2, "WBK": 32, "WBT": 32, "WBC": 8, "WRK": 2, "WRT": 2}
 
 MAIN_KERNEL = "conv2d"
 REDUCE_KERNEL = "reduce_slices"  # split-K's reduction (in the source when KSPLIT > 1)

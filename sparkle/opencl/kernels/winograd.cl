@@ -1,13 +1,18 @@
-// Winograd F(2x2, 3x3) for 3x3, stride-1, undilated convolutions of one group (appended to conv2d.cl, whose
-// types, shape macros and epilogue it uses). Each 2x2 output tile is A^T [ sum_c (G g G^T) . (B^T d B) ] A over
-// the tile's 4x4 input patch d: 16 multiplications per tile and channel pair instead of 36.
-//   winograd_filter: U[xi][c][k] = (G g[k][c] G^T)[xi], the 16 transformed taps of every filter (a workspace of
-//                    16 K C values; the only intermediate in global memory).
+// Winograd F(m x m, 3 x 3), m = WINO_M (2 or 4), for 3x3, stride-1, undilated convolutions of one group
+// (appended to conv2d.cl, whose types, shape macros and epilogue it uses). Each m x m output tile is
+// A^T [ sum_c (G g G^T) . (B^T d B) ] A over the tile's alpha x alpha input patch d (alpha = m + 2): alpha^2
+// multiplications per tile and channel pair instead of 9 m^2. The transforms are generated per tile size
+// (winograd.py: FILTER_TRANSFORM, INPUT_TRANSFORM, OUTPUT_TRANSFORM, WINO_ALPHA).
+//   winograd_filter: U[xi][c][k], the alpha^2 transformed taps of every filter (a workspace of alpha^2 K C
+//                    values; the only intermediate in global memory).
 //   conv2d:          per work-group, WBK output channels x WBT tiles; per step of WBC input channels the
 //                    patches are transformed into local memory beside their U slice, each work-item
-//                    accumulates its WRK x WRT (channel, tile) pairs in the 16 transformed positions, and the
-//                    output transform and epilogue write the 2x2 pixels straight from registers.
+//                    accumulates its WRK x WRT (channel, tile) pairs in the alpha^2 transformed positions, and
+//                    the output transform and epilogue write the m x m pixels straight from registers.
 
+#ifndef WINO_M        // Winograd: output tile size m of F(m x m, 3 x 3)
+#define WINO_M 2
+#endif
 #ifndef WBK           // Winograd: output channels per work-group
 #define WBK 32
 #endif
@@ -25,8 +30,9 @@
 #endif
 
 #if ALGO == 1
-#define TILES_H ((P_OUT + 1) / 2)
-#define TILES_W ((Q_OUT + 1) / 2)
+#define POINTS (WINO_ALPHA * WINO_ALPHA)
+#define TILES_H ((P_OUT + WINO_M - 1) / WINO_M)
+#define TILES_W ((Q_OUT + WINO_M - 1) / WINO_M)
 #define TILES_IMG (TILES_H * TILES_W)
 #define TILES (N_IMG * TILES_IMG)
 #define WDK (WBK / WRK)  // work-items along the output channels
@@ -41,23 +47,9 @@ __kernel void winograd_filter(__global const real* restrict w, __global real* re
     const int c = id / K_OUT;
     const int k = id - c * K_OUT;
     const __global real* g = w + ((INDEX)k * C_IN + c) * 9;
-    real gg[4][3];  // G g: 4 x 3
-    #pragma unroll
-    for (int s = 0; s < 3; ++s) {
-        const real g0 = g[s], g1 = g[3 + s], g2 = g[6 + s];
-        gg[0][s] = g0;
-        gg[1][s] = (real)0.5 * (g0 + g1 + g2);
-        gg[2][s] = (real)0.5 * (g0 - g1 + g2);
-        gg[3][s] = g2;
-    }
-    #pragma unroll
-    for (int r = 0; r < 4; ++r) {  // (G g) G^T: 4 x 4
-        const real a = gg[r][0], b = gg[r][1], d = gg[r][2];
-        const real row[4] = {a, (real)0.5 * (a + b + d), (real)0.5 * (a - b + d), d};
-        #pragma unroll
-        for (int s = 0; s < 4; ++s)
-            u[((INDEX)(r * 4 + s) * C_IN + c) * K_OUT + k] = row[s];
-    }
+#define out(xi, value) u[((INDEX)(xi) * C_IN + c) * K_OUT + k] = (value)
+    FILTER_TRANSFORM
+#undef out
 }
 
 __kernel __attribute__((reqd_work_group_size(WDT, WDK, 1)))
@@ -69,12 +61,12 @@ void conv2d(__global const real* restrict x, __global const real* restrict u,
     const int tid = tk * WDT + tt;
     const int tile0 = get_group_id(0) * WBT;
     const int k0 = get_group_id(1) * WBK;
-    __local real v_tile[16 * WBC * WBT];  // transformed patches, [xi][c][t]
-    __local real u_tile[16 * WBC * WBK];  // transformed filters, [xi][c][k]
+    __local real v_tile[POINTS * WBC * WBT];  // transformed patches, [xi][c][t]
+    __local real u_tile[POINTS * WBC * WBK];  // transformed filters, [xi][c][k]
 
-    real acc[16][WRK][WRT];
+    real acc[POINTS][WRK][WRT];
     #pragma unroll
-    for (int xi = 0; xi < 16; ++xi)
+    for (int xi = 0; xi < POINTS; ++xi)
         #pragma unroll
         for (int i = 0; i < WRK; ++i)
             #pragma unroll
@@ -87,47 +79,38 @@ void conv2d(__global const real* restrict x, __global const real* restrict u,
             const int c = e / WBT;
             const int t = e - c * WBT;
             const int tile = tile0 + t;
-            real d[4][4];
+            real d[WINO_ALPHA][WINO_ALPHA];
             if (tile < TILES && c0 + c < C_IN) {
                 const int n = tile / TILES_IMG;
                 const int rest = tile - n * TILES_IMG;
                 const int th = rest / TILES_W;
-                const int h0 = 2 * th - PAD_T;
-                const int w0 = 2 * (rest - th * TILES_W) - PAD_L;
+                const int h0 = WINO_M * th - PAD_T;
+                const int w0 = WINO_M * (rest - th * TILES_W) - PAD_L;
                 const __global real* plane = x + ((INDEX)n * C_IN + c0 + c) * HW_IN;
                 #pragma unroll
-                for (int i = 0; i < 4; ++i)
+                for (int i = 0; i < WINO_ALPHA; ++i)
                     #pragma unroll
-                    for (int j = 0; j < 4; ++j) {
+                    for (int j = 0; j < WINO_ALPHA; ++j) {
                         const int h = h0 + i, v = w0 + j;
                         d[i][j] = (h >= 0 && h < H_IN && v >= 0 && v < W_IN) ? plane[h * W_IN + v] : (real)0;
                     }
             } else {
                 #pragma unroll
-                for (int i = 0; i < 4; ++i)
+                for (int i = 0; i < WINO_ALPHA; ++i)
                     #pragma unroll
-                    for (int j = 0; j < 4; ++j)
+                    for (int j = 0; j < WINO_ALPHA; ++j)
                         d[i][j] = (real)0;
             }
-            real m[4][4];  // B^T d
+            real v[WINO_ALPHA][WINO_ALPHA];
+            INPUT_TRANSFORM
             #pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                m[0][j] = d[0][j] - d[2][j];
-                m[1][j] = d[1][j] + d[2][j];
-                m[2][j] = d[2][j] - d[1][j];
-                m[3][j] = d[1][j] - d[3][j];
-            }
-            #pragma unroll
-            for (int i = 0; i < 4; ++i) {  // (B^T d) B
-                __local real* to = v_tile + (i * 4 * WBC + c) * WBT + t;
-                to[0 * WBC * WBT] = m[i][0] - m[i][2];
-                to[1 * WBC * WBT] = m[i][1] + m[i][2];
-                to[2 * WBC * WBT] = m[i][2] - m[i][1];
-                to[3 * WBC * WBT] = m[i][1] - m[i][3];
-            }
+            for (int i = 0; i < WINO_ALPHA; ++i)
+                #pragma unroll
+                for (int j = 0; j < WINO_ALPHA; ++j)
+                    v_tile[((i * WINO_ALPHA + j) * WBC + c) * WBT + t] = v[i][j];
         }
         // The step's slice of U, k fastest (coalesced); zeros past the channels.
-        for (int e = tid; e < 16 * WBC * WBK; e += WTHREADS) {
+        for (int e = tid; e < POINTS * WBC * WBK; e += WTHREADS) {
             const int k = e % WBK;
             const int rest = e / WBK;
             const int c = rest % WBC;
@@ -137,7 +120,7 @@ void conv2d(__global const real* restrict x, __global const real* restrict u,
         }
         barrier(CLK_LOCAL_MEM_FENCE);
         #pragma unroll
-        for (int xi = 0; xi < 16; ++xi)
+        for (int xi = 0; xi < POINTS; ++xi)
             for (int c = 0; c < WBC; ++c) {
                 real a[WRK], b[WRT];
                 #pragma unroll
@@ -153,7 +136,7 @@ void conv2d(__global const real* restrict x, __global const real* restrict u,
         barrier(CLK_LOCAL_MEM_FENCE);  // everyone is done reading before the next step overwrites
     }
 
-    // Output transform A^T M A, epilogue, store the tile's pixels that exist (P or Q may be odd).
+    // Output transform A^T M A, epilogue, store the tile's pixels that exist (P or Q need not divide by m).
     #pragma unroll
     for (int i = 0; i < WRK; ++i)
         #pragma unroll
@@ -161,24 +144,22 @@ void conv2d(__global const real* restrict x, __global const real* restrict u,
             const int k = k0 + tk + i * WDK;
             const int tile = tile0 + tt + j * WDT;
             if (k >= K_OUT || tile >= TILES) continue;
-            real t0[4], t1[4];  // A^T M: 2 x 4
-            #pragma unroll
-            for (int s = 0; s < 4; ++s) {
-                t0[s] = acc[s][i][j] + acc[4 + s][i][j] + acc[8 + s][i][j];
-                t1[s] = acc[4 + s][i][j] - acc[8 + s][i][j] - acc[12 + s][i][j];
-            }
+            real y[WINO_M][WINO_M];
+#define M(xi) acc[xi][i][j]
+            OUTPUT_TRANSFORM
+#undef M
             const int n = tile / TILES_IMG;
             const int rest = tile - n * TILES_IMG;
             const int th = rest / TILES_W;
-            const int oh = 2 * th;
-            const int ow = 2 * (rest - th * TILES_W);
+            const int oh = WINO_M * th;
+            const int ow = WINO_M * (rest - th * TILES_W);
             __global real* o = out + ((INDEX)n * K_OUT + k) * PQ + oh * Q_OUT + ow;
-            o[0] = epilogue(t0[0] + t0[1] + t0[2], bias, k);
-            if (ow + 1 < Q_OUT) o[1] = epilogue(t0[1] - t0[2] - t0[3], bias, k);
-            if (oh + 1 < P_OUT) {
-                o[Q_OUT] = epilogue(t1[0] + t1[1] + t1[2], bias, k);
-                if (ow + 1 < Q_OUT) o[Q_OUT + 1] = epilogue(t1[1] - t1[2] - t1[3], bias, k);
-            }
+            #pragma unroll
+            for (int a = 0; a < WINO_M; ++a)
+                #pragma unroll
+                for (int b = 0; b < WINO_M; ++b)
+                    if (oh + a < P_OUT && ow + b < Q_OUT)
+                        o[a * Q_OUT + b] = epilogue(y[a][b], bias, k);
         }
 }
 #endif  // ALGO == 1
