@@ -171,3 +171,28 @@ def test_the_tuner_offers_winograd_to_gpus_beside_the_implicit_gemm():
     order = tuner._order(layer, gpu, space.DeviceLimits(1024, 48 * 1024, True, 132), random.Random(0))
     algorithms = [p["ALGO"] for p in order]
     assert codegen.WINOGRAD in algorithms[:12] and codegen.IMPLICIT_GEMM in algorithms[:12]
+
+
+@pytest.mark.parametrize("params", TILES)
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@pytest.mark.parametrize("device_id", opencl_params())
+def test_a_non_finite_input_stays_within_the_tiles_around_it(device_id, bad, params):
+    """Documented behaviour (README): the transforms spread an inf or NaN over the outputs of the tiles whose
+    patches hold it; every output the direct sum makes non-finite is non-finite here too, and the others agree."""
+    device = runtime_device(device_id)
+    rng = np.random.default_rng(1)
+    x, w = make_array(rng, (1, 2, 12, 12), np.dtype(np.float32)), make_array(rng, (3, 2, 3, 3), np.dtype(np.float32))
+    x[0, 1, 5, 6] = bad
+    spec = api.conv2d_spec(x, w, None, padding=1)
+    buffers = [transfer.upload(device, a, np.dtype(np.float32)) for a in (x, w, np.zeros(1, np.float32))]
+    out = transfer.empty(device, spec.output_shape, np.dtype(np.float32))
+    launch.enqueue(device, Workload.from_spec(spec), params, *(b.buffer for b in buffers), out.buffer,
+                   has_bias=False, relu=False).wait()
+    got, expected = out.get(), reference.conv2d(x, w, padding=1)
+    direct_bad, winograd_bad = ~np.isfinite(expected), ~np.isfinite(got)
+    assert (winograd_bad | ~direct_bad).all()  # a superset of the direct sum's non-finite outputs...
+    reach = params["WINO_M"] + 2  # a patch's size: no output farther than that from the pixel can see it
+    rows, cols = np.nonzero(winograd_bad.any(axis=(0, 1)))
+    assert rows.size and all(abs(r - 5) < reach for r in rows) and all(abs(c - 6) < reach for c in cols)
+    finite = ~winograd_bad
+    np.testing.assert_allclose(got[finite], expected[finite], rtol=1e-4, atol=1e-4)

@@ -1,6 +1,11 @@
 """Winograd F(m x m, 3 x 3) transforms as generated OpenCL C: straight-line sums with the matrices' zeros left out
-and their ones written as plain additions (a compiler may not drop ``0 * x``: x may be inf or NaN), so the
-kernel does only the transform's real arithmetic and propagates inf and NaN as a direct convolution does.
+and their ones written as plain additions (a compiler may not drop ``0 * x`` itself: x may be inf or NaN), so
+the kernel does only the transform's real arithmetic.
+
+Non-finite inputs: the transforms mix a patch's pixels, so an inf or NaN input makes non-finite (NaN, where a
+direct sum would give inf) every output of the tiles whose patches hold it and whose transform reaches it, not
+only the outputs whose 3x3 window holds it (one NaN pixel: 9 non-finite outputs directly, 9 with F(2x2), 25
+with F(4x4), all within those tiles); finite outputs agree (tests/test_opencl_winograd.py).
 
 Y = A^T [ (G g G^T) . (B^T d B) ] A for a 3x3 filter g and an (m+2) x (m+2) input patch d (Lavin and Gray's
 matrices; checked in float64 against the direct sum by the tests).
