@@ -138,7 +138,7 @@ def test_winograd_applies_only_to_3x3_stride1_undilated_single_group_convs():
     for kwargs, w_shape in (({"stride": 2}, (8, 8, 3, 3)), ({"dilation": 2}, (8, 8, 3, 3)),
                             ({"groups": 2}, (8, 4, 3, 3)), ({}, (8, 8, 5, 5)), ({}, (8, 8, 1, 1))):
         reasons = space.violations(WINOGRAD, workload_of((1, 8, 9, 9), w_shape, **kwargs), limits)
-        assert reasons == ["Winograd F(2x2, 3x3) needs a 3x3, stride-1, undilated conv2d of one group"], kwargs
+        assert reasons == ["Winograd (F(2x2) or F(4x4), 3x3) needs a 3x3, stride-1, undilated conv2d of one group"], kwargs
     gemm = Workload.from_spec(api.matmul_spec(np.zeros((8, 8), np.float32), np.zeros((8, 8), np.float32)))
     assert space.violations(WINOGRAD, gemm, limits)
     assert space.candidates(gemm, limits, "winograd") == []

@@ -166,7 +166,7 @@ def winograd_local_memory_bytes(p, itemsize):
 
 def _winograd_violations(p, workload, limits):
     if not winograd_applies(workload):
-        return ["Winograd F(2x2, 3x3) needs a 3x3, stride-1, undilated conv2d of one group"]
+        return ["Winograd (F(2x2) or F(4x4), 3x3) needs a 3x3, stride-1, undilated conv2d of one group"]
     reasons = []
     if any(p[name] != DEFAULTS[name] for name in GEMM_TUNABLES):
         reasons.append("a Winograd variant keeps the implicit GEMM's tunables at their defaults")
