@@ -226,3 +226,13 @@ def test_bad_prepare_entries_are_refused_on_the_client():
         sparkle_dask.SparklePlugin(prepare=[("gemm", (2, 2), (2, 2))])
     with pytest.raises(ValueError, match=r"w.shape\[1\] must be"):
         sparkle_dask.SparklePlugin(prepare=[("conv2d", (1, 3, 8, 8), (4, 2, 3, 3), {})])
+
+
+def test_persisted_weights_serve_several_computations(client):
+    rng = np.random.default_rng(12)
+    w = make_array(rng, (5, 3, 3, 3), np.dtype(np.float32))
+    weights = da.from_array(w, chunks=(2, 3, 3, 3)).persist()  # several chunks: merged into one block
+    for _ in range(2):
+        x, chunks = images(rng, (4, 3, 7, 7))
+        y = sparkle_dask.conv2d(chunks, weights, padding=1)
+        assert rel_l2(y.compute(), reference.conv2d(x, w, padding=1)) <= TOLERANCE[np.dtype(np.float32)]
