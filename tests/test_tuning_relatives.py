@@ -143,3 +143,4 @@ def test_architecture_comes_from_the_drivers_answers():
     assert runtime._architecture(pocl, "cpu") == "znver3"
     silent = fake_device("cl_nv_device_attribute_query")  # lists the extension, answers nothing
     assert runtime._architecture(silent, "gpu") == "Some GPU"
+

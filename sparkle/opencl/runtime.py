@@ -69,6 +69,18 @@ class BufferPool:
             self.free.clear()
 
 
+def _pci_location(cl_device):
+    """"pci <domain>:<bus>:<slot>" where the driver tells it (NVIDIA's attribute query), else None."""
+    cl = _import_pyopencl()
+    if "cl_nv_device_attribute_query" not in cl_device.extensions:
+        return None
+    try:
+        domain = cl_device.get_info(cl.device_info.PCI_DOMAIN_ID_NV)
+        return f"pci {domain:04x}:{cl_device.pci_bus_id_nv:02x}:{cl_device.pci_slot_id_nv:02x}"
+    except (cl.Error, AttributeError, TypeError):  # an older driver: no PCI attributes
+        return None
+
+
 def _architecture(cl_device, kind):
     """What decides which tiles win on a device: NVIDIA's compute capability ("sm_90"), AMD's gfx IP, the
     CPU target PoCL compiles for (the last word of its "HSTR: pthread-x86_64-...-znver3" version), else the
@@ -109,6 +121,11 @@ class OpenCLDevice:
         self.max_alloc = cl_device.max_mem_alloc_size
         self.has_fp64 = "cl_khr_fp64" in cl_device.extensions or cl_device.double_fp_config != 0
         self.architecture = _architecture(cl_device, self.kind)
+        # Which physical unit this is among identical devices (same identity): the PCI location where the
+        # driver says it, else the order of discovery. Identity keys programs (shared by identical devices);
+        # unit keeps apart what is measured of each (one may be shared or throttled).
+        self.pci_location = _pci_location(cl_device)
+        self.unit = self.pci_location or "#0"
         # Everything that can change the compiled code or its speed.
         self.identity = "|".join(str(part).strip() for part in (
             platform.name, platform.version, cl_device.vendor, cl_device.name, cl_device.version,
@@ -264,7 +281,16 @@ def _discover(environment):
             continue
         for cl_device in platform_devices:
             found.append(OpenCLDevice(len(found), cl_device))
+    assign_units(found)
     return tuple(found)
+
+
+def assign_units(devices):
+    """Give identical devices (the same identity: two H200s) units of their own: the PCI location where known,
+    else their order among their twins ("#0", "#1", ...; a lone device is "#0" wherever it is listed)."""
+    for device in devices:
+        twins = [other for other in devices if other.identity == device.identity]
+        device.unit = device.pci_location or f"#{twins.index(device)}"
 
 
 def opencl_devices():

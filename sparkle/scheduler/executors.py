@@ -204,7 +204,9 @@ class OpenCLExecutor(Executor):
         self.id = device.id
         self.kind = device.kind
         self.name = device.name
-        self.identity = f"{device.identity}|kernels={cache.digest(codegen.template(), codegen.TEMPLATE_VERSION)[:16]}"
+        # The unit keeps two identical GPUs apart: each is profiled and modelled on its own.
+        self.identity = (f"{device.identity}|unit={getattr(device, 'unit', '#0')}"
+                         f"|kernels={cache.digest(codegen.template(), codegen.TEMPLATE_VERSION)[:16]}")
         self.builds_block_calls = device.kind == "gpu"
         self._compile_seconds = None
 
