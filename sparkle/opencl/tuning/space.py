@@ -102,6 +102,18 @@ def threads(params):
     return (p["TM"] // p["WM"]) * (p["TN"] // p["WN"])
 
 
+def _device_fit(work_items, local_bytes, workload, limits):
+    """Reasons a launch of ``work_items`` per group using ``local_bytes`` of local memory does not fit the device."""
+    reasons = []
+    if work_items > limits.max_work_group_size:
+        reasons.append(f"{work_items} work-items exceed the device's {limits.max_work_group_size}")
+    if workload.dtype == "float64" and not limits.has_fp64:
+        reasons.append("the device has no float64 support")
+    if local_bytes > limits.local_memory:
+        reasons.append(f"{local_bytes} bytes of local memory exceed the device's {limits.local_memory}")
+    return reasons
+
+
 def violations(params, workload, limits):
     """Reasons ``params`` cannot run ``workload`` on a device with ``limits`` (empty list: it can)."""
     p = complete(params)
@@ -129,14 +141,8 @@ def violations(params, workload, limits):
     if p["WM"] % p["VW"] or p["WN"] % p["VW"]:
         reasons.append(f"VW={p['VW']} must divide WM={p['WM']} and WN={p['WN']}")
     count = threads(p)
-    if count > limits.max_work_group_size:
-        reasons.append(f"{count} work-items exceed the device's {limits.max_work_group_size}")
     itemsize = 8 if workload.dtype == "float64" else 4
-    if workload.dtype == "float64" and not limits.has_fp64:
-        reasons.append("the device has no float64 support")
-    needed = local_memory_bytes(p, itemsize)
-    if needed > limits.local_memory:
-        reasons.append(f"{needed} bytes of local memory exceed the device's {limits.local_memory}")
+    reasons += _device_fit(count, local_memory_bytes(p, itemsize), workload, limits)
     if p["WM"] * p["WN"] > 128:
         reasons.append(f"register block {p['WM']}x{p['WN']} is over 128 accumulators")
     if p["VEC_A"] == 4 and (workload.gemm_k % 4 or p["TK"] % 4 or not p["USE_LOCAL"]):
@@ -179,17 +185,11 @@ def _winograd_violations(p, workload, limits):
         reasons.append(f"WRK={p['WRK']} and WRT={p['WRT']} must divide WBK={p['WBK']} and WBT={p['WBT']}")
         return reasons
     count = (p["WBK"] // p["WRK"]) * (p["WBT"] // p["WRT"])
-    if count > limits.max_work_group_size:
-        reasons.append(f"{count} work-items exceed the device's {limits.max_work_group_size}")
+    itemsize = 8 if workload.dtype == "float64" else 4
+    reasons += _device_fit(count, winograd_local_memory_bytes(p, itemsize), workload, limits)
     points = (p["WINO_M"] + 2) ** 2
     if points * p["WRK"] * p["WRT"] > 128:
         reasons.append(f"{points} x {p['WRK']} x {p['WRT']} accumulators are over 128")
-    itemsize = 8 if workload.dtype == "float64" else 4
-    if workload.dtype == "float64" and not limits.has_fp64:
-        reasons.append("the device has no float64 support")
-    needed = winograd_local_memory_bytes(p, itemsize)
-    if needed > limits.local_memory:
-        reasons.append(f"{needed} bytes of local memory exceed the device's {limits.local_memory}")
     filters = points * workload.out_channels * workload.in_channels * itemsize
     if filters > limits.max_alloc:
         reasons.append(f"the {filters} bytes of transformed filters exceed the device's largest buffer")
