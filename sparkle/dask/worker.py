@@ -93,10 +93,9 @@ def _prepared_call(item):
     if not isinstance(item, (tuple, list)) or len(item) < 3 or item[0] not in ("conv2d", "matmul"):
         raise ValueError(f"prepare entries must be ('conv2d', x shape, w shape, {{keywords}}) or ('matmul', a shape, "
                          f"b shape), got {item!r}")
-    op = item[0]
-    keywords = dict(item[3]) if op == "conv2d" and len(item) > 3 and item[3] is not None else {}
-    dtype = np.dtype(item[4] if op == "conv2d" and len(item) > 4 else item[3] if op == "matmul" and len(item) > 3
-                     else np.float32)
+    op, extra = item[0], list(item[3:])
+    keywords = dict(extra.pop(0) or {}) if op == "conv2d" and extra else {}
+    dtype = np.dtype(extra[0] if extra else np.float32)
     shapes = [tuple(int(size) for size in shape) for shape in item[1:3]]
     operands = [np.broadcast_to(np.zeros((), dtype), shape) for shape in shapes]
     (api.conv2d_spec if op == "conv2d" else api.matmul_spec)(*operands, **keywords)  # the errors of the call
