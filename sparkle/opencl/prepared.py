@@ -35,7 +35,8 @@ ON_FAULT = ("fallback", "raise")
 
 
 def variant_name(params, origin):
-    """A short id of a parameter set and where it came from: "TM=64 TN=128 ... VN=1 (tuned)"."""
+    """A short id of a parameter set and where it came from: "TM=64 TN=128 ... KSPLIT=1 (tuned)", or for
+    Winograd "winograd WINO_M=2 WBK=32 ... (default)"."""
     complete = {**codegen.DEFAULTS, **params}
     if complete["ALGO"] == codegen.WINOGRAD:
         return "winograd " + " ".join(f"{name}={complete[name]}" for name in codegen.WINOGRAD_TUNABLES) + \
@@ -155,7 +156,7 @@ class PreparedCall:
                                f"({device.max_alloc / 2**20:.0f} MiB)")
         self._variant = self._no_variant = None
         self._ready = None  # the built variant while calls of resident operands may take the direct path
-        # (first, last) event of the latest launch on the direct path: its device time, once it has run
+        # (first, last) event of the latest launch (either path): its device time, once it has run
         self.last_launch = None
         if not self._empty:
             self._choose()
