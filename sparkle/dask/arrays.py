@@ -76,10 +76,7 @@ def _chunked_operand(value, name):
     if not isinstance(value, da.Array):
         raise TypeError(f"{name} must be a dask.array.Array (chunked along its first dimension) of float32 or "
                         f"float64, got {type(value).__name__}; for numpy arrays, use sparkle.{_op_of(name)}")
-    if any(math.isnan(size) for size in value.shape):
-        raise ValueError(f"{name} has unknown chunk sizes (shape {value.shape}); call {name}.compute_chunk_sizes() "
-                         "first")
-    return value
+    return _known_shape(value, name)
 
 
 def _op_of(name):
@@ -87,13 +84,18 @@ def _op_of(name):
 
 
 def _block_operand(value, name):
-    if isinstance(value, (np.ndarray, da.Array)):
-        if any(isinstance(size, float) and math.isnan(size) for size in value.shape):
-            raise ValueError(f"{name} has unknown chunk sizes (shape {value.shape}); call "
-                             f"{name}.compute_chunk_sizes() first")
-        return value
-    raise TypeError(f"{name} must be a numpy.ndarray or dask.array.Array of float32 or float64, "
-                    f"got {type(value).__name__}")
+    if not isinstance(value, (np.ndarray, da.Array)):
+        raise TypeError(f"{name} must be a numpy.ndarray or dask.array.Array of float32 or float64, "
+                        f"got {type(value).__name__}")
+    return _known_shape(value, name)
+
+
+def _known_shape(value, name):
+    """``value``, unless it is a dask array whose chunk sizes are not known yet (NaN in its shape)."""
+    if any(isinstance(size, float) and math.isnan(size) for size in value.shape):
+        raise ValueError(f"{name} has unknown chunk sizes (shape {value.shape}); call {name}.compute_chunk_sizes() "
+                         "first")
+    return value
 
 
 def _shaped_like(value):

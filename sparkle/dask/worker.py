@@ -13,6 +13,8 @@ import threading
 import numpy as np
 from distributed import WorkerPlugin
 
+from ..device_array import to_host
+
 _scheduler_lock = threading.Lock()
 _scheduler = None  # the plugin's scheduler in this worker process
 
@@ -24,25 +26,21 @@ def current_scheduler():
     return _scheduler if _scheduler is not None else default_scheduler()
 
 
-def _on_host(result):
-    return result.get() if hasattr(result, "get") and not isinstance(result, np.ndarray) else result
-
-
 def conv2d_chunk(x, w, bias=None, *, device="auto", **keywords):
     """One chunk's conv2d on this worker (``device`` "auto": the worker's scheduler places it)."""
     if device == "auto":
-        return _on_host(current_scheduler().conv2d(x, w, bias, **keywords))
+        return to_host(current_scheduler().conv2d(x, w, bias, **keywords))
     import sparkle
 
-    return _on_host(sparkle.conv2d(x, w, bias, device=device, **keywords))
+    return to_host(sparkle.conv2d(x, w, bias, device=device, **keywords))
 
 
 def matmul_chunk(a, b, *, device="auto"):
     if device == "auto":
-        return _on_host(current_scheduler().matmul(a, b))
+        return to_host(current_scheduler().matmul(a, b))
     import sparkle
 
-    return _on_host(sparkle.matmul(a, b, device=device))
+    return to_host(sparkle.matmul(a, b, device=device))
 
 
 class SparklePlugin(WorkerPlugin):

@@ -151,11 +151,6 @@ def work_groups(workload, params):
     return -(-workload.gemm_n // p["TN"]) * -(-workload.gemm_m // p["TM"]) * workload.groups * p["KSPLIT"]
 
 
-def split_slices(params):
-    """Split-K's slice count (1: no split, one kernel writes the output)."""
-    return int({**DEFAULTS, **params}["KSPLIT"])
-
-
 def _one_per_item(count):
     return (-(-count // REDUCE_LOCAL) * REDUCE_LOCAL,), (REDUCE_LOCAL,)
 

@@ -143,8 +143,7 @@ def _likely_first(found, rng):
     32-64 accumulators (GPU) or vectorized ones (CPU), and 64-256 work-items per group."""
     def likely(p):
         if p["ALGO"] == codegen.WINOGRAD:
-            threads = (p["WBK"] // p["WRK"]) * (p["WBT"] // p["WRT"])
-            return 4 <= p["WRK"] * p["WRT"] <= 8 and 64 <= threads <= 256
+            return 4 <= p["WRK"] * p["WRT"] <= 8 and 64 <= space.threads(p) <= 256
         if p["USE_LOCAL"]:
             return 32 <= p["WM"] * p["WN"] <= 64 and 64 <= space.threads(p) <= 256
         return p["VN"] >= 4 and p["WM"] * p["WN"] >= 32

@@ -154,6 +154,9 @@ class LaunchTimer:
     def __init__(self, source):
         import pyopencl as cl
 
+        from ..opencl.launch import span_seconds
+
+        self._span_seconds = span_seconds
         self._source = source
         self._complete = cl.command_execution_status.COMPLETE
         self._watched = None  # (first, last) event of the launch being watched
@@ -176,7 +179,7 @@ class LaunchTimer:
         self._watched = self._source.last_launch
         if status < 0:  # the launch failed: no time to read (its fault surfaces on the next use)
             return ()
-        return ((last.profile.end - first.profile.start) * 1e-9,)
+        return (self._span_seconds(first, last),)
 
     def wait_for_last(self):
         """The device seconds of the latest launch, waiting for it (the slow path's calls, which are checked
@@ -187,7 +190,7 @@ class LaunchTimer:
             return None
         first, last = launch
         last.wait()
-        return (last.profile.end - first.profile.start) * 1e-9
+        return self._span_seconds(first, last)
 
 
 class OpenCLExecutor(Executor):

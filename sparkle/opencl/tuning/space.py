@@ -31,8 +31,8 @@ WINOGRAD_4_MAX_CHANNELS = 512
 
 # GPU family: local-memory tiles, work-groups of 64-256 work-items. CPU family (PoCL): no local memory,
 # no barriers, each work-item streams a register block straight from global memory. Winograd family:
-# F(2x2, 3x3) for 3x3 stride-1 undilated single-group convs, local-memory tiles (GPU devices); its
-# candidates keep the implicit GEMM's tunables at their defaults.
+# F(2x2, 3x3) and F(4x4, 3x3) for 3x3 stride-1 undilated single-group convs, local-memory tiles (GPU devices);
+# its candidates keep the implicit GEMM's tunables at their defaults.
 SPACES = {
     "gpu": {"USE_LOCAL": (1,), "TM": (32, 64, 128), "TN": (32, 64, 128, 256), "TK": (8, 16, 32),
             "WM": (4, 8), "WN": (4, 8, 16), "VW": (1, 4), "VEC_A": (1, 4), "VEC_B": (1, 4), "VN": (1,),
@@ -40,9 +40,8 @@ SPACES = {
     "cpu": {"USE_LOCAL": (0,), "TM": (4, 8, 16, 32), "TN": (8, 16, 32, 64, 128), "TK": (8,),
             "WM": (1, 2, 4, 8), "WN": (4, 8, 16, 32), "VW": (1,), "VEC_A": (1,), "VEC_B": (1,), "VN": (1, 4, 8, 16),
             "KSPLIT": SPLITS},
-    "winograd": {"ALGO": (WINOGRAD,), "WINO_M": (2, 4), "WBK": (16, 32, 64), "WBT": (16, 32, 64), "WBC": (4, 8),
-                 "WRK": (1, 2, 4),
-                 "WRT": (1, 2, 4)},
+    "winograd": {"ALGO": (WINOGRAD,), "WINO_M": TILE_SIZES, "WBK": (16, 32, 64), "WBT": (16, 32, 64),
+                 "WBC": (4, 8), "WRK": (1, 2, 4), "WRT": (1, 2, 4)},
 }
 # The families a device kind's tuner searches (its own first).
 KIND_FAMILIES = {"gpu": ("gpu", "winograd"), "cpu": ("cpu",)}
@@ -90,6 +89,8 @@ LOCAL_MEMORY_RESERVE = 16
 def local_memory_bytes(params, itemsize):
     """Local memory the kernel needs with ``params``: its two tiles plus the driver's reserve (0 if no tiles)."""
     p = complete(params)
+    if p["ALGO"] == WINOGRAD:  # transformed patches and filters, alpha^2 of each per channel step
+        return (p["WINO_M"] + 2) ** 2 * p["WBC"] * (p["WBT"] + p["WBK"]) * itemsize + LOCAL_MEMORY_RESERVE
     if not p["USE_LOCAL"]:
         return 0
     pad_a = 4 if p["VW"] == 4 else 1
@@ -98,7 +99,10 @@ def local_memory_bytes(params, itemsize):
 
 
 def threads(params):
+    """Work-items per work-group of the variant's main kernel."""
     p = complete(params)
+    if p["ALGO"] == WINOGRAD:
+        return (p["WBK"] // p["WRK"]) * (p["WBT"] // p["WRT"])
     return (p["TM"] // p["WM"]) * (p["TN"] // p["WN"])
 
 
@@ -160,14 +164,11 @@ def violations(params, workload, limits):
 
 
 def winograd_applies(workload):
-    """Whether Winograd F(2x2, 3x3) computes ``workload``: a 3x3, stride-1, undilated conv of one group."""
+    """Whether Winograd (F(2x2) or F(4x4), 3x3) computes ``workload``: a 3x3, stride-1, undilated conv of
+    one group."""
     return (workload.op == "conv2d" and (workload.kernel_h, workload.kernel_w) == (3, 3)
             and (workload.stride_h, workload.stride_w) == (1, 1)
             and (workload.dilation_h, workload.dilation_w) == (1, 1) and workload.groups == 1)
-
-
-def winograd_local_memory_bytes(p, itemsize):
-    return (p["WINO_M"] + 2) ** 2 * p["WBC"] * (p["WBT"] + p["WBK"]) * itemsize + LOCAL_MEMORY_RESERVE
 
 
 def _winograd_violations(p, workload, limits):
@@ -184,9 +185,8 @@ def _winograd_violations(p, workload, limits):
     if p["WBK"] % p["WRK"] or p["WBT"] % p["WRT"]:
         reasons.append(f"WRK={p['WRK']} and WRT={p['WRT']} must divide WBK={p['WBK']} and WBT={p['WBT']}")
         return reasons
-    count = (p["WBK"] // p["WRK"]) * (p["WBT"] // p["WRT"])
     itemsize = 8 if workload.dtype == "float64" else 4
-    reasons += _device_fit(count, winograd_local_memory_bytes(p, itemsize), workload, limits)
+    reasons += _device_fit(threads(p), local_memory_bytes(p, itemsize), workload, limits)
     points = (p["WINO_M"] + 2) ** 2
     if points * p["WRK"] * p["WRT"] > 128:
         reasons.append(f"{points} x {p['WRK']} x {p['WRT']} accumulators are over 128")
