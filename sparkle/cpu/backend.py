@@ -6,6 +6,7 @@ once per call signature and return a callable for repeated calls (see ``prepared
 
 import numpy as np
 
+from .. import host_pool
 from ..api import matmul_as_conv2d_spec
 from .implicit import copy_size, needs_copy
 from .operands import allocate_scratch
@@ -49,7 +50,7 @@ def conv2d(x, w, bias, spec, plan=None):
     Without a plan, groups with very few output channels take the direct kernel and
     everything else the fused im2col + GEMM driver; a plan always means the GEMM driver.
     """
-    out = np.empty(spec.output_shape, dtype=spec.dtype)
+    out = host_pool.empty(spec.output_shape, spec.dtype)
     if out.size == 0:
         return out
     if plan is None and uses_direct_kernel(spec):

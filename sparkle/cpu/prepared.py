@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import host_pool
 from .conv2d import fused_conv2d_driver
 from .direct import direct_conv2d_kernel
 from .implicit import (copy_size, grid_plane, implicit_conv2d_driver, needs_copy, phase_arrays, reduction_offsets,
@@ -215,22 +216,23 @@ class PreparedConv2d:
     direct kernel).
     """
 
-    __slots__ = ("_dtype", "_run", "_shape", "kernel", "plan", "spec", "variant")
+    __slots__ = ("_new_output", "_run", "_shape", "kernel", "plan", "spec", "variant")
 
     def __init__(self, spec, plan=None):
         launch = conv2d_launch(spec, plan)
         self.spec, self.plan = spec, launch.plan
         self.variant, self.kernel = launch.variant, launch.kernel
         self._run = launch.run
-        self._shape, self._dtype = spec.output_shape, spec.dtype
+        self._shape = spec.output_shape
+        self._new_output = host_pool.allocator(spec.output_shape, spec.dtype)
 
     def __call__(self, x, w, bias=None):
-        out = np.empty(self._shape, self._dtype)
+        out = self._new_output()
         self._run(x, w, bias, out.ravel())  # a fresh C-contiguous array: ravel is a view
         return out
 
     def __repr__(self):
-        return f"PreparedConv2d({self.variant!r}, output {self._shape}, {self._dtype})"
+        return f"PreparedConv2d({self.variant!r}, output {self._shape}, {self.spec.dtype})"
 
 
 class PreparedMatmul:
@@ -238,7 +240,7 @@ class PreparedMatmul:
     B as a (1, K, 1, N) image with A as (M, K, 1, 1) weights, on the packed path (``plan`` is that
     convolution's)."""
 
-    __slots__ = ("_dtype", "_run", "_shape", "kernel", "plan", "spec", "variant")
+    __slots__ = ("_new_output", "_run", "_shape", "kernel", "plan", "spec", "variant")
 
     def __init__(self, spec, conv_spec, plan=None):
         if spec.m == 0 or spec.n == 0:
@@ -250,12 +252,13 @@ class PreparedMatmul:
         self.spec, self.plan = spec, launch.plan
         self.variant, self.kernel = launch.variant, launch.kernel
         self._run = launch.run
-        self._shape, self._dtype = (spec.m, spec.n), spec.dtype
+        self._shape = (spec.m, spec.n)
+        self._new_output = host_pool.allocator(self._shape, spec.dtype)
 
     def __call__(self, a, b):
-        out = np.empty(self._shape, self._dtype)
+        out = self._new_output()
         self._run(b, a, None, out.ravel())  # a fresh C-contiguous array: ravel is a view
         return out
 
     def __repr__(self):
-        return f"PreparedMatmul({self.variant!r}, output {self._shape}, {self._dtype})"
+        return f"PreparedMatmul({self.variant!r}, output {self._shape}, {self.spec.dtype})"

@@ -10,8 +10,7 @@ import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
-
+from .. import host_pool
 from ..device_array import to_host
 from . import calls, policy, verify
 from .executors import is_sample
@@ -58,7 +57,7 @@ def plan_split(scheduler, plan, predictions, best):
 
 def run_split(scheduler, plan, decision, operands):
     axis, units = calls.split_axis(plan.op, plan.spec)
-    out = np.empty(calls.output_shape(plan.op, plan.spec), dtype=plan.spec.dtype)
+    out = host_pool.empty(calls.output_shape(plan.op, plan.spec), plan.spec.dtype)
     parts, start = [], 0
     for device, fraction in decision.split:
         count = max(1, round(fraction * units)) if device != decision.split[-1][0] else units - start
