@@ -426,6 +426,34 @@ def test_calls_leave_a_device_while_a_build_blocks_it_and_come_back_after(tmp_pa
     assert scheduler.history(last=1)[0]["device"] == "sim:gpu"  # back once the build ended
 
 
+def test_a_build_that_outlasts_its_prediction_keeps_calls_away_until_it_ends(tmp_path):
+    gpu = SimulatedDevice("gpu", 2e+10, 1e-5, compile_seconds=0.2, builds_block=True)
+    scheduler = make([SimulatedDevice("steady", 2e+08, 1e-5), gpu], tmp_path, explore=False)
+    x, w, kwargs = single_device_conv()
+    served = reference.conv2d(x, w, **kwargs)
+    deadline = time.monotonic() + 30
+    while scheduler.explain("conv2d", x, w, **kwargs).device != "sim:gpu":  # builds of 0.2 s learned
+        assert time.monotonic() < deadline, "the first kernel was never built"
+        scheduler.conv2d(x, w, **kwargs)
+    gpu._compile_seconds = 1.5  # the next build takes 7x what the builds so far predict
+    scheduler.conv2d(x[:, :, :20, :20].copy(), w, **kwargs)
+    while not scheduler._builds_running:
+        assert time.monotonic() < deadline, "the second kernel was never built ahead"
+        time.sleep(0.01)
+    started = time.monotonic()
+    time.sleep(0.6)  # well past the predicted end of the build, well before its real end
+    assert scheduler._builds_running, "the machine is too slow for this test's timing"
+    waiting = scheduler.explain("conv2d", x, w, **kwargs)
+    assert waiting.device == "sim:steady"
+    assert "waits for a kernel build" in next(p.note for p in waiting.predictions if p.device == "sim:gpu")
+    assert_close_to_reference(scheduler.conv2d(x, w, **kwargs), served, np.float32)
+    assert scheduler.history(last=1)[0]["device"] == "sim:steady"
+    assert time.monotonic() - started < 1.2  # the call above did not wait for the build
+    while scheduler._builds_running or scheduler.explain("conv2d", x, w, **kwargs).device != "sim:gpu":
+        assert time.monotonic() < deadline, "the calls never came back to the GPU"
+        time.sleep(0.05)
+
+
 def test_nothing_is_built_ahead_for_the_device_that_serves_the_calls(tmp_path):
     only = SimulatedDevice("only", 2e+08, 1e-4, compile_seconds=0.05)
     scheduler = make([only], tmp_path)

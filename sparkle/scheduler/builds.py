@@ -46,7 +46,8 @@ def _build(scheduler, plan, state):
     blocks = state.executor.builds_block_calls
     if blocks:  # the device's calls would wait for the build: decide them again, with the wait priced in
         with scheduler._lock:
-            state.busy_until = time.monotonic() + state.model.build_seconds(state.profile.compile_seconds)
+            state.build_started = time.monotonic()
+            state.busy_until = state.build_started + state.model.build_seconds(state.profile.compile_seconds)
             _revisit_plans(scheduler)
     try:
         start = time.perf_counter()
@@ -60,7 +61,7 @@ def _build(scheduler, plan, state):
         scheduler._builds_running -= 1
         if blocks:
             with scheduler._lock:
-                state.busy_until = 0.0
+                state.busy_until = state.build_started = 0.0
                 _revisit_plans(scheduler)
     with plan.lock:
         plan.next_review = plan.calls  # built: decide again on the next call
@@ -75,10 +76,18 @@ def _revisit_plans(scheduler):
 
 def busy_seconds(scheduler, state, plan):
     """Seconds until the builds blocking a device this call would touch (``state``'s, or one holding an
-    operand) are predicted to end."""
+    operand) are expected to end."""
     now = time.monotonic()
     touched = [state] + [scheduler._by_executor[id(home)] for home in plan.operand_homes if home is not None]
-    return max((device.busy_until - now for device in touched if device.busy_until > now), default=0.0)
+    return max((_remaining_build_seconds(device, now) for device in touched), default=0.0)
+
+
+def _remaining_build_seconds(device, now):
+    """The predicted rest of a running blocking build; one that has outlasted its prediction is expected to
+    run as long again as it has run so far (a loaded machine can stretch a build several times over)."""
+    if not device.build_started:
+        return 0.0
+    return max(device.busy_until - now, now - device.build_started, 0.0)
 
 
 def _lower_priority():

@@ -64,6 +64,7 @@ class _DeviceState:
         self.avoid_until = 0.0
         self.unprofilable = False
         self.busy_until = 0.0  # a kernel build that blocks the device's calls is predicted to end then
+        self.build_started = 0.0  # when that build began (0.0: none running)
 
     def record_fault(self):
         """Count a fault and avoid the device for 1 s, 2 s, 4 s, ... (at most 10 min); returns the seconds."""
