@@ -763,10 +763,17 @@ def main(argv=None):
                            "shapes": len(cases)},
               "flops": {case.name: case.flops for case in cases}}
     say(f"devices: {', '.join(device_ids)}; {len(cases)} shapes, {args.passes} passes")
+
+    def checkpoint():  # what is measured so far survives a run cut short (a time limit on a lent machine)
+        if args.json:
+            with open(args.json, "w") as file:
+                json.dump(dict(report, complete=False), file, indent=1, default=str)
+
     try:
         alone = single_device_schedulers(device_ids)
         say("oracle: each shape on each device alone")
         report["oracle"] = measure_devices(cases, alone, args.repeat, say)
+        checkpoint()
         unsupported = [name for name, measured in report["oracle"].items() if fastest(measured) is None]
         if unsupported:
             raise SystemExit(f"no device ran {unsupported}: {report['oracle'][unsupported[0]]}")
@@ -777,8 +784,10 @@ def main(argv=None):
         passes, best_single, totals = run_passes(cases, auto, alone, report["oracle"], args.passes,
                                                  np.random.default_rng(args.seed + 1), say)
         report.update(passes=passes, best_single_device=best_single, device_totals=totals)
+        checkpoint()
         say("unseen shapes")
         report["unseen"] = prediction_errors(unseen, auto, alone, args.repeat, say)
+        checkpoint()
         say("crossover")
         report["crossover"] = run_sweeps(sweeps, auto, alone, args.repeat, say)
     except IncorrectResult as error:

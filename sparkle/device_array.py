@@ -9,8 +9,6 @@ import weakref
 
 import numpy as np
 
-from . import host_pool
-
 
 class DeviceArray:
     """A C-contiguous array in device memory. Made by :func:`sparkle.to_device` or returned by an op.
@@ -49,7 +47,9 @@ class DeviceArray:
         """A new numpy array with the contents (waits for the work that produces them)."""
         import pyopencl as cl
 
-        host = host_pool.empty(self.shape, self.dtype)
+        from .opencl.pinned import result_pool
+
+        host = result_pool(self._device).empty(self.shape, self.dtype)
         if host.size:
             cl.enqueue_copy(self._device.queue, host, self.buffer, is_blocking=True)
         return host

@@ -55,8 +55,10 @@ class _Lease:
 class HostPool:
     """Blocks by size; ``empty`` takes one (or allocates), a lease's end gives it back."""
 
-    def __init__(self, idle_limit_bytes=DEFAULT_IDLE_LIMIT_BYTES):
+    def __init__(self, idle_limit_bytes=DEFAULT_IDLE_LIMIT_BYTES, allocate_block=None):
         self.idle_limit_bytes = idle_limit_bytes
+        # block bytes -> a new uint8 array of them (default: ordinary memory; an OpenCL GPU gives pinned memory)
+        self._allocate_block = allocate_block or (lambda size: np.empty(size, np.uint8))
         self._idle = OrderedDict()  # id(block) -> block, oldest idle first
         self._by_size = {}          # block bytes -> [block, ...]
         self._idle_bytes = 0
@@ -83,7 +85,7 @@ class HostPool:
         size = -(-(nbytes + ALIGNMENT_BYTES) // BLOCK_GRANULE_BYTES) * BLOCK_GRANULE_BYTES
         block = self._take(size)
         if block is None:
-            block = np.empty(size, np.uint8)
+            block = self._allocate_block(size)
         lease = _Lease(block, shape, dtype)
         weakref.finalize(lease, self._give_back, block).atexit = False
         return np.asarray(lease)
@@ -119,6 +121,11 @@ class HostPool:
 
 _POOL = None
 _POOL_LOCK = threading.Lock()
+
+
+def idle_limit_bytes():
+    """The bound on idle bytes of every pool (``SPARKLE_HOST_POOL_BYTES``)."""
+    return pool().idle_limit_bytes
 
 
 def pool():

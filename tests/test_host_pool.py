@@ -124,3 +124,4 @@ def test_successive_cpu_results_are_right_whether_kept_or_dropped():
     for result in kept:
         np.testing.assert_allclose(result, expected, rtol=1e-4, atol=1e-4)
     assert all(not np.shares_memory(a, b) for a in kept for b in kept if a is not b)
+

@@ -138,6 +138,10 @@ class OpenCLDevice:
         # clSetKernelArg + enqueue on a shared kernel object is not thread-safe (OpenCL spec, appendix A.2)
         self.launch_lock = threading.Lock()
         self.pool = None
+        # Results come back into pinned host memory on a GPU (see opencl/pinned.py); a CPU driver's copies are
+        # memcpys either way.
+        self.pinned_results = self.kind == "gpu"
+        self._result_pool = None
 
     @property
     def context(self):
