@@ -140,7 +140,7 @@ class OpenCLDevice:
         self.pool = None
         # Results come back into pinned host memory on a GPU (see opencl/pinned.py); a CPU driver's copies are
         # memcpys either way.
-        self.pinned_results = self.kind == "gpu"
+        self.pinned_results = self.kind == "gpu" and os.environ.get("SPARKLE_PINNED_RESULTS", "1").strip() != "0"
         self._result_pool = None
 
     @property
