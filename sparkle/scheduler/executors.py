@@ -229,8 +229,10 @@ class OpenCLExecutor(Executor):
     def transfer_seconds(self, nbytes):
         import pyopencl as cl
 
+        from ..opencl.pinned import result_pool
+
         host = np.ones(max(1, nbytes // 4), np.float32)
-        back = np.empty_like(host)
+        back = result_pool(self.device).empty(host.shape, host.dtype)  # where results land: pinned on a GPU
         buffer = self.device.pool_buffer(host.nbytes)
         try:
             queue = self.device.queue
