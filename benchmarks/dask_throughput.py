@@ -17,8 +17,8 @@ What is measured (float32):
    per repetition, so nothing is reused) and waits: images/s over the whole batch, best of ``--repeat``.
    Per-chunk overhead = (wall time x k / chunks) - the raw call on one chunk.
 3. ``--mixed`` (the GPU machine): two workers, one with OpenCL hidden (``SPARKLE_OPENCL=0``: CPU only) and one
-   with every device; Dask's own scheduling hands more chunks to the faster one. Reported: chunks and devices
-   per worker.
+   with every device. Dask places each chunk where its input lives (the images are persisted first) and moves
+   chunks to a faster worker only by work stealing; reported: chunks and devices per worker.
 
 Every result is checked against the float64 reference on one chunk.
 """
