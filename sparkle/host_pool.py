@@ -55,8 +55,14 @@ class _Lease:
 class HostPool:
     """Blocks by size; ``empty`` takes one (or allocates), a lease's end gives it back."""
 
-    def __init__(self, idle_limit_bytes=DEFAULT_IDLE_LIMIT_BYTES, allocate_block=None):
+    def __init__(self, idle_limit_bytes=DEFAULT_IDLE_LIMIT_BYTES, allocate_block=None, owned_limit_bytes=None,
+                 overflow=None):
         self.idle_limit_bytes = idle_limit_bytes
+        # At most this many bytes of blocks, alive or idle (None: no bound); past it, arrays come from
+        # ``overflow`` (a pool of ordinary memory): pinned memory cannot be paged out, so it is rationed.
+        self.owned_limit_bytes = owned_limit_bytes
+        self._overflow = overflow
+        self._owned_bytes = 0
         # block bytes -> a new uint8 array of them (default: ordinary memory; an OpenCL GPU gives pinned memory)
         self._allocate_block = allocate_block or (lambda size: np.empty(size, np.uint8))
         self._idle = OrderedDict()  # id(block) -> block, oldest idle first
@@ -67,6 +73,11 @@ class HostPool:
     @property
     def idle_bytes(self):
         return self._idle_bytes
+
+    @property
+    def owned_bytes(self):
+        """Bytes of the blocks this pool allocated and has not freed (alive results and idle blocks)."""
+        return self._owned_bytes
 
     def empty(self, shape, dtype):
         """A new C-contiguous array like ``np.empty(shape, dtype)``, its contents undefined."""
@@ -85,7 +96,16 @@ class HostPool:
         size = -(-(nbytes + ALIGNMENT_BYTES) // BLOCK_GRANULE_BYTES) * BLOCK_GRANULE_BYTES
         block = self._take(size)
         if block is None:
-            block = self._allocate_block(size)
+            with self._lock:
+                if self.owned_limit_bytes is not None and self._owned_bytes + size > self.owned_limit_bytes:
+                    return (self._overflow or pool()).empty(shape, dtype)
+                self._owned_bytes += size  # counted before the allocation, so racing callers stay under
+            try:
+                block = self._allocate_block(size)
+            except BaseException:
+                with self._lock:
+                    self._owned_bytes -= size
+                raise
         lease = _Lease(block, shape, dtype)
         weakref.finalize(lease, self._give_back, block).atexit = False
         return np.asarray(lease)
@@ -93,6 +113,7 @@ class HostPool:
     def clear(self):
         """Give every idle block back to the system."""
         with self._lock:
+            self._owned_bytes -= self._idle_bytes
             self._idle.clear()
             self._by_size.clear()
             self._idle_bytes = 0
@@ -117,6 +138,7 @@ class HostPool:
                 same_size = self._by_size[oldest.nbytes]
                 del same_size[next(i for i, block in enumerate(same_size) if id(block) == key)]
                 self._idle_bytes -= oldest.nbytes
+                self._owned_bytes -= oldest.nbytes
 
 
 _POOL = None

@@ -125,3 +125,29 @@ def test_successive_cpu_results_are_right_whether_kept_or_dropped():
         np.testing.assert_allclose(result, expected, rtol=1e-4, atol=1e-4)
     assert all(not np.shares_memory(a, b) for a in kept for b in kept if a is not b)
 
+
+
+def test_a_pool_with_an_owned_limit_overflows_to_ordinary_memory():
+    pool = HostPool(idle_limit_bytes=8 * SMALLEST_POOLED_BYTES, owned_limit_bytes=5 * SMALLEST_POOLED_BYTES)
+    kept = [pool.empty((BIG,), np.float32) for _ in range(2)]  # 2 MiB each (plus the granule): 2 blocks
+    assert pool.owned_bytes > 4 * SMALLEST_POOLED_BYTES
+    overflow = pool.empty((BIG,), np.float32)  # a third block would pass 5 MiB
+    assert not np.shares_memory(overflow, kept[0]) and not np.shares_memory(overflow, kept[1])
+    assert pool.owned_bytes <= pool.owned_limit_bytes
+    overflow[...] = 2
+    assert np.all(overflow == 2)
+    address = kept[0].ctypes.data
+    del kept[0]
+    gc.collect()
+    again = pool.empty((BIG,), np.float32)  # an idle block of its own comes first
+    assert again.ctypes.data == address
+    owned = pool.owned_bytes
+    del again
+    gc.collect()
+    pool.clear()
+    assert pool.owned_bytes == owned - pool_block_bytes(BIG * 4)
+
+
+def pool_block_bytes(nbytes):
+    granule = host_pool.BLOCK_GRANULE_BYTES
+    return -(-(nbytes + host_pool.ALIGNMENT_BYTES) // granule) * granule

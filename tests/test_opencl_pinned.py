@@ -70,3 +70,10 @@ def test_a_pinned_result_is_the_next_calls_input(pinned_device):
     assert_close_to_reference(ab, reference.matmul(a, b), np.float32)
     abc = sparkle.matmul(ab, c, device=device_id)
     assert_close_to_reference(abc, reference.matmul(ab, c), np.float32)
+
+
+@pytest.mark.parametrize("pinned_device", DEVICES, indirect=True)
+def test_pinned_memory_is_rationed(pinned_device):
+    _, device = pinned_device
+    pool = pinned.result_pool(device)
+    assert pool.owned_limit_bytes == pinned.PINNED_LIMIT_FACTOR * pool.idle_limit_bytes
