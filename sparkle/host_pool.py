@@ -7,7 +7,8 @@ a block returns to the pool when its array and every view of it are gone, never 
 owned by a ``_Lease`` that numpy keeps as the array's (and every view's) base.
 
 Idle blocks are bounded (``SPARKLE_HOST_POOL_BYTES``, default 512 MiB; 0 turns the pool off): past the
-bound, the longest idle go back to the system.
+bound, the longest idle go back to the system. A pool of pinned memory (``sparkle.opencl.pinned``) also bounds
+the bytes it owns, alive or idle, and hands out ordinary memory past that bound.
 """
 
 import functools
