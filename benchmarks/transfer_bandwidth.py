@@ -11,18 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import numpy as np
 
-
-def best_seconds(run, repeat):
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - start)
-    return best
+from sparkle.timing import best_time
 
 
 def pinned_array(cl, device, nbytes):
@@ -44,15 +36,14 @@ def measure(device, megabytes, repeat):
     pinned[:] = 1
     row = {"megabytes": megabytes}
     for name, host in (("pageable", pageable), ("pinned", pinned)):
-        up = best_seconds(lambda host=host: cl.enqueue_copy(queue, buffer, host, is_blocking=True), repeat)
-        down = best_seconds(lambda host=host: cl.enqueue_copy(queue, host, buffer, is_blocking=True), repeat)
+        up = best_time(lambda host=host: cl.enqueue_copy(queue, buffer, host, is_blocking=True), repeat)
+        down = best_time(lambda host=host: cl.enqueue_copy(queue, host, buffer, is_blocking=True), repeat)
         row[f"{name}_up_gbs"] = nbytes / up / 1e9
         row[f"{name}_down_gbs"] = nbytes / down / 1e9
-    fresh = best_seconds(lambda: np.copyto(np.empty(nbytes, np.uint8), pageable), 3)
+    fresh = best_time(lambda: np.copyto(np.empty(nbytes, np.uint8), pageable), 3)
     row["host_memcpy_fresh_gbs"] = nbytes / fresh / 1e9
-    staged = best_seconds(lambda: np.copyto(pinned, pageable), repeat)
+    staged = best_time(lambda: np.copyto(pinned, pageable), repeat)
     row["host_memcpy_into_pinned_gbs"] = nbytes / staged / 1e9
-    del pinned, owner
     return row
 
 

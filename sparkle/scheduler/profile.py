@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .. import api, cache
+from ..timing import best_time
 from . import verify
 
 logger = logging.getLogger("sparkle.scheduler")
@@ -51,15 +52,6 @@ class DeviceProfile:
         return cls(**{key: (float("inf") if value == "inf" else value) for key, value in data.items()})
 
 
-def _best_seconds(call, repeat):
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        call()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def _checked_call(executor, a, b):
     """A prepared matmul on ``executor``, checked once against float64 values at sampled outputs (the full
     float64 reference of the 2048^3 GPU probe would take seconds)."""
@@ -80,13 +72,13 @@ def measure(executor, progress=None):
     say(f"{executor.id}: per-call overhead")
     tiny = rng.standard_normal((8, 8)).astype(np.float32)
     prepared = _checked_call(executor, tiny, tiny)
-    overhead = _best_seconds(lambda: prepared(tiny, tiny), 50)
+    overhead = best_time(lambda: prepared(tiny, tiny), 50)
     say(f"{executor.id}: GEMM probe")
     size = PROBE_SIZES.get(executor.kind, 512)
     a = rng.standard_normal((size, size)).astype(np.float32)
     b = rng.standard_normal((size, size)).astype(np.float32)
     prepared = _checked_call(executor, a, b)
-    seconds = _best_seconds(lambda: prepared(a, b), 3)
+    seconds = best_time(lambda: prepared(a, b), 3)
     up, down = executor.transfer_seconds(2 * size * size * 4)  # what the probe's data moved
     compute = max(seconds - up / 2 - down - overhead, seconds * 0.1)
     gflops = 2 * size ** 3 / compute / 1e9
