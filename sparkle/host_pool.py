@@ -56,13 +56,11 @@ class _Lease:
 class HostPool:
     """Blocks by size; ``empty`` takes one (or allocates), a lease's end gives it back."""
 
-    def __init__(self, idle_limit_bytes=DEFAULT_IDLE_LIMIT_BYTES, allocate_block=None, owned_limit_bytes=None,
-                 overflow=None):
+    def __init__(self, idle_limit_bytes=DEFAULT_IDLE_LIMIT_BYTES, allocate_block=None, owned_limit_bytes=None):
         self.idle_limit_bytes = idle_limit_bytes
-        # At most this many bytes of blocks, alive or idle (None: no bound); past it, arrays come from
-        # ``overflow`` (a pool of ordinary memory): pinned memory cannot be paged out, so it is rationed.
+        # At most this many bytes of blocks, alive or idle (None: no bound); past it, arrays come from the
+        # process's pool of ordinary memory: pinned memory cannot be paged out, so it is rationed.
         self.owned_limit_bytes = owned_limit_bytes
-        self._overflow = overflow
         self._owned_bytes = 0
         # block bytes -> a new uint8 array of them (default: ordinary memory; an OpenCL GPU gives pinned memory)
         self._allocate_block = allocate_block or (lambda size: np.empty(size, np.uint8))
@@ -99,7 +97,7 @@ class HostPool:
         if block is None:
             with self._lock:
                 if self.owned_limit_bytes is not None and self._owned_bytes + size > self.owned_limit_bytes:
-                    return (self._overflow or pool()).empty(shape, dtype)
+                    return pool().empty(shape, dtype)
                 self._owned_bytes += size  # counted before the allocation, so racing callers stay under
             try:
                 block = self._allocate_block(size)

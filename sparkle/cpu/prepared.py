@@ -216,14 +216,13 @@ class PreparedConv2d:
     direct kernel).
     """
 
-    __slots__ = ("_new_output", "_run", "_shape", "kernel", "plan", "spec", "variant")
+    __slots__ = ("_new_output", "_run", "kernel", "plan", "spec", "variant")
 
     def __init__(self, spec, plan=None):
         launch = conv2d_launch(spec, plan)
         self.spec, self.plan = spec, launch.plan
         self.variant, self.kernel = launch.variant, launch.kernel
         self._run = launch.run
-        self._shape = spec.output_shape
         self._new_output = host_pool.allocator(spec.output_shape, spec.dtype)
 
     def __call__(self, x, w, bias=None):
@@ -232,7 +231,7 @@ class PreparedConv2d:
         return out
 
     def __repr__(self):
-        return f"PreparedConv2d({self.variant!r}, output {self._shape}, {self.spec.dtype})"
+        return f"PreparedConv2d({self.variant!r}, output {self.spec.output_shape}, {self.spec.dtype})"
 
 
 class PreparedMatmul:
@@ -240,7 +239,7 @@ class PreparedMatmul:
     B as a (1, K, 1, N) image with A as (M, K, 1, 1) weights, on the packed path (``plan`` is that
     convolution's)."""
 
-    __slots__ = ("_new_output", "_run", "_shape", "kernel", "plan", "spec", "variant")
+    __slots__ = ("_new_output", "_run", "kernel", "plan", "spec", "variant")
 
     def __init__(self, spec, conv_spec, plan=None):
         if spec.m == 0 or spec.n == 0:
@@ -252,8 +251,7 @@ class PreparedMatmul:
         self.spec, self.plan = spec, launch.plan
         self.variant, self.kernel = launch.variant, launch.kernel
         self._run = launch.run
-        self._shape = (spec.m, spec.n)
-        self._new_output = host_pool.allocator(self._shape, spec.dtype)
+        self._new_output = host_pool.allocator((spec.m, spec.n), spec.dtype)
 
     def __call__(self, a, b):
         out = self._new_output()
@@ -261,4 +259,4 @@ class PreparedMatmul:
         return out
 
     def __repr__(self):
-        return f"PreparedMatmul({self.variant!r}, output {self._shape}, {self.spec.dtype})"
+        return f"PreparedMatmul({self.variant!r}, output {(self.spec.m, self.spec.n)}, {self.spec.dtype})"

@@ -34,12 +34,11 @@ PINNED_LIMIT_FACTOR = 2
 def result_pool(device):
     """The pool of host memory that ``device``'s results are copied into: pinned for a GPU (or where
     ``device.pinned_results`` says so), the process's ordinary pool elsewhere."""
-    pool = getattr(device, "_result_pool", None)
-    if pool is not None:
-        return pool
+    if device._result_pool is not None:
+        return device._result_pool
     with _LOCK:
-        if getattr(device, "_result_pool", None) is None:
-            if getattr(device, "pinned_results", False):
+        if device._result_pool is None:
+            if device.pinned_results:
                 limit = host_pool.idle_limit_bytes()
                 device._result_pool = host_pool.HostPool(limit, lambda size: pinned_block(device, size),
                                                          owned_limit_bytes=PINNED_LIMIT_FACTOR * limit)
