@@ -149,10 +149,13 @@ def measure(device, name, spec, host, conv_kwargs, args, rng):
 
 
 def algorithm(params):
-    """The variant's algorithm in words: "winograd", "split-K 8" or "implicit GEMM"."""
+    """The variant's algorithm in words: "winograd F(2x2) fused", "winograd F(4x4) + GEMM", "split-K 8" or
+    "implicit GEMM"."""
     complete = space.complete(params)
     if complete["ALGO"] == codegen.WINOGRAD:
-        return "winograd"
+        return f"winograd F({complete['WINO_M']}x{complete['WINO_M']}) fused"
+    if complete["ALGO"] == codegen.WINOGRAD_GEMM:
+        return f"winograd F({complete['WINO_M']}x{complete['WINO_M']}) + GEMM"
     return f"split-K {complete['KSPLIT']}" if complete["KSPLIT"] > 1 else "implicit GEMM"
 
 

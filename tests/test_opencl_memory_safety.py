@@ -138,6 +138,7 @@ GPU = {"USE_LOCAL": 1, "TM": 32, "TN": 32, "TK": 8, "WM": 4, "WN": 4, "VW": 1, "
 CPU = {"USE_LOCAL": 0, "TM": 8, "TN": 16, "TK": 8, "WM": 2, "WN": 4, "VW": 1, "VEC_A": 1, "VEC_B": 1, "VN": 1}
 
 WINOGRAD = space.complete({"ALGO": 1, "WBK": 16, "WBT": 16, "WBC": 4, "WRK": 2, "WRT": 2})
+WINOGRAD_GEMM = space.complete({"ALGO": 2, **GPU})
 
 # (name, params, problem): problems are tiny and have edge tiles (sizes not multiples of the tiles).
 F32, F64 = np.float32, np.float64
@@ -169,6 +170,11 @@ CASES = [
     ("winograd F4 odd edges", {**WINOGRAD, "WINO_M": 4, "WRK": 1}, lambda r: make_conv(r, (1, 5, 7, 9), (6, 5, 3, 3),
                                                                                      bias=True, padding=(1, 0, 2, 1),
                                                                                      activation="relu")),
+    ("winograd-gemm F2 VW4 pad bias relu odd", {**WINOGRAD_GEMM, "VW": 4},
+     lambda r: make_conv(r, (2, 5, 7, 6), (9, 5, 3, 3), bias=True, padding=1, activation="relu")),
+    ("winograd-gemm F4 vector loads asym pad", {**WINOGRAD_GEMM, "WINO_M": 4, "VEC_A": 4, "VEC_B": 4, "TK": 8},
+     lambda r: make_conv(r, (1, 8, 7, 9), (6, 8, 3, 3), padding=(1, 0, 2, 1))),
+    ("winograd-gemm F2 fp64", WINOGRAD_GEMM, lambda r: make_conv(r, (1, 3, 5, 5), (4, 3, 3, 3), F64, bias=True)),
     ("cpu 3x3 pad bias", CPU, lambda r: make_conv(r, (2, 3, 7, 5), (5, 3, 3, 3), bias=True, padding=1)),
     ("cpu device defaults", space.DEVICE_DEFAULTS["cpu"], lambda r: make_conv(r, (1, 3, 9, 7), (10, 3, 3, 3),
                                                                               padding=1, stride=(2, 1))),

@@ -51,9 +51,9 @@ def run_seed():
 SEED = run_seed()
 RERUN = f"seed {SEED}; rerun this sample with {SEED_ENV}={SEED}"
 FAMILIES = tuple(space.SPACES)  # ("gpu", "cpu")
-# Winograd: the "winograd" scenario's required variant each run (test_opencl_winograd.py runs the family on the
+# Winograd (both forms): the "winograd" scenario's required variant each run (test_opencl_winograd.py runs the family on the
 # ONNX oracles and on long reductions; its builds are the slowest on PoCL).
-SAMPLES = {"gpu": 1, "cpu": 2, "winograd": 0}  # candidates per scenario and family (plus required features and defaults)
+SAMPLES = {"gpu": 1, "cpu": 2, "winograd": 0, "winograd_gemm": 0}  # candidates per scenario and family (plus required features and defaults)
 
 
 # --- problems --------------------------------------------------------------------------------------
@@ -198,7 +198,8 @@ SCENARIOS = {
     "matmul_vec": (scenario_matmul_vec, {"gpu": ("VEC_A=4 and VEC_B=4", lambda p, w: p["VEC_A"] == p["VEC_B"] == 4)}),
     "split_k": (scenario_split_k, {"gpu": ("KSPLIT > 1", lambda p, w: p["KSPLIT"] > 1),
                                    "cpu": ("KSPLIT > 1", lambda p, w: p["KSPLIT"] > 1)}),
-    "winograd": (scenario_winograd, {"winograd": ("Winograd", lambda p, w: p["ALGO"] == 1)}),
+    "winograd": (scenario_winograd, {"winograd": ("Winograd", lambda p, w: p["ALGO"] == 1),
+                                     "winograd_gemm": ("Winograd-GEMM", lambda p, w: p["ALGO"] == 2)}),
 }
 
 

@@ -1,8 +1,8 @@
-"""Winograd F(2x2, 3x3) and F(4x4, 3x3): the generated transforms checked in float64 against the direct sum, the
+"""Winograd F(2x2, 3x3) and F(4x4, 3x3), fused (ALGO 1) and around a batched GEMM (ALGO 2): the generated transforms checked in float64 against the direct sum, the
 error against the float64 reference over the ONNX oracles and random cases with long reductions, held to the
 bound of every other path (relative L2 <= 1e-5 in float32); eligibility; and the place among the tuner's
 candidates. Sampled Winograd variants on awkward shapes: test_opencl_variants.py
-("winograd" family); memory safety under Oclgrind: test_opencl_memory_safety.py.
+("winograd" family) and test_opencl_memory_safety.py's sample of every family; memory safety under Oclgrind: test_opencl_memory_safety.py.
 """
 
 from __future__ import annotations
@@ -26,7 +26,12 @@ pytestmark = pytest.mark.usefixtures("sparkle_cache")
 
 WINOGRAD = space.complete({"ALGO": codegen.WINOGRAD, "WBK": 16, "WBT": 16, "WBC": 4, "WRK": 2, "WRT": 2})
 WINOGRAD_4 = space.complete({**WINOGRAD, "WINO_M": 4, "WRK": 1})  # 36 x 1 x 2 accumulators
-TILES = [pytest.param(WINOGRAD, id="F(2x2,3x3)"), pytest.param(WINOGRAD_4, id="F(4x4,3x3)")]
+# Around a batched GEMM: transforms in their own kernels, the GEMM with 4x4 register blocks (float4 local reads).
+WINOGRAD_GEMM = space.complete({"ALGO": codegen.WINOGRAD_GEMM, "WINO_M": 2, "TM": 32, "TN": 32, "TK": 8, "WM": 4,
+                                "WN": 4, "VW": 4})
+WINOGRAD_GEMM_4 = space.complete({**WINOGRAD_GEMM, "WINO_M": 4, "VEC_B": 4, "VW": 1})
+TILES = [pytest.param(WINOGRAD, id="F(2x2,3x3)"), pytest.param(WINOGRAD_4, id="F(4x4,3x3)"),
+         pytest.param(WINOGRAD_GEMM, id="F(2x2,3x3)+GEMM"), pytest.param(WINOGRAD_GEMM_4, id="F(4x4,3x3)+GEMM")]
 
 
 @pytest.mark.parametrize("m", winograd.TILE_SIZES)
@@ -159,6 +164,43 @@ def test_winograd_applies_only_to_3x3_stride1_undilated_single_group_convs():
                                                               small_local))
 
 
+def test_winograd_around_a_gemm_is_checked_through_its_gemm():
+    limits = space.DeviceLimits(1024, 48 * 1024, True, 132)
+    layer = workload_of((32, 128, 28, 28), (128, 128, 3, 3), padding=1)
+    assert space.violations(WINOGRAD_GEMM_4, layer, limits) == []
+    gemm = codegen.winograd_gemm_workload(layer, WINOGRAD_GEMM_4)  # 36 points, 32 x 7 x 7 tiles
+    assert (gemm.groups, gemm.in_channels, gemm.out_channels, gemm.width) == (36, 36 * 128, 36 * 128, 1568)
+    assert codegen.work_groups(layer, WINOGRAD_GEMM_4) == 36 * 4 * 49
+    odd = workload_of((1, 19, 6, 9), (7, 19, 3, 3))  # 2 x 4 tiles of F(2x2): columns padded to 8
+    assert codegen.winograd_gemm_workload(odd, WINOGRAD_GEMM).width == 8
+    assert any("its batched GEMM: VEC_A=4" in r for r in space.violations({**WINOGRAD_GEMM, "VEC_A": 4}, odd, limits))
+    assert any("fused Winograd's tunables" in r for r in space.violations({**WINOGRAD_GEMM, "WRK": 4}, layer, limits))
+    assert any("KSPLIT=1" in r for r in space.violations({**WINOGRAD_GEMM, "KSPLIT": 2}, layer, limits))
+    assert space.violations(WINOGRAD_GEMM, workload_of((1, 8, 9, 9), (8, 8, 3, 3), stride=2), limits) == \
+        [space.NOT_WINOGRAD]
+    wide = workload_of((1, 1024, 4, 4), (8, 1024, 3, 3), padding=1)
+    assert any("at most 512 input channels" in r for r in space.violations(WINOGRAD_GEMM_4, wide, limits))
+    found = space.candidates(layer, limits, "winograd_gemm")
+    assert {p["WINO_M"] for p in found} == {2, 4} and all(p["ALGO"] == codegen.WINOGRAD_GEMM for p in found)
+    assert max(p["WM"] * p["WN"] for p in found) == 64  # the register blocks the fused kernel cannot hold
+
+
+@pytest.mark.parametrize("device_id", opencl_params())
+def test_a_prepared_winograd_gemm_call_matches_on_both_paths(device_id, monkeypatch):
+    monkeypatch.setattr(backend, "choose_params", lambda device, workload: (dict(WINOGRAD_GEMM_4), "tuned"))
+    rng = np.random.default_rng(9)
+    x, w = make_array(rng, (2, 12, 9, 10), np.dtype(np.float32)), make_array(rng, (5, 12, 3, 3), np.dtype(np.float32))
+    bias = make_array(rng, (5,), np.dtype(np.float32))
+    expected = reference.conv2d(x, w, bias, padding=1, activation="relu")
+    prepared = backend.prepare_conv2d(api.conv2d_spec(x, w, bias, padding=1, activation="relu"),
+                                      runtime_device(device_id), on_fault="raise")
+    assert prepared.variant.startswith("winograd-gemm WINO_M=4 TM=32")
+    host = prepared(x, w, bias)
+    assert rel_l2(host, expected) <= BOUND[np.dtype(np.float32)]
+    resident = prepared(*(sparkle.to_device(a, device_id) for a in (x, w, bias))).get()
+    np.testing.assert_array_equal(resident, host)
+
+
 def test_the_tuner_offers_winograd_to_gpus_beside_the_implicit_gemm():
     from sparkle.opencl import tuner
 
@@ -170,7 +212,7 @@ def test_the_tuner_offers_winograd_to_gpus_beside_the_implicit_gemm():
 
     order = tuner._order(layer, gpu, space.DeviceLimits(1024, 48 * 1024, True, 132), random.Random(0))
     algorithms = [p["ALGO"] for p in order]
-    assert codegen.WINOGRAD in algorithms[:12] and codegen.IMPLICIT_GEMM in algorithms[:12]
+    assert {codegen.WINOGRAD, codegen.WINOGRAD_GEMM, codegen.IMPLICIT_GEMM} <= set(algorithms[:12])
 
 
 @pytest.mark.parametrize("params", TILES)

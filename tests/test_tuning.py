@@ -219,13 +219,13 @@ def test_other_constraints_accept_their_neighbours():
         fixed(workload, {**GPU, **params})
 
 
-@pytest.mark.parametrize("kind", ["gpu", "cpu", "winograd"])
+@pytest.mark.parametrize("kind", ["gpu", "cpu", "winograd", "winograd_gemm"])
 @pytest.mark.parametrize("limits", [BIG, SMALL], ids=["big", "small"])
 @pytest.mark.parametrize("name", list(WORKLOADS))
 def test_candidates_are_valid_and_complete(kind, limits, name):
     workload = WORKLOADS[name]
     found = space.candidates(workload, limits, kind)
-    if (workload.dtype == "float64" and not limits.has_fp64) or (kind == "winograd"
+    if (workload.dtype == "float64" and not limits.has_fp64) or (kind.startswith("winograd")
                                                                  and not space.winograd_applies(workload)):
         assert found == []
         return
@@ -244,6 +244,9 @@ def test_candidates_are_valid_and_complete(kind, limits, name):
         if kind == "winograd":
             tiles = workload.batch * -(-workload.out_h // 2) * -(-workload.out_w // 2)
             fits = params["WBK"] <= max(16, workload.out_channels) and params["WBT"] <= max(16, tiles)
+        elif kind == "winograd_gemm":
+            columns = codegen.winograd_gemm_workload(workload, params).width
+            fits = params["TM"] <= max(32, workload.out_channels) and params["TN"] <= max(32, columns)
         else:
             fits = params["TM"] <= max(min(family["TM"]), workload.gemm_m) and \
                 params["TN"] <= max(min(family["TN"]), workload.gemm_n)

@@ -68,13 +68,16 @@ class Workload(ConvGeometry):
 
 
 # Tunables, in the order they appear in the source; each has a default in the template. ALGO picks the
-# algorithm; the implicit GEMM reads TM..KSPLIT, Winograd F(m x m, 3 x 3) reads WINO_M..WRT.
+# algorithm; the implicit GEMM reads TM..KSPLIT, the fused Winograd F(m x m, 3 x 3) reads WINO_M..WRT, Winograd
+# around a batched GEMM reads WINO_M and the GEMM's TM..VEC_B.
 TUNABLES = ("ALGO", "TM", "TN", "TK", "WM", "WN", "VW", "USE_LOCAL", "VEC_A", "VEC_B", "VN", "KSPLIT",
             "WINO_M", "WBK", "WBT", "WBC", "WRK", "WRT")
 GEMM_TUNABLES = TUNABLES[1:12]
 WINOGRAD_TUNABLES = TUNABLES[12:]
-IMPLICIT_GEMM, WINOGRAD = 0, 1
-TEMPLATE_FILES = ("kernels/conv2d.cl", "kernels/winograd.cl")
+IMPLICIT_GEMM, WINOGRAD, WINOGRAD_GEMM = 0, 1, 2
+TEMPLATE_FILES = ("kernels/conv2d.cl", "kernels/winograd.cl", "kernels/winograd_gemm.cl")
+# The transforms' own shape under ALGO 2 (the GEMM takes the plain names): CONV_ + these of shape_defines.
+CONV_SHAPE = ("N_IMG", "C_IN", "H_IN", "W_IN", "K_OUT", "PAD_T", "PAD_L", "P_OUT", "Q_OUT", "HAS_BIAS", "RELU")
 
 
 @lru_cache(maxsize=1)
@@ -111,10 +114,18 @@ def render(workload, params, *, has_bias=False, relu=False):
     lines = [f"// sparkle kernel for {workload.key}"]
     if workload.dtype == "float64":
         lines.append("#define SPARKLE_FP64 1")
-    lines += [f"#define {name} {value}" for name, value in shape_defines(workload, has_bias, relu).items()]
-    lines += [f"#define {name} {int(params[name])}" for name in TUNABLES if name in params]
     complete = {**DEFAULTS, **params}
-    if complete["ALGO"] == WINOGRAD:  # the transforms of this tile size, as straight-line sums
+    shape = shape_defines(workload, has_bias, relu)
+    if complete["ALGO"] == WINOGRAD_GEMM:  # the GEMM's shape under the plain names, the conv's as CONV_*
+        gemm = winograd_gemm_workload(workload, complete)
+        conv = shape
+        shape = shape_defines(gemm, has_bias=False, relu=False)
+        shape["INDEX"] = "long" if "long" in (conv["INDEX"], shape["INDEX"]) else "int"
+        shape.update({f"CONV_{name}": conv[name] for name in CONV_SHAPE})
+        shape["T_COLS"] = gemm.width
+    lines += [f"#define {name} {value}" for name, value in shape.items()]
+    lines += [f"#define {name} {int(params[name])}" for name in TUNABLES if name in params]
+    if complete["ALGO"] in (WINOGRAD, WINOGRAD_GEMM):  # the transforms of this tile size, as straight-line sums
         lines.append(winograd.defines(int(complete["WINO_M"])))
     return "\n".join(lines) + "\n" + template()
 
@@ -125,9 +136,28 @@ def winograd_tiles(workload, params=None):
     return workload.batch * -(-workload.out_h // m) * -(-workload.out_w // m)
 
 
+def winograd_gemm_workload(workload, params):
+    """The batched GEMM inside Winograd ALGO 2, as the grouped 1x1 conv conv2d.cl computes: alpha^2 groups (one per
+    transformed point) of (K x C) filters times (C x T_COLS) patches, T_COLS the tiles rounded up to 4."""
+    m = {**DEFAULTS, **params}["WINO_M"]
+    points = (m + 2) ** 2
+    columns = -(-winograd_tiles(workload, {"WINO_M": m}) // 4) * 4
+    return Workload(op="conv2d", dtype=workload.dtype, batch=1, in_channels=points * workload.in_channels, height=1,
+                    width=columns, out_channels=points * workload.out_channels, kernel_h=1, kernel_w=1,
+                    stride_h=1, stride_w=1, pad_top=0, pad_bottom=0, pad_left=0, pad_right=0, dilation_h=1,
+                    dilation_w=1, groups=points, out_h=1, out_w=columns)
+
+
+def gemm_params(params):
+    """The implicit-GEMM parameters of a Winograd ALGO 2 variant's batched GEMM."""
+    return {**DEFAULTS, **params, "ALGO": IMPLICIT_GEMM}
+
+
 def launch_geometry(workload, params):
     """(global size, local size) of the main kernel (``conv2d``) for ``params`` (defaults filled in)."""
     p = {**DEFAULTS, **params}
+    if p["ALGO"] == WINOGRAD_GEMM:
+        return launch_geometry(winograd_gemm_workload(workload, p), gemm_params(p))
     if p["ALGO"] == WINOGRAD:
         threads_t, threads_k = p["WBT"] // p["WRT"], p["WBK"] // p["WRK"]
         groups_t = -(-winograd_tiles(workload, p) // p["WBT"])
@@ -146,13 +176,19 @@ def output_size(workload):
 def work_groups(workload, params):
     """Work-groups the main kernel launches (what fills a device's compute units)."""
     p = {**DEFAULTS, **params}
+    if p["ALGO"] == WINOGRAD_GEMM:
+        return work_groups(winograd_gemm_workload(workload, p), gemm_params(p))
     if p["ALGO"] == WINOGRAD:
         return -(-winograd_tiles(workload, p) // p["WBT"]) * -(-workload.out_channels // p["WBK"])
     return -(-workload.gemm_n // p["TN"]) * -(-workload.gemm_m // p["TM"]) * workload.groups * p["KSPLIT"]
 
 
-def _one_per_item(count):
-    return (-(-count // REDUCE_LOCAL) * REDUCE_LOCAL,), (REDUCE_LOCAL,)
+def _one_per_item(count, rows=None):
+    """Geometry of one work-item per element of ``count`` (x ``rows``, a second dimension, when given)."""
+    columns = -(-count // REDUCE_LOCAL) * REDUCE_LOCAL
+    if rows is None:
+        return (columns,), (REDUCE_LOCAL,)
+    return (columns, rows), (REDUCE_LOCAL, 1)
 
 
 @dataclass(frozen=True)
@@ -173,6 +209,10 @@ def workspaces(workload, params):
     itemsize = 8 if workload.dtype == "float64" else 4
     if p["ALGO"] == WINOGRAD:
         return {"u": (p["WINO_M"] + 2) ** 2 * workload.out_channels * workload.in_channels * itemsize}
+    if p["ALGO"] == WINOGRAD_GEMM:  # transformed filters U, patches V and products M
+        gemm = winograd_gemm_workload(workload, p)
+        return {"u": gemm.out_channels * workload.in_channels * itemsize,
+                "v": gemm.in_channels * gemm.width * itemsize, "m": gemm.out_channels * gemm.width * itemsize}
     if p["KSPLIT"] > 1:
         return {"partial": p["KSPLIT"] * output_size(workload) * itemsize}
     return {}
@@ -182,6 +222,13 @@ def launch_plan(workload, params):
     """The variant's kernel launches, in queue order."""
     p = {**DEFAULTS, **params}
     main = launch_geometry(workload, p)
+    if p["ALGO"] == WINOGRAD_GEMM:
+        columns = winograd_gemm_workload(workload, p).width
+        return (Step(WINOGRAD_FILTER_KERNEL, ("w", "u"), *_one_per_item(workload.out_channels * workload.in_channels)),
+                Step(WINOGRAD_INPUT_KERNEL, ("x", "v"), *_one_per_item(columns, workload.in_channels)),
+                Step(MAIN_KERNEL, ("v", "u", "bias", "m"), *main),
+                Step(WINOGRAD_OUTPUT_KERNEL, ("m", "bias", "out"),
+                     *_one_per_item(winograd_tiles(workload, p), workload.out_channels)))
     if p["ALGO"] == WINOGRAD:
         filters = _one_per_item(workload.out_channels * workload.in_channels)
         return (Step(WINOGRAD_FILTER_KERNEL, ("w", "u"), *filters),
@@ -198,5 +245,7 @@ DEFAULTS = {"ALGO": 0, "TM": 32, "TN": 32, "TK": 8, "WM": 4, "WN": 4, "VW": 1, "
 
 MAIN_KERNEL = "conv2d"
 REDUCE_KERNEL = "reduce_slices"  # split-K's reduction (in the source when KSPLIT > 1)
-WINOGRAD_FILTER_KERNEL = "winograd_filter"  # Winograd's filter transform (in the source when ALGO is 1)
+WINOGRAD_FILTER_KERNEL = "winograd_filter"  # Winograd's filter transform (in the source when ALGO is 1 or 2)
+WINOGRAD_INPUT_KERNEL = "winograd_input"  # ALGO 2's input and output transforms
+WINOGRAD_OUTPUT_KERNEL = "winograd_output"
 REDUCE_LOCAL = 64  # work-group size of the one-work-item-per-element kernels

@@ -36,8 +36,12 @@ ON_FAULT = ("fallback", "raise")
 
 def variant_name(params, origin):
     """A short id of a parameter set and where it came from: "TM=64 TN=128 ... KSPLIT=1 (tuned)", or for
-    Winograd "winograd WINO_M=2 WBK=32 ... (default)"."""
+    Winograd "winograd WINO_M=2 WBK=32 ... (default)" or "winograd-gemm WINO_M=4 TM=64 ... (tuned)"."""
     complete = {**codegen.DEFAULTS, **params}
+    if complete["ALGO"] == codegen.WINOGRAD_GEMM:
+        names = ("WINO_M", "TM", "TN", "TK", "WM", "WN", "VW", "VEC_A", "VEC_B")
+        return "winograd-gemm " + " ".join(f"{name}={complete[name]}" for name in names) + \
+            f" ({origin.split()[0]})"
     if complete["ALGO"] == codegen.WINOGRAD:
         return "winograd " + " ".join(f"{name}={complete[name]}" for name in codegen.WINOGRAD_TUNABLES) + \
             f" ({origin.split()[0]})"

@@ -1,6 +1,7 @@
 // Sparkle's OpenCL conv2d. ALGO 0: an implicit GEMM, out[k, pixel] = sum_j w[k, j] * im2col[j, pixel], with the
 // im2col gather fused into the loads of B (no im2col buffer exists); matmul is a 1x1 conv of a (1, K, 1, N)
-// image. ALGO 1: Winograd F(2x2, 3x3) (winograd.cl, appended to this file by the generator). The generator
+// image. ALGO 1: Winograd F(m x m, 3x3), fused (winograd.cl); ALGO 2: Winograd as transforms around this file's
+// GEMM, batched over the transformed points (winograd_gemm.cl); both appended by the generator. The generator
 // (codegen.py) #defines the workload's shape; every tunable below has a safe default, so the template also
 // builds with no tuning at all.
 
@@ -27,7 +28,7 @@ typedef XCAT(REAL_NAME, 4) real4;
 #define NPIX (N_IMG * PQ)
 
 // ---- tunables ----
-#ifndef ALGO          // 0: implicit GEMM; 1: Winograd F(2x2, 3x3) (3x3, stride 1, undilated, one group)
+#ifndef ALGO          // 0: implicit GEMM; 1: fused Winograd; 2: Winograd around a batched GEMM (3x3, stride 1, one group)
 #define ALGO 0
 #endif
 #ifndef TM            // output channels per work-group tile
@@ -131,7 +132,7 @@ inline real epilogue(real acc, __global const real* restrict bias, int k)
     return acc;
 }
 
-#if ALGO == 0
+#if ALGO != 1  // the GEMM: the whole of ALGO 0, the middle step of ALGO 2
 __kernel __attribute__((reqd_work_group_size(DN, DM, 1)))
 void conv2d(__global const real* restrict x, __global const real* restrict w,
             __global const real* restrict bias, __global real* restrict out)
@@ -380,4 +381,4 @@ __kernel void reduce_slices(__global const real* restrict partial, __global cons
     out[at] = epilogue(sum, bias, k);
 }
 #endif
-#endif  // ALGO == 0
+#endif  // ALGO != 1

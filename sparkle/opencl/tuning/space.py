@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..codegen import (DEFAULTS, GEMM_TUNABLES, IMPLICIT_GEMM, WINOGRAD, WINOGRAD_TUNABLES, winograd_tiles,
-                       work_groups)
+from ..codegen import (DEFAULTS, GEMM_TUNABLES, IMPLICIT_GEMM, WINOGRAD, WINOGRAD_GEMM, WINOGRAD_TUNABLES,
+                       gemm_params, winograd_gemm_workload, winograd_tiles, work_groups)
 from ..winograd import TILE_SIZES
 
 # Split-K slice counts. A split pays only while the output tiles leave compute units idle: the candidates
@@ -32,7 +32,9 @@ WINOGRAD_4_MAX_CHANNELS = 512
 # GPU family: local-memory tiles, work-groups of 64-256 work-items. CPU family (PoCL): no local memory,
 # no barriers, each work-item streams a register block straight from global memory. Winograd family:
 # F(2x2, 3x3) and F(4x4, 3x3) for 3x3 stride-1 undilated single-group convs, local-memory tiles (GPU devices);
-# its candidates keep the implicit GEMM's tunables at their defaults.
+# its candidates keep the implicit GEMM's tunables at their defaults. Winograd-GEMM family: the same transforms
+# around the GEMM family's kernel, batched over the alpha^2 points (register blocks up to 8x8 where the fused
+# kernel holds 1x2..2x2); the fused kernel's tunables stay at their defaults.
 SPACES = {
     "gpu": {"USE_LOCAL": (1,), "TM": (32, 64, 128), "TN": (32, 64, 128, 256), "TK": (8, 16, 32),
             "WM": (4, 8), "WN": (4, 8, 16), "VW": (1, 4), "VEC_A": (1, 4), "VEC_B": (1, 4), "VN": (1,),
@@ -42,9 +44,12 @@ SPACES = {
             "KSPLIT": SPLITS},
     "winograd": {"ALGO": (WINOGRAD,), "WINO_M": TILE_SIZES, "WBK": (16, 32, 64), "WBT": (16, 32, 64),
                  "WBC": (4, 8), "WRK": (1, 2, 4), "WRT": (1, 2, 4)},
+    "winograd_gemm": {"ALGO": (WINOGRAD_GEMM,), "WINO_M": TILE_SIZES, "USE_LOCAL": (1,), "TM": (32, 64, 128),
+                      "TN": (32, 64, 128), "TK": (8, 16), "WM": (4, 8), "WN": (4, 8), "VW": (1, 4), "VEC_A": (1, 4),
+                      "VEC_B": (1, 4)},
 }
 # The families a device kind's tuner searches (its own first).
-KIND_FAMILIES = {"gpu": ("gpu", "winograd"), "cpu": ("cpu",)}
+KIND_FAMILIES = {"gpu": ("gpu", "winograd", "winograd_gemm"), "cpu": ("cpu",)}
 
 # Starting points per device kind. The GPU one needs 128 work-items and 12.8 KB of local memory in float32
 # (25.6 KB in float64); where it does not fit, the template's defaults apply. On the H100 it came within
@@ -122,13 +127,16 @@ def violations(params, workload, limits):
     """Reasons ``params`` cannot run ``workload`` on a device with ``limits`` (empty list: it can)."""
     p = complete(params)
     reasons = []
-    if p["ALGO"] not in (IMPLICIT_GEMM, WINOGRAD):
-        return [f"ALGO must be {IMPLICIT_GEMM} (implicit GEMM) or {WINOGRAD} (Winograd), got {p['ALGO']!r}"]
+    if p["ALGO"] not in (IMPLICIT_GEMM, WINOGRAD, WINOGRAD_GEMM):
+        return [f"ALGO must be {IMPLICIT_GEMM} (implicit GEMM), {WINOGRAD} (fused Winograd) or {WINOGRAD_GEMM} "
+                f"(Winograd around a batched GEMM), got {p['ALGO']!r}"]
     if any(not isinstance(p[name], int) or p[name] < 1
            for name in ("TM", "TN", "TK", "WM", "WN", "VW", "VEC_A", "VEC_B", "VN", "KSPLIT") + WINOGRAD_TUNABLES):
         return ["every tile size must be a positive int"]
     if p["ALGO"] == WINOGRAD:
         return _winograd_violations(p, workload, limits)
+    if p["ALGO"] == WINOGRAD_GEMM:
+        return _winograd_gemm_violations(p, workload, limits)
     if p["USE_LOCAL"] not in (0, 1):
         reasons.append(f"USE_LOCAL must be 0 or 1, got {p['USE_LOCAL']}")
     if p["VW"] not in (1, 4) or p["VEC_A"] not in (1, 4) or p["VEC_B"] not in (1, 4):
@@ -171,17 +179,31 @@ def winograd_applies(workload):
             and (workload.dilation_h, workload.dilation_w) == (1, 1) and workload.groups == 1)
 
 
-def _winograd_violations(p, workload, limits):
+def _winograd_tile_violations(p, workload):
+    """What rules out Winograd's tile size for ``workload``, either form (None: the workload is not one)."""
     if not winograd_applies(workload):
-        return ["Winograd (F(2x2) or F(4x4), 3x3) needs a 3x3, stride-1, undilated conv2d of one group"]
+        return None
+    if p["WINO_M"] not in TILE_SIZES:
+        return [f"WINO_M must be one of {TILE_SIZES}, got {p['WINO_M']}"]
+    if p["WINO_M"] == 4 and workload.in_channels > WINOGRAD_4_MAX_CHANNELS:
+        return [f"F(4x4, 3x3)'s error grows with the reduction: at most {WINOGRAD_4_MAX_CHANNELS} input "
+                f"channels, got {workload.in_channels}"]
+    return []
+
+
+NOT_WINOGRAD = "Winograd (F(2x2) or F(4x4), 3x3) needs a 3x3, stride-1, undilated conv2d of one group"
+
+
+def _winograd_violations(p, workload, limits):
+    tile_reasons = _winograd_tile_violations(p, workload)
+    if tile_reasons is None:
+        return [NOT_WINOGRAD]
     reasons = []
     if any(p[name] != DEFAULTS[name] for name in GEMM_TUNABLES):
         reasons.append("a Winograd variant keeps the implicit GEMM's tunables at their defaults")
     if p["WINO_M"] not in TILE_SIZES:
-        return reasons + [f"WINO_M must be one of {TILE_SIZES}, got {p['WINO_M']}"]
-    if p["WINO_M"] == 4 and workload.in_channels > WINOGRAD_4_MAX_CHANNELS:
-        reasons.append(f"F(4x4, 3x3)'s error grows with the reduction: at most {WINOGRAD_4_MAX_CHANNELS} input "
-                       f"channels, got {workload.in_channels}")
+        return reasons + tile_reasons
+    reasons += tile_reasons
     if p["WBK"] % p["WRK"] or p["WBT"] % p["WRT"]:
         reasons.append(f"WRK={p['WRK']} and WRT={p['WRT']} must divide WBK={p['WBK']} and WBT={p['WBT']}")
         return reasons
@@ -193,6 +215,27 @@ def _winograd_violations(p, workload, limits):
     filters = points * workload.out_channels * workload.in_channels * itemsize
     if filters > limits.max_alloc:
         reasons.append(f"the {filters} bytes of transformed filters exceed the device's largest buffer")
+    return reasons
+
+
+def _winograd_gemm_violations(p, workload, limits):
+    tile_reasons = _winograd_tile_violations(p, workload)
+    if tile_reasons is None:
+        return [NOT_WINOGRAD]
+    if tile_reasons and p["WINO_M"] not in TILE_SIZES:
+        return tile_reasons
+    reasons = list(tile_reasons)
+    if any(p[name] != DEFAULTS[name] for name in WINOGRAD_TUNABLES[1:]):
+        reasons.append("a Winograd-GEMM variant keeps the fused Winograd's tunables at their defaults")
+    if p["USE_LOCAL"] != 1 or p["KSPLIT"] != 1 or p["VN"] != 1:
+        reasons.append("a Winograd-GEMM variant's GEMM runs with local tiles, unsplit, unvectorized: USE_LOCAL=1, "
+                       "KSPLIT=1 and VN=1")
+    gemm = winograd_gemm_workload(workload, p)
+    reasons += [f"its batched GEMM: {reason}" for reason in violations(gemm_params(p), gemm, limits)]
+    itemsize = 8 if workload.dtype == "float64" else 4
+    largest = max(gemm.in_channels, gemm.out_channels) * gemm.width * itemsize
+    if largest > limits.max_alloc:
+        reasons.append(f"its {largest} bytes of transformed data exceed the device's largest buffer")
     return reasons
 
 
@@ -235,7 +278,14 @@ def candidates(workload, limits, kind):
     """
     space = SPACES[kind]
     names = list(space)
-    if kind == "winograd":
+    if kind == "winograd_gemm":
+        if not winograd_applies(workload):
+            return []
+        gemms = {m: winograd_gemm_workload(workload, {"WINO_M": m}) for m in space["WINO_M"]}
+        cap_m = _power_of_two_above(workload.out_channels, space["TM"][0])
+        cap_n = {m: _power_of_two_above(gemm.width, space["TN"][0]) for m, gemm in gemms.items()}
+        fits = lambda params: params["TM"] <= cap_m and params["TN"] <= cap_n[params["WINO_M"]]  # noqa: E731
+    elif kind == "winograd":
         if not winograd_applies(workload):
             return []
         cap_k = _power_of_two_above(workload.out_channels, space["WBK"][0])

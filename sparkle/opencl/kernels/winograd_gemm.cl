@@ -1,0 +1,106 @@
+// Winograd F(m x m, 3 x 3) around a batched GEMM (ALGO 2), for 3x3, stride-1, undilated convolutions of one group.
+// The fused kernel (winograd.cl) keeps all alpha^2 transformed points of a tile in one work-item's registers,
+// which caps its register blocks at 1x2..2x2 (the F(4x4) accumulators alone are 36 per pair); here the points
+// become alpha^2 independent GEMMs, run by conv2d.cl's tuned GEMM kernel with its full register blocks:
+//   winograd_filter: U[xi][k][c] = (G g G^T)[xi] of every filter;
+//   winograd_input:  V[xi][c][t] = (B^T d B)[xi] of every tile's input patch (t padded to T_COLS with zeros);
+//   conv2d:          M[xi] = U[xi] . V[xi], as a 1x1 conv of a (1, alpha^2 C, 1, T_COLS) image in alpha^2 groups
+//                    (the generator #defines the GEMM's shape as that conv's; this file's own shape is CONV_*);
+//   winograd_output: Y = A^T M A per tile and output channel, with bias and ReLU, into the m x m pixels.
+// V and M are the only large intermediates (alpha^2 values per tile and channel each), written once, read once.
+
+#if ALGO == 2
+#define POINTS (WINO_ALPHA * WINO_ALPHA)
+#define TILES_H ((CONV_P_OUT + WINO_M - 1) / WINO_M)
+#define TILES_W ((CONV_Q_OUT + WINO_M - 1) / WINO_M)
+#define TILES_IMG (TILES_H * TILES_W)
+#define TILES (CONV_N_IMG * TILES_IMG)
+// T_COLS (generator-defined): the GEMM's columns, TILES rounded up to 4 (float4 loads of V's rows).
+
+// One work-item per (output channel, input channel); c varies fastest, so the writes of U[xi][k][c] coalesce.
+__kernel void winograd_filter(__global const real* restrict w, __global real* restrict u)
+{
+    const int id = get_global_id(0);
+    if (id >= CONV_K_OUT * CONV_C_IN) return;
+    const int k = id / CONV_C_IN;
+    const int c = id - k * CONV_C_IN;
+    const __global real* g = w + (INDEX)id * 9;
+#define out(xi, value) u[((INDEX)(xi) * CONV_K_OUT + k) * CONV_C_IN + c] = (value)
+    FILTER_TRANSFORM
+#undef out
+}
+
+// One work-item per (tile, input channel); t varies fastest, so the writes of V[xi][c][t] coalesce.
+__kernel void winograd_input(__global const real* restrict x, __global real* restrict v_out)
+{
+    const int t = get_global_id(0);
+    const int c = get_global_id(1);
+    if (t >= T_COLS || c >= CONV_C_IN) return;
+    real d[WINO_ALPHA][WINO_ALPHA];
+    if (t < TILES) {
+        const int n = t / TILES_IMG;
+        const int rest = t - n * TILES_IMG;
+        const int th = rest / TILES_W;
+        const int h0 = WINO_M * th - CONV_PAD_T;
+        const int w0 = WINO_M * (rest - th * TILES_W) - CONV_PAD_L;
+        const __global real* plane = x + ((INDEX)n * CONV_C_IN + c) * (CONV_H_IN * CONV_W_IN);
+        #pragma unroll
+        for (int i = 0; i < WINO_ALPHA; ++i)
+            #pragma unroll
+            for (int j = 0; j < WINO_ALPHA; ++j) {
+                const int h = h0 + i, q = w0 + j;
+                d[i][j] = (h >= 0 && h < CONV_H_IN && q >= 0 && q < CONV_W_IN) ? plane[h * CONV_W_IN + q] : (real)0;
+            }
+    } else {  // padding columns of the GEMM: zeros, never read back
+        #pragma unroll
+        for (int i = 0; i < WINO_ALPHA; ++i)
+            #pragma unroll
+            for (int j = 0; j < WINO_ALPHA; ++j)
+                d[i][j] = (real)0;
+    }
+    real v[WINO_ALPHA][WINO_ALPHA];
+    INPUT_TRANSFORM
+    #pragma unroll
+    for (int i = 0; i < WINO_ALPHA; ++i)
+        #pragma unroll
+        for (int j = 0; j < WINO_ALPHA; ++j)
+            v_out[((INDEX)(i * WINO_ALPHA + j) * CONV_C_IN + c) * T_COLS + t] = v[i][j];
+}
+
+// One work-item per (tile, output channel); t varies fastest, so the reads of M[xi][k][t] coalesce.
+__kernel void winograd_output(__global const real* restrict products, __global const real* restrict bias,
+                              __global real* restrict out)
+{
+    const int t = get_global_id(0);
+    const int k = get_global_id(1);
+    if (t >= TILES || k >= CONV_K_OUT) return;
+    real p[POINTS];  // each point is read by several rows of A^T: load it once
+    #pragma unroll
+    for (int xi = 0; xi < POINTS; ++xi)
+        p[xi] = products[((INDEX)xi * CONV_K_OUT + k) * T_COLS + t];
+    real y[WINO_M][WINO_M];
+#define M(xi) p[xi]
+    OUTPUT_TRANSFORM
+#undef M
+    const int n = t / TILES_IMG;
+    const int rest = t - n * TILES_IMG;
+    const int th = rest / TILES_W;
+    const int oh = WINO_M * th;
+    const int ow = WINO_M * (rest - th * TILES_W);
+    __global real* o = out + ((INDEX)n * CONV_K_OUT + k) * (CONV_P_OUT * CONV_Q_OUT) + oh * CONV_Q_OUT + ow;
+    #pragma unroll
+    for (int a = 0; a < WINO_M; ++a)
+        #pragma unroll
+        for (int b = 0; b < WINO_M; ++b)
+            if (oh + a < CONV_P_OUT && ow + b < CONV_Q_OUT) {
+                real value = y[a][b];
+#if CONV_HAS_BIAS
+                value += bias[k];
+#endif
+#if CONV_RELU
+                value = (value > (real)0 || isnan(value)) ? value : (real)0;  // NaN propagates, as in the reference
+#endif
+                o[a * CONV_Q_OUT + b] = value;
+            }
+}
+#endif  // ALGO == 2
