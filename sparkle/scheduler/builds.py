@@ -12,6 +12,8 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from . import decisions
+
 logger = logging.getLogger("sparkle.scheduler")
 
 
@@ -21,7 +23,7 @@ def build_ahead(scheduler, plan, decision):
     if scheduler.forced is not None or decision.split:
         return
     usable = [p for p in decision.predictions if p.usable]
-    serving = scheduler._best_usable(decision).device if decision.explored else decision.device
+    serving = decisions.best_usable(decision).device if decision.explored else decision.device
     for prediction in usable:
         built_seconds = prediction.seconds - prediction.compile
         if prediction.device in plan.building or prediction.device == serving:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 
 from ..device_array import to_host
-from . import calls, verify
+from . import calls, decisions, verify
 from . import split as split_calls
 from .executors import DeviceFault
 
@@ -42,7 +42,7 @@ def checked(scheduler, plan, state, prepared, operands, result):
 def _recompute_verified(scheduler, plan, failed_state, host_operands):
     """The call's result from another device whose variant verifies, else from the float64 reference."""
     for state in scheduler._states:
-        if state is failed_state or not scheduler._usable(state)[0]:
+        if state is failed_state or not decisions.device_usable(state)[0]:
             continue
         try:
             prepared = plan.prepared_call(state)

@@ -26,10 +26,10 @@ import numpy as np
 
 from .. import api
 from ..device_array import DeviceArray
-from . import builds, calls, policy, safeguards
+from . import builds, calls, decisions, policy, safeguards
 from . import split as split_calls
+from .decisions import DEVICE_ENV
 from .executors import CpuExecutor, DeviceFault, OpenCLExecutor, is_sample
-from .explain import Decision, Prediction
 from .features import features_of
 from .model import MIN_NOISE, History
 from .profile import ProfileStore, ensure_profiles
@@ -38,7 +38,7 @@ from .store import ModelStore, QuarantineStore
 logger = logging.getLogger("sparkle.scheduler")
 
 VERIFY_MODES = ("first", "always", "off")
-VERIFY_ENV, DEVICE_ENV, LOG_ENV = "SPARKLE_VERIFY", "SPARKLE_DEVICE", "SPARKLE_LOG"
+VERIFY_ENV, LOG_ENV = "SPARKLE_VERIFY", "SPARKLE_LOG"
 REVIEW_INTERVAL = 256
 EXPLORE_BUDGET_SHARE = 0.05  # exploration may cost at most 5 % of the time spent...
 EXPLORE_ALLOWANCE_SECONDS = 0.05  # ...plus this much
@@ -229,7 +229,7 @@ class Scheduler:
         with self._lock:
             ensure_profiles(self)
             self._fold_pending()
-            return self._decide(plan, explore=False)
+            return decisions.decide(self, plan, explore=False)
 
     def profile(self, force=False):
         """Profile every device not yet profiled (or all of them with ``force``); returns {id: DeviceProfile}."""
@@ -385,14 +385,16 @@ class Scheduler:
         """Fold new measurements into the model and decide this plan's placement again (lock held)."""
         self._fold_pending()
         budget = EXPLORE_ALLOWANCE_SECONDS + EXPLORE_BUDGET_SHARE * self._spent_seconds - self._explored_excess
-        decision = self._decide(plan, explore=self.explore and budget > 0, budget=budget)
+        decision = decisions.decide(self, plan, explore=self.explore and budget > 0, budget=budget)
         plan.decision = decision
         plan.trial = decision.device if decision.explored else None
         if decision.explored:
-            plan.trials[decision.device] = plan.trials.get(decision.device, 0) + 1  # the decision names the trial; the plan keeps the best for later calls
-            best = self._best_usable(decision)
-            plan.decision = _replace(decision, device=best.device, explored=False, predicted_seconds=best.seconds,
-                                     verified=best.verified, reason=_reason(best, decision.predictions))
+            # the decision names the trial; the plan keeps the best for later calls
+            plan.trials[decision.device] = plan.trials.get(decision.device, 0) + 1
+            best = decisions.best_usable(decision)
+            plan.decision = decisions.replace(decision, device=best.device, explored=False,
+                                              predicted_seconds=best.seconds, verified=best.verified,
+                                              reason=decisions.reason(best, decision.predictions))
         plan.next_review = plan.calls + min(REVIEW_INTERVAL, max(1, plan.calls))
         plan.runner = None
         builds.build_ahead(self, plan, decision)
@@ -413,95 +415,6 @@ class Scheduler:
             plan.timer = plan.launch_timer(state) if plan.home is state.executor else None
             # Numpy operands (home None) skip the conversions a device array would need.
             plan.runner = prepared.host_run if plan.home is None else prepared.run
-
-    def _decide(self, plan, explore, budget=0.0):
-        predictions = tuple(self._predict(state, plan) for state in self._states)
-        if self.forced is not None:
-            forced = next(p for p in predictions if p.device == self.forced)
-            return Decision(plan.op, plan.shape_text, self.forced, predictions=predictions,
-                            predicted_seconds=forced.seconds, verified=forced.verified, forced=True,
-                            reason=f"${DEVICE_ENV}={self.forced} forces every call onto this device")
-        best, trial, confidence = policy.choose(predictions, explore, plan.trials, budget, plan.calls)
-        if best is None:
-            notes = "; ".join(f"{p.device}: {p.note}" for p in predictions)
-            return Decision(plan.op, plan.shape_text, None, predictions=predictions, confidence=0.0,
-                            reason=f"no device can run it now ({notes})")
-        split = split_calls.plan_split(self, plan, predictions, best)
-        if split is not None:
-            parts, axis, seconds = split
-            share = ", ".join(f"{device} {fraction:.0%}" for device, fraction in parts)
-            return Decision(plan.op, plan.shape_text, None, split=parts, split_axis=axis, predictions=predictions,
-                            predicted_seconds=seconds, confidence=confidence,
-                            verified=all(p.verified for p in predictions if p.device in dict(parts)),
-                            reason=f"splitting by {axis} ({share}) is predicted to take {seconds / best.seconds:.0%} "
-                                   f"of the fastest single device ({best.device})")
-        if trial is not None:
-            return Decision(plan.op, plan.shape_text, trial.device, predictions=predictions,
-                            predicted_seconds=trial.seconds, confidence=confidence, verified=trial.verified,
-                            explored=True, reason=f"trying {trial.device} to learn its speed: it is faster than "
-                                                  f"{best.device} with probability "
-                                                  f"{policy.probability_faster(trial, best):.0%}")
-        return Decision(plan.op, plan.shape_text, best.device, predictions=predictions,
-                        predicted_seconds=best.seconds, confidence=confidence, verified=best.verified,
-                        reason=_reason(best, predictions))
-
-    def _best_usable(self, decision):
-        return min((p for p in decision.predictions if p.usable), key=lambda p: p.seconds)
-
-    def _usable(self, state):
-        if state.profile is None:
-            return False, "not profiled"
-        if state.avoid_until > time.monotonic():
-            return False, f"avoided after {state.faults} fault(s), for {state.avoid_until - time.monotonic():.0f} s more"
-        return True, ""
-
-    def _predict(self, state, plan, part=None, features=None):
-        usable, note = self._usable(state)
-        features = features or plan.features
-        if state.profile is None:
-            return Prediction(state.id, math.inf, 0.0, 0.0, 0.0, 0.0, 1.0, 0, False, False, note)
-        verified = False
-        compiled = True
-        try:
-            prepared = plan.prepared_call(state, part)
-            compiled = prepared.compiled
-            verified = (state.executor.identity, prepared.variant, features.shape_class) in self._verified
-            if self._quarantine.holds(state.executor.identity, prepared.variant, features.shape_class):
-                usable, note = False, f"kernel variant {prepared.variant!r} is quarantined for this shape class"
-        except Exception as error:  # noqa: BLE001 - a device that cannot prepare the call cannot run it
-            usable, note = False, f"cannot prepare the call: {error}"
-        signature = plan.signature if part is None else f"{plan.signature}|part={part}"
-        history = state.model.histories.get(signature)
-        transfer = self._transfer_seconds(state, plan, features)
-        prediction = policy.predict(state.id, state.profile, state.shape_model(plan.op), history, features, transfer,
-                                    compiled, verified, plan.calls,
-                                    state.model.build_seconds(state.profile.compile_seconds))
-        busy = builds.busy_seconds(self, state, plan)
-        if busy > 0.0:
-            prediction = _replace(prediction, seconds=prediction.seconds + busy, compile=prediction.compile + busy,
-                                  note="waits for a kernel build")
-        if not usable:
-            return _replace(prediction, usable=False, note=note)
-        return prediction
-
-    def _transfer_seconds(self, state, plan, features):
-        """Seconds to bring the operands to ``state``'s device and the result to where it must end up."""
-        seconds = 0.0
-        for size, home in zip(features.operand_bytes, plan.operand_homes):
-            seconds += self._move_seconds(size, home, state.executor)
-        return seconds + self._move_seconds(features.output_bytes, state.executor, plan.home)
-
-    def _move_seconds(self, size, source, target):
-        if source is target or not size:
-            return 0.0
-        seconds = 0.0
-        if source is not None:  # off the source device
-            profile = self._by_executor[id(source)].profile
-            seconds += profile.download_latency_seconds + size / profile.download_bytes_per_second if profile else 0.0
-        if target is not None:
-            profile = self._by_executor[id(target)].profile
-            seconds += profile.upload_latency_seconds + size / profile.upload_bytes_per_second if profile else 0.0
-        return seconds
 
     def _fold_pending(self):
         """Fold what was measured since the last fold into the shape models: per (signature, device), the
@@ -576,25 +489,6 @@ def _executor(device):
     if isinstance(device, str) and device.startswith("opencl"):
         return OpenCLExecutor(opencl_backend_device(device))
     raise ValueError(f"devices must hold 'cpu', 'opencl', 'opencl:N' or executors, got {device!r}")
-
-
-def _reason(best, predictions):
-    others = sorted((p for p in predictions if p.usable and p is not best), key=lambda p: p.seconds)
-    if not others:
-        return f"the only usable device ({', '.join(f'{p.device}: {p.note}' for p in predictions if not p.usable)})" \
-            if len(predictions) > 1 else "the only device"
-    runner_up = others[0]
-    ratio = runner_up.seconds / best.seconds
-    why = max((("transfers", runner_up.transfer - best.transfer), ("compute", runner_up.compute - best.compute),
-               ("per-call overhead", runner_up.overhead - best.overhead),
-               ("compiling a new kernel", runner_up.compile - best.compile)), key=lambda item: item[1])[0]
-    return f"predicted {ratio:.1f}x faster than {runner_up.device} (which loses most on {why})"
-
-
-def _replace(decision_or_prediction, **changes):
-    import dataclasses
-
-    return dataclasses.replace(decision_or_prediction, **changes)
 
 
 def _save_at_exit(reference_to_scheduler):

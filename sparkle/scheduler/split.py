@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from .. import host_pool
 from ..device_array import to_host
-from . import calls, policy, verify
+from . import calls, decisions, policy, verify
 from .executors import is_sample
 
 logger = logging.getLogger("sparkle.scheduler")
@@ -42,7 +42,7 @@ def plan_split(scheduler, plan, predictions, best):
         for device, count in split:
             part = (start, start + count)
             start += count
-            prediction = scheduler._predict(scheduler._by_id[device], plan, part,
+            prediction = decisions.predict(scheduler, scheduler._by_id[device], plan, part,
                                             plan.features.part(count / units, axis))
             fixed = prediction.overhead + prediction.compile
             refined.append((device, fixed, max(prediction.seconds - fixed, 1e-9) / count))
@@ -111,14 +111,14 @@ def _run_part(scheduler, plan, state, part, operands, out, axis, units):
                            state.id, prepared.variant)
             result = calls.reference_result(plan.op, part_spec, part_operands)
     target[...] = result
-    if is_sample(prepared, compiled, seconds, scheduler._predict(state, plan, part, features).seconds):
+    if is_sample(prepared, compiled, seconds, decisions.predict(scheduler, state, plan, part, features).seconds):
         signature = f"{plan.signature}|part={part}"
         history = state.history(signature)
         with plan.lock:
             history.add(math.log(max(seconds, 1e-9)))
         with scheduler._lock:
             scheduler._note_measured(state, plan.op, signature, features, history,
-                                     scheduler._transfer_seconds(state, plan, features))
+                                     decisions.transfer_seconds(scheduler, state, plan, features))
         scheduler._records.append((plan.op, f"{plan.shape_text} part {start}:{stop} of {axis}", state.id,
                               float("nan"), seconds))
 
