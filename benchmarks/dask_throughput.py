@@ -22,9 +22,11 @@ What is measured (float32):
 4. ``--from-client`` (every configuration of the run, ``--mixed`` included): the images are not persisted
    first. Each repetition's graph makes them: one task per chunk, with no dependencies, that draws the chunk
    from a seed (numpy's generator seeded with (repetition, chunk index); uniform in [-0.5, 0.5), cheaper to
-   draw than normal values), followed by that chunk's conv2d. No worker holds an image before the
-   computation, so Dask's scheduler gives each chunk's first task to whichever worker has a free thread (a
-   faster worker frees its thread sooner and takes more chunks), and the conv2d follows its chunk. With more
+   draw than normal values), fused with that chunk's conv2d into one task (as when a task reads its images
+   from storage). No worker holds an image before the computation, so Dask's scheduler gives each chunk's task
+   to whichever worker has a free thread (a faster worker frees its thread sooner and takes more chunks). With
+   the drawing and the conv2d as two tasks, the cheap drawings spread evenly and each conv2d followed its
+   images: 8 and 8 chunks of 16 on the H100 machine's mixed cluster (2026-12-06). With more
    chunks than twice the cluster's threads, Dask queues these tasks and hands a worker of one thread at most 2
    at a time (``distributed.scheduler.worker-saturation``, 1.1 by default), so the slower worker still takes
    about 2 unless they are stolen from it; more chunks give the placement more room. The weights
@@ -111,6 +113,22 @@ def images_from_seed(seed, x_shape, chunk):
                     meta=np.empty((0,) * len(x_shape), np.float32))
 
 
+def drawn_in_each_task(output, images):
+    """``output`` with each chunk's drawing of ``images`` inlined into the task that convolves it: a chunk's one
+    task needs only the weights, which every worker gets, so the scheduler hands it to whichever worker has a
+    free thread. (Two tasks per chunk spread evenly: the drawings are cheap everywhere, and each conv2d then
+    follows its images.)"""
+    import dask.array as da
+    from dask.core import flatten
+    from dask.optimization import cull, inline
+
+    graph = dict(output.__dask_graph__())
+    keys = list(flatten(output.__dask_keys__()))
+    drawn = inline(graph, keys=list(flatten(images.__dask_keys__())), inline_constants=False)
+    culled, _ = cull(drawn, keys)
+    return da.Array(culled, output.name, output.chunks, dtype=output.dtype, meta=output._meta)
+
+
 def chunks_per_worker(client, persisted):
     """({worker address: chunks it holds}, {address: the first chunk index it holds}) of a persisted array."""
     placed, first = {}, {}
@@ -144,6 +162,8 @@ def run_cluster(cluster_factory, layer, batch, chunk, repeat, cores_per_worker, 
                 images = images_from_seed(repetition, x_shape, chunk)
             weights = (w * np.float32(1 + repetition)).astype(np.float32)
             output = sparkle.dask.conv2d(images, weights, **kwargs)
+            if from_client:
+                output = drawn_in_each_task(output, images)
             start = time.perf_counter()
             persisted = output.persist()
             wait(persisted)

@@ -38,6 +38,23 @@ def test_images_from_a_seed_are_root_tasks_drawn_again_the_same(throughput):
     assert images.name != throughput.images_from_seed(4, (10, 2, 5, 5), 4).name  # a new seed, new keys
 
 
+def test_each_chunk_is_drawn_in_the_task_that_convolves_it(throughput):
+    import dask
+
+    import sparkle.dask
+
+    images = throughput.images_from_seed(1, (6, 3, 5, 5), 2)
+    w = np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32)
+    output = throughput.drawn_in_each_task(sparkle.dask.conv2d(images, w, padding=1, device="cpu"), images)
+    graph = dict(output.__dask_graph__())
+    chunk_keys = set(dask.core.flatten(output.__dask_keys__()))
+    assert len(chunk_keys) == 3 and not any(key[0] == images.name for key in graph)  # no drawing task left
+    shared = {dependency for key in chunk_keys for dependency in dask.core.get_dependencies(graph, key)}
+    assert len(shared) == 1 and not shared & chunk_keys  # the weights: what every chunk needs, nothing else
+    expected = sparkle.reference.conv2d(throughput.chunk_images(1, 2, (2, 3, 5, 5)), w, padding=1)
+    np.testing.assert_allclose(output.blocks[2].compute(scheduler="sync"), expected, rtol=1e-4, atol=1e-5)
+
+
 def test_a_short_from_client_run_is_checked_and_reports_chunks_per_worker(throughput, tmp_path, capsys,
                                                                           sparkle_cache):  # noqa: F811
     json_path, markdown_path = tmp_path / "run.json", tmp_path / "run.md"
