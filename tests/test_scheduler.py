@@ -149,6 +149,25 @@ def test_exploration_is_bounded(tmp_path):
     assert slow.calls - probes <= 2
 
 
+def test_trials_learn_what_a_first_call_costs_beyond_its_prediction(tmp_path):
+    """A device 20 % slower than the other, which loads each kernel on its first call (10 ms, as a GPU loads
+    a module): once a trial shows that surcharge, new signatures are no longer tried there for the small saving
+    they promise. (Without the surcharge: 10 trials here, until the exploration budget ran out.)"""
+    loader = SimulatedDevice("loader", 1.6e+08, 2e-4, first_call_seconds=0.01)
+    scheduler = make([SimulatedDevice("steady", 2e+08, 2e-4), loader], tmp_path)
+    scheduler.profile()
+    probes = loader.calls
+    rng = np.random.default_rng(3)
+    for size in range(8, 24):  # 16 signatures, none splittable (N = 1, groups = 2), each called 6 times
+        x = rng.standard_normal((1, 16, size, size)).astype(np.float32)
+        w = rng.standard_normal((16, 8, 3, 3)).astype(np.float32)
+        for _ in range(6):
+            scheduler.conv2d(x, w, padding=1, groups=2)
+    state = scheduler._by_id["sim:loader"]
+    assert state.trials_measured >= 1 and state.trial_surcharge > 0.005
+    assert loader.calls - probes <= 3
+
+
 def test_a_device_faster_than_its_profile_is_tried_on_a_signature_called_often_and_then_used(tmp_path):
     surprising = SimulatedDevice("surprising", 1e+08, 1e-4)
     scheduler = make([SimulatedDevice("steady", 2e+08, 1e-4), surprising], tmp_path)

@@ -23,7 +23,8 @@ def decide(scheduler, plan, explore, budget=0.0):
         return Decision(plan.op, plan.shape_text, scheduler.forced, predictions=predictions,
                         predicted_seconds=forced.seconds, verified=forced.verified, forced=True,
                         reason=f"${DEVICE_ENV}={scheduler.forced} forces every call onto this device")
-    best, trial, confidence = policy.choose(predictions, explore, plan.trials, budget, plan.calls)
+    surcharges = {state.id: state.trial_surcharge for state in scheduler._states}
+    best, trial, confidence = policy.choose(predictions, explore, plan.trials, budget, plan.calls, surcharges)
     if best is None:
         notes = "; ".join(f"{p.device}: {p.note}" for p in predictions)
         return Decision(plan.op, plan.shape_text, None, predictions=predictions, confidence=0.0,

@@ -276,7 +276,8 @@ class SimulatedDevice(Executor):
 
     ``compile_seconds``: each prepared call is built first (by its first call, or ahead of it), taking
     that long, as a GPU kernel of a new shape does; with ``builds_block`` every other call waits meanwhile,
-    as on NVIDIA's OpenCL driver.
+    as on NVIDIA's OpenCL driver. ``first_call_seconds``: each prepared call's first run takes that much
+    longer, as a GPU's first launch of a kernel loads its module.
 
     Faults and slowdowns: :meth:`slow_down` and :meth:`fail` change it from now on; ``slow_after`` /
     ``fail_after`` do the same after that many calls (its profile's probes count: about 55 calls).
@@ -288,14 +289,15 @@ class SimulatedDevice(Executor):
 
     def __init__(self, name, flops_per_second, overhead=20e-6, *, transfer_bytes_per_second=None,
                  slow_after=None, slow_factor=1.0, fail_after=None, wrong=False, compile_seconds=0.0,
-                 builds_block=False):
+                 builds_block=False, first_call_seconds=0.0):
         if wrong not in (False, True, "conv2d", "matmul"):
             raise ValueError(f"wrong must be False, True, 'conv2d' or 'matmul', got {wrong!r}")
         self.id = f"sim:{name}"
         self.name = f"simulated {name}"
         self.identity = (f"simulated|{name}|{flops_per_second}|{overhead}|{transfer_bytes_per_second}|{wrong}"
-                         f"|{compile_seconds}")
+                         f"|{compile_seconds}|{first_call_seconds}")
         self._compile_seconds = float(compile_seconds)
+        self.first_call_seconds = float(first_call_seconds)
         self.builds_block_calls = bool(builds_block)
         self._device_lock = threading.Lock()  # held by a blocking build, taken by every call
         self.flops_per_second, self.overhead = flops_per_second, overhead
@@ -333,6 +335,7 @@ class SimulatedDevice(Executor):
                      spec.m * spec.k + spec.k * spec.n + spec.m * spec.n) * itemsize
         planted = self.wrong is True or self.wrong == op
         build_lock = threading.Lock()
+        first_call = [self.first_call_seconds]  # spent by this prepared call's first run
 
         def build():
             with build_lock:
@@ -363,6 +366,8 @@ class SimulatedDevice(Executor):
                 result[..., -1] += 1.0 + np.abs(result[..., -1])
             slow = self.slow_factor if self.slow_after is not None and calls > self.slow_after else 1.0
             target = self.overhead + slow * flops / self.flops_per_second
+            if first_call:
+                target += first_call.pop()
             if moved:
                 target += moved / self.transfer_bytes_per_second
             remaining = target - (time.perf_counter() - start)

@@ -75,13 +75,16 @@ def expected_saving(other, best):
     return best.seconds * (1.0 - math.exp(-improvement))
 
 
-def choose(predictions, explore, tried=None, budget=math.inf, calls_so_far=0):
+def choose(predictions, explore, tried=None, budget=math.inf, calls_so_far=0, surcharges=None):
     """(best, device to explore or None, confidence that best is the fastest). A device is tried when what
     learning its speed is expected to save (the expected saving per call, over as many calls again as the
     signature has had) outweighs what the trial is predicted to cost over the best; ``tried``: how many times
     each device was already tried for this signature (at most EXPLORE_TRIES); ``budget``: seconds exploration
-    may still cost in all."""
+    may still cost in all; ``surcharges``: seconds a trial on each device has cost beyond its prediction so far
+    (on a GPU a first call loads the kernel's module and is verified: milliseconds for a call predicted in
+    tenths of one), added to the trial's cost."""
     tried = tried or {}
+    surcharges = surcharges or {}
     usable = sorted((p for p in predictions if p.usable), key=lambda p: p.seconds)
     if not usable:
         return None, None, 0.0
@@ -93,7 +96,7 @@ def choose(predictions, explore, tried=None, budget=math.inf, calls_so_far=0):
     for other in usable[1:]:
         if max(other.measured_calls, tried.get(other.device, 0)) >= EXPLORE_TRIES:
             continue
-        cost = other.seconds - best.seconds
+        cost = other.seconds - best.seconds + surcharges.get(other.device, 0.0)
         value = expected_saving(other, best) * (calls_so_far + 1)
         if cost <= budget and value > cost:
             candidates.append((value - cost, other))

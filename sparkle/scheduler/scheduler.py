@@ -65,6 +65,15 @@ class _DeviceState:
         self.unprofilable = False
         self.busy_until = 0.0  # a kernel build that blocks the device's calls is predicted to end then
         self.build_started = 0.0  # when that build began (0.0: none running)
+        # What a trial on this device costs beyond its prediction (a first call's module load, buffers and
+        # verification): learned from the trials, counted in the next trials' cost (policy.choose).
+        self.trial_surcharge = 0.0
+        self.trials_measured = 0
+
+    def observe_trial(self, excess):
+        """Fold one trial's seconds beyond its prediction into ``trial_surcharge`` (a running mean)."""
+        self.trials_measured += 1
+        self.trial_surcharge += (max(0.0, excess) - self.trial_surcharge) / min(self.trials_measured, 8)
 
     def record_fault(self):
         """Count a fault and avoid the device for 1 s, 2 s, 4 s, ... (at most 10 min); returns the seconds."""
@@ -361,6 +370,7 @@ class Scheduler:
         predicted = prediction.seconds if prediction else float("nan")
         transfer = prediction.transfer if prediction else 0.0
         result = safeguards.checked(self, plan, state, prepared, operands, result)
+        trial_seconds = time.perf_counter() - start  # the verification included: the whole cost of a trial
         if not compiled and prediction is not None:  # this call built its kernel: learn what a build costs
             with self._lock:
                 state.model.observe_build(max(seconds - (prediction.seconds - prediction.compile), 0.1 * seconds))
@@ -372,7 +382,8 @@ class Scheduler:
             self._records.append((plan.op, plan.shape_text, state.id, predicted, seconds))
         with self._lock:
             if explored:
-                self._explored_excess += max(0.0, seconds - decision.predicted_seconds)
+                self._explored_excess += max(0.0, trial_seconds - decision.predicted_seconds)
+                state.observe_trial(trial_seconds - decision.predicted_seconds)
             if plan.runner is None and self.verify_mode != "always":
                 plan.next_review = plan.calls  # verified, compiled or explored now: the next call can take the fast path
         if plan.home is not None and state.executor is not plan.home:
