@@ -190,8 +190,13 @@ def test_winograd_around_a_gemm_is_checked_through_its_gemm():
     assert max(p["WM"] * p["WN"] for p in found) == 64  # the register blocks the fused kernel cannot hold
 
 
+@pytest.mark.parametrize("shared_from", [None, 1], ids=["held workspaces", "workspaces taken per call"])
 @pytest.mark.parametrize("device_id", opencl_params())
-def test_a_prepared_winograd_gemm_call_matches_on_both_paths(device_id, monkeypatch):
+def test_a_prepared_winograd_gemm_call_matches_on_both_paths(device_id, shared_from, monkeypatch):
+    from sparkle.opencl import prepared as prepared_module
+
+    if shared_from is not None:  # every workspace from the pool per call, as large ones are
+        monkeypatch.setattr(prepared_module, "SHARED_WORKSPACE_BYTES", shared_from)
     monkeypatch.setattr(backend, "choose_params", lambda device, workload: (dict(WINOGRAD_GEMM_4), "tuned"))
     rng = np.random.default_rng(9)
     x, w = make_array(rng, (2, 12, 9, 10), np.dtype(np.float32)), make_array(rng, (5, 12, 3, 3), np.dtype(np.float32))
@@ -204,6 +209,13 @@ def test_a_prepared_winograd_gemm_call_matches_on_both_paths(device_id, monkeypa
     assert rel_l2(host, expected) <= BOUND[np.dtype(np.float32)]
     resident = prepared(*(sparkle.to_device(a, device_id) for a in (x, w, bias))).get()
     np.testing.assert_array_equal(resident, host)
+    (variant,) = [prepared._variant]
+    assert len(variant.shared_workspaces) == (3 if shared_from else 0)  # U, V and M
+    other = backend.prepare_conv2d(api.conv2d_spec(x[:1], w, bias, padding=1, activation="relu"),
+                                   runtime_device(device_id), on_fault="raise")
+    for _ in range(2):  # two calls of different shapes in turn on the pool's workspaces
+        np.testing.assert_array_equal(other(x[:1], w, bias), host[:1])
+        np.testing.assert_array_equal(prepared(x, w, bias), host)
 
 
 def test_the_tuner_offers_winograd_to_gpus_beside_the_implicit_gemm():

@@ -60,6 +60,7 @@ class _Variant:
         self._source = self._key = None
         self.kernel = None  # the last step's kernel object, once built
         self.steps = ()
+        self.shared_workspaces = ()  # sizes of the workspaces taken per call (SHARED_WORKSPACE_BYTES)
         self.lock = threading.Lock()  # clSetKernelArg + enqueue on one kernel object is not thread-safe
 
     @property
@@ -81,8 +82,11 @@ class _Variant:
         call = self._call
         device = call.device
         program = device.program(self.source, key=self.program_key)
-        workspaces = {}
+        workspaces, shared = {}, {}
         for role, nbytes in codegen.workspaces(call.workload, self.params).items():
+            if nbytes >= SHARED_WORKSPACE_BYTES:  # taken per call: held by every cached call, they would add up
+                shared[role] = len(_ROLES) + len(shared)
+                continue
             workspaces[role] = device.pool_buffer(nbytes)
             weakref.finalize(self, device.pool.give, workspaces[role])
         if not call.has_bias:
@@ -95,8 +99,11 @@ class _Variant:
                 if role in workspaces:
                     kernel.set_arg(index, workspaces[role])
                 else:
-                    per_call.append((index, _ROLES.index(role)))
+                    per_call.append((index, shared[role] if role in shared else _ROLES.index(role)))
             steps.append((kernel, tuple(per_call), step.global_size, step.local_size))
+        sizes = codegen.workspaces(call.workload, self.params)
+        self.shared_workspaces = tuple(sizes[role] for role in shared)  # in the order of their buffer indices
+        self._pool = device.pool
         self.steps = tuple(steps)
         self.kernel = steps[-1][0]
 
@@ -106,17 +113,28 @@ class _Variant:
         buffers = (x_buf, w_buf, bias_buf, out_buf)
         first = None
         with self.lock:  # workspaces serve one call at a time (the queue is in order)
-            for kernel, per_call, global_size, local_size in self.steps:
-                for index, role in per_call:
-                    kernel.set_arg(index, buffers[role])
-                last = cl.enqueue_nd_range_kernel(queue, kernel, global_size, local_size,
-                                                  None, None, False, False)  # positional: keywords cost here
-                if first is None:
-                    first = last
+            if self.shared_workspaces:  # back to the pool once enqueued: their next user runs after this call
+                taken = tuple(self._pool.take(nbytes) for nbytes in self.shared_workspaces)
+                buffers += taken
+            try:
+                for kernel, per_call, global_size, local_size in self.steps:
+                    for index, role in per_call:
+                        kernel.set_arg(index, buffers[role])
+                    last = cl.enqueue_nd_range_kernel(queue, kernel, global_size, local_size,
+                                                      None, None, False, False)  # positional: keywords cost here
+                    if first is None:
+                        first = last
+            finally:
+                for buffer in buffers[len(_ROLES):]:
+                    self._pool.give(buffer)
         return first, last
 
 
 _ROLES = ("x", "w", "bias", "out")  # the call's own buffers, in enqueue's order
+# Workspaces from this size on are taken from the device's pool per call instead of held by the prepared call:
+# Winograd+GEMM's transformed patches and products are 2-5x the input (res2 3x3 at N=256: 0.9 GB), and a
+# scheduler keeps the prepared calls of up to 512 signatures. Taking one costs a dict lookup per call.
+SHARED_WORKSPACE_BYTES = 8 << 20
 
 
 class PreparedCall:
