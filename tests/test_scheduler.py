@@ -398,7 +398,7 @@ def test_the_shape_model_keeps_the_latest_point_of_a_signature_and_a_bounded_num
 
 def test_a_kernel_is_built_ahead_while_another_device_serves_the_calls(tmp_path):
     x, w, kwargs = single_device_conv()
-    fast = SimulatedDevice("fast", 2e+10, 1e-5, compile_seconds=1.0)
+    fast = SimulatedDevice("fast", 2e+10, 1e-5, compile_seconds=1.0, first_call_seconds=0.05)
     scheduler = make([SimulatedDevice("slow", 2e+08, 1e-5), fast], tmp_path, explore=False)
     expected = reference.conv2d(x, w, **kwargs)
     assert_close_to_reference(scheduler.conv2d(x, w, **kwargs), expected, np.float32)
@@ -414,6 +414,8 @@ def test_a_kernel_is_built_ahead_while_another_device_serves_the_calls(tmp_path)
         assert_close_to_reference(scheduler.conv2d(x, w, **kwargs), expected, np.float32)
     assert scheduler.history()[-1]["device"] == "sim:fast"  # built by then: the calls moved without paying for it
     assert [thread for op, thread in fast.builds if op == "conv2d"] == ["sparkle-build_0"]  # no caller waited
+    on_fast = [entry["measured"] for entry in scheduler.history() if entry["device"] == "sim:fast"]
+    assert max(on_fast) < 0.05  # the first launch (a module load on a GPU) was the build thread's warm-up
 
 
 def test_calls_leave_a_device_while_a_build_blocks_it_and_come_back_after(tmp_path):

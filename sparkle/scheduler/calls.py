@@ -53,6 +53,15 @@ def split_axis(op, spec):
     return ("channels", spec.out_channels) if spec.groups == 1 else ("batch", 1)
 
 
+def zero_operands(op, spec):
+    """Host operands of ``spec``'s shapes, all zeros (a warm-up call's; conv2d's bias None without one)."""
+    if op == "matmul":
+        return (np.zeros((spec.m, spec.k), spec.dtype), np.zeros((spec.k, spec.n), spec.dtype))
+    x = np.zeros((spec.batch, spec.in_channels, spec.height, spec.width), spec.dtype)
+    w = np.zeros((spec.out_channels, spec.in_channels // spec.groups, spec.kernel_h, spec.kernel_w), spec.dtype)
+    return (x, w, np.zeros(spec.out_channels, spec.dtype) if spec.has_bias else None)
+
+
 def part_spec(op, spec, start, stop):
     import dataclasses
 

@@ -69,7 +69,7 @@ def predict(scheduler, state, plan, part=None, features=None):
     compiled = True
     try:
         prepared = plan.prepared_call(state, part)
-        compiled = prepared.compiled
+        compiled = prepared.compiled and state.id not in plan.warming
         verified = (state.executor.identity, prepared.variant, features.shape_class) in scheduler._verified
         if scheduler._quarantine.holds(state.executor.identity, prepared.variant, features.shape_class):
             usable, note = False, f"kernel variant {prepared.variant!r} is quarantined for this shape class"

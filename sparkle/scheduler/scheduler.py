@@ -108,6 +108,7 @@ class _Plan:
         self.trial = None  # a device to try on the next call (exploration)
         self.trials = {}  # device id -> times it was tried for this signature
         self.building = set()  # devices whose kernel for this signature is built ahead (or was)
+        self.warming = set()  # devices whose kernel is being built ahead and warmed up: not ready yet
         self.calls = 0
         self.next_review = 0
         # The fast path: set when the decision is one verified device and nothing is pending.
