@@ -107,6 +107,19 @@ def test_own_tuning_wins_and_the_users_tuned_relatives_count(document):
     assert params == own and source.startswith("relative NVIDIA H200 ")
 
 
+def test_a_relatives_winner_for_this_very_shape_comes_before_the_nearest_shape_tuned_here(document):
+    h200 = identity("NVIDIA H200")
+    other_shape = conv(h=32, w=32)
+    own = {"USE_LOCAL": 1, "TM": 128, "TN": 64, "TK": 16, "WM": 8, "WN": 8, "VW": 4}
+    database.record(h200, other_shape, {"params": own, "seconds": 5e-5, "gflops": 1.0}, [], 1, document=document,
+                    traits=H200)
+    params, source = database.lookup(h200, LAYER, LIMITS, document=document, traits=H200)
+    assert params == PARAMS_H100 and source == "relative NVIDIA H100 80GB HBM3 (sm_90, 132 compute units): tuned"
+    unseen = conv(h=30, w=30)  # tuned nowhere: the nearest shape tuned here comes before a relative's
+    assert database.lookup(h200, unseen, LIMITS, document=document, traits=H200) == \
+        (own, f"nearest {other_shape.key}")
+
+
 def test_provenance_says_where_a_devices_parameters_come_from(document):
     text = database.provenance(identity("NVIDIA H200"), H200, document)
     assert "borrows the 1 tuned workloads of NVIDIA H100 80GB HBM3" in text

@@ -113,14 +113,19 @@ def relatives_of(identity, traits, document=DOCUMENT):
     return [(other.split("|")[3], *found[other]) for other in order]
 
 
-def _choose(stored, workload, limits, skip):
-    """(params, "tuned" or "nearest <key>") from ``stored`` entries, or None when none fits."""
-    from ..codegen import Workload
-
+def _exact(stored, workload, limits, skip):
+    """(params, "tuned") of ``workload``'s own entry in ``stored``, or None when there is none that fits."""
     own = stored.get(workload.key, {}).get("best")
     if own and space.identity(own["params"]) not in skip \
             and not space.violations(own["params"], workload, limits):
         return dict(own["params"]), "tuned"
+    return None
+
+
+def _nearest(stored, workload, limits, skip):
+    """(params, "nearest <key>") of the nearest other shape in ``stored`` whose winner fits, or None."""
+    from ..codegen import Workload
+
     ranked = []
     for key, entry in stored.items():
         if key == workload.key or "best" not in entry:
@@ -141,22 +146,29 @@ def _choose(stored, workload, limits, skip):
 
 
 def lookup(identity, workload, limits, excluded=(), document=DOCUMENT, traits=None):
-    """(params, source) for ``workload``: source is "tuned", "nearest <key>", "relative <device>: tuned" or
-    "relative <device>: nearest <key>" (borrowed from the nearest tuned device of ``traits``'s family), or
-    (None, None) when nothing fits.
+    """(params, source) for ``workload``: source is "tuned", "relative <device>: tuned", "nearest <key>" or
+    "relative <device>: nearest <key>" (borrowed from the nearest tuned device of ``traits``'s family), in that
+    order of preference, or (None, None) when nothing fits.
 
     ``excluded`` holds parameter sets that failed in this process; they are passed over.
     """
     skip = {space.identity(p) for p in excluded}
     stored = {**seed_entries(identity), **entries(identity, document)}  # the user's own tuning wins
-    found = _choose(stored, workload, limits, skip)
-    if found is None and traits is not None:
-        for name, other_traits, workloads in relatives_of(identity, traits, document):
-            found = _choose(workloads, workload, limits, skip)
+    family = None
+    # This shape tuned here, then tuned on a relative (the same chip family: its winner for this very shape),
+    # then the nearest shape tuned here, then on a relative.
+    for choose in (_exact, _nearest):
+        found = choose(stored, workload, limits, skip)
+        if found is not None:
+            return found
+        if traits is None:
+            continue
+        family = relatives_of(identity, traits, document) if family is None else family
+        for name, other_traits, workloads in family:
+            found = choose(workloads, workload, limits, skip)
             if found is not None:
-                found = found[0], f"relative {name} ({other_traits.describe()}): {found[1]}"
-                break
-    return found if found is not None else (None, None)
+                return found[0], f"relative {name} ({other_traits.describe()}): {found[1]}"
+    return None, None
 
 
 def provenance(identity, traits, document=DOCUMENT):
