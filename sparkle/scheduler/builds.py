@@ -61,8 +61,7 @@ def _build(scheduler, plan, state):
         prepared.build()
         with scheduler._lock:
             state.model.observe_build(time.perf_counter() - start)
-        prepared(*calls.zero_operands(plan.op, plan.spec))  # warm-up, see the module's docstring
-        prepared.warm = True  # the callers' first call is an ordinary one
+        prepared(*calls.zero_operands(plan.op, plan.spec))  # warm-up, see below
     except Exception as error:  # noqa: BLE001 - a call on the device would meet it: the slow path records it
         logger.debug("sparkle scheduler: building %s %s ahead on %s failed: %s", plan.op, plan.shape_text,
                      state.id, error)

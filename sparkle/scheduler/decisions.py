@@ -23,7 +23,7 @@ def decide(scheduler, plan, explore, budget=0.0):
         return Decision(plan.op, plan.shape_text, scheduler.forced, predictions=predictions,
                         predicted_seconds=forced.seconds, verified=forced.verified, forced=True,
                         reason=f"${DEVICE_ENV}={scheduler.forced} forces every call onto this device")
-    surcharges = {state.id: state.first_call_surcharge for state in scheduler._states}
+    surcharges = {state.id: state.trial_surcharge for state in scheduler._states}
     best, trial, confidence = policy.choose(predictions, explore, plan.trials, budget, plan.calls, surcharges)
     if best is None:
         notes = "; ".join(f"{p.device}: {p.note}" for p in predictions)
@@ -66,11 +66,10 @@ def predict(scheduler, state, plan, part=None, features=None):
     if state.profile is None:
         return Prediction(state.id, math.inf, 0.0, 0.0, 0.0, 0.0, 1.0, 0, False, False, note)
     verified = False
-    compiled = warm = True
+    compiled = True
     try:
         prepared = plan.prepared_call(state, part)
         compiled = prepared.compiled and state.id not in plan.warming
-        warm = prepared.warm
         verified = (state.executor.identity, prepared.variant, features.shape_class) in scheduler._verified
         if scheduler._quarantine.holds(state.executor.identity, prepared.variant, features.shape_class):
             usable, note = False, f"kernel variant {prepared.variant!r} is quarantined for this shape class"
@@ -82,9 +81,6 @@ def predict(scheduler, state, plan, part=None, features=None):
     prediction = policy.predict(state.id, state.profile, state.shape_model(plan.op), history, features, transfer,
                                 compiled, verified, plan.calls,
                                 state.model.build_seconds(state.profile.compile_seconds))
-    if not warm and state.first_call_surcharge:  # a first call here: shared like a build's cost
-        first = state.first_call_surcharge / (plan.calls + 1)
-        prediction = replace(prediction, seconds=prediction.seconds + first, compile=prediction.compile + first)
     busy = builds.busy_seconds(scheduler, state, plan)
     if busy > 0.0:
         prediction = replace(prediction, seconds=prediction.seconds + busy, compile=prediction.compile + busy,

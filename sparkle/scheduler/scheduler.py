@@ -65,17 +65,15 @@ class _DeviceState:
         self.unprofilable = False
         self.busy_until = 0.0  # a kernel build that blocks the device's calls is predicted to end then
         self.build_started = 0.0  # when that build began (0.0: none running)
-        # What a signature's first call on this device costs beyond its prediction (a GPU loads the kernel's
-        # module, the result takes fresh memory, the call is verified): learned from first calls, priced into
-        # the predictions of signatures not run here yet (decisions.predict) and into trials (policy.choose).
-        self.first_call_surcharge = 0.0
-        self.first_calls_measured = 0
+        # What a trial on this device costs beyond its prediction (a first call's module load, buffers and
+        # verification): learned from the trials, counted in the next trials' cost (policy.choose).
+        self.trial_surcharge = 0.0
+        self.trials_measured = 0
 
-    def observe_first_call(self, excess):
-        """Fold one first call's seconds beyond its prediction into ``first_call_surcharge`` (a running mean
-        of the last 8 or so)."""
-        self.first_calls_measured += 1
-        self.first_call_surcharge += (max(0.0, excess) - self.first_call_surcharge) / min(self.first_calls_measured, 8)
+    def observe_trial(self, excess):
+        """Fold one trial's seconds beyond its prediction into ``trial_surcharge`` (a running mean)."""
+        self.trials_measured += 1
+        self.trial_surcharge += (max(0.0, excess) - self.trial_surcharge) / min(self.trials_measured, 8)
 
     def record_fault(self):
         """Count a fault and avoid the device for 1 s, 2 s, 4 s, ... (at most 10 min); returns the seconds."""
@@ -361,7 +359,6 @@ class Scheduler:
         try:
             prepared = plan.prepared_call(state)
             compiled = prepared.compiled
-            first_run = not prepared.warm
             start = time.perf_counter()
             result = prepared(*operands)
             seconds = time.perf_counter() - start
@@ -374,7 +371,7 @@ class Scheduler:
         predicted = prediction.seconds if prediction else float("nan")
         transfer = prediction.transfer if prediction else 0.0
         result = safeguards.checked(self, plan, state, prepared, operands, result)
-        whole_seconds = time.perf_counter() - start  # the verification included: what the caller waited
+        trial_seconds = time.perf_counter() - start  # the verification included: the whole cost of a trial
         if not compiled and prediction is not None:  # this call built its kernel: learn what a build costs
             with self._lock:
                 state.model.observe_build(max(seconds - (prediction.seconds - prediction.compile), 0.1 * seconds))
@@ -386,9 +383,8 @@ class Scheduler:
             self._records.append((plan.op, plan.shape_text, state.id, predicted, seconds))
         with self._lock:
             if explored:
-                self._explored_excess += max(0.0, whole_seconds - decision.predicted_seconds)
-            if first_run and compiled and prediction is not None:  # (a build's first call teaches the build)
-                state.observe_first_call(whole_seconds - (prediction.seconds - prediction.compile))
+                self._explored_excess += max(0.0, trial_seconds - decision.predicted_seconds)
+                state.observe_trial(trial_seconds - decision.predicted_seconds)
             if plan.runner is None and self.verify_mode != "always":
                 plan.next_review = plan.calls  # verified, compiled or explored now: the next call can take the fast path
         if plan.home is not None and state.executor is not plan.home:
