@@ -121,15 +121,17 @@ inline real load_b(__global const real* restrict x, pixel_t px, int j)
 #endif
 }
 
+// Bias and ReLU on the way out; has_bias and relu are compile-time constants (the branches fold away).
+inline real epilogue_of(real acc, __global const real* restrict bias, int k, int has_bias, int relu)
+{
+    if (has_bias) acc += bias[k];
+    if (relu) acc = (acc > (real)0 || isnan(acc)) ? acc : (real)0;  // NaN propagates, as in the reference
+    return acc;
+}
+
 inline real epilogue(real acc, __global const real* restrict bias, int k)
 {
-#if HAS_BIAS
-    acc += bias[k];
-#endif
-#if RELU
-    acc = (acc > (real)0 || isnan(acc)) ? acc : (real)0;  // NaN propagates, as in the reference
-#endif
-    return acc;
+    return epilogue_of(acc, bias, k, HAS_BIAS, RELU);
 }
 
 #if ALGO != 1  // the GEMM: the whole of ALGO 0, the middle step of ALGO 2

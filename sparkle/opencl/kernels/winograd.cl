@@ -1,5 +1,6 @@
 // Winograd F(m x m, 3 x 3), m = WINO_M (2 or 4), for 3x3, stride-1, undilated convolutions of one group
-// (appended to conv2d.cl, whose types, shape macros and epilogue it uses). Each m x m output tile is
+// (appended to conv2d.cl, whose types, shape macros and epilogue it uses; its tile helpers serve ALGO 2 too).
+// Each m x m output tile is
 // A^T [ sum_c (G g G^T) . (B^T d B) ] A over the tile's alpha x alpha input patch d (alpha = m + 2): alpha^2
 // multiplications per tile and channel pair instead of 9 m^2. The transforms are generated per tile size
 // (winograd.py: FILTER_TRANSFORM, INPUT_TRANSFORM, OUTPUT_TRANSFORM, WINO_ALPHA).
@@ -29,12 +30,72 @@
 #define WRT 2
 #endif
 
+#if ALGO == 1 || ALGO == 2
+// ---- shared by both forms: the convolution's own shape is CONV_* (ALGO 2's generator defines it so, because
+// there the plain names are its GEMM's; the fused kernel's is the plain one) ----
 #if ALGO == 1
+#define CONV_N_IMG N_IMG
+#define CONV_C_IN C_IN
+#define CONV_H_IN H_IN
+#define CONV_W_IN W_IN
+#define CONV_K_OUT K_OUT
+#define CONV_PAD_T PAD_T
+#define CONV_PAD_L PAD_L
+#define CONV_P_OUT P_OUT
+#define CONV_Q_OUT Q_OUT
+#define CONV_HAS_BIAS HAS_BIAS
+#define CONV_RELU RELU
+#endif
 #define POINTS (WINO_ALPHA * WINO_ALPHA)
-#define TILES_H ((P_OUT + WINO_M - 1) / WINO_M)
-#define TILES_W ((Q_OUT + WINO_M - 1) / WINO_M)
+#define TILES_H ((CONV_P_OUT + WINO_M - 1) / WINO_M)
+#define TILES_W ((CONV_Q_OUT + WINO_M - 1) / WINO_M)
 #define TILES_IMG (TILES_H * TILES_W)
-#define TILES (N_IMG * TILES_IMG)
+#define TILES (CONV_N_IMG * TILES_IMG)
+
+// Tile `tile`'s image and its first output pixel (row, column).
+inline void tile_origin(int tile, int* n, int* oh, int* ow)
+{
+    *n = tile / TILES_IMG;
+    const int rest = tile - *n * TILES_IMG;
+    const int th = rest / TILES_W;
+    *oh = WINO_M * th;
+    *ow = WINO_M * (rest - th * TILES_W);
+}
+
+// The alpha x alpha input patch of `tile` in input channel c: zeros outside the image, and for tiles past TILES.
+inline void load_patch(__global const real* restrict x, int tile, int c, real d[WINO_ALPHA][WINO_ALPHA])
+{
+    int n, oh, ow;
+    tile_origin(tile < TILES ? tile : 0, &n, &oh, &ow);
+    const int h0 = oh - CONV_PAD_T, w0 = ow - CONV_PAD_L;
+    const __global real* plane = x + ((INDEX)n * CONV_C_IN + c) * (CONV_H_IN * CONV_W_IN);
+    #pragma unroll
+    for (int i = 0; i < WINO_ALPHA; ++i)
+        #pragma unroll
+        for (int j = 0; j < WINO_ALPHA; ++j) {
+            const int h = h0 + i, q = w0 + j;
+            d[i][j] = (tile < TILES && h >= 0 && h < CONV_H_IN && q >= 0 && q < CONV_W_IN)
+                      ? plane[h * CONV_W_IN + q] : (real)0;
+        }
+}
+
+// The m x m outputs y of `tile` in output channel k, with bias and ReLU; pixels past P or Q are not stored.
+inline void store_tile(__global real* restrict out, __global const real* restrict bias, int tile, int k,
+                       real y[WINO_M][WINO_M])
+{
+    int n, oh, ow;
+    tile_origin(tile, &n, &oh, &ow);
+    __global real* o = out + ((INDEX)n * CONV_K_OUT + k) * (CONV_P_OUT * CONV_Q_OUT) + oh * CONV_Q_OUT + ow;
+    #pragma unroll
+    for (int a = 0; a < WINO_M; ++a)
+        #pragma unroll
+        for (int b = 0; b < WINO_M; ++b)
+            if (oh + a < CONV_P_OUT && ow + b < CONV_Q_OUT)
+                o[a * CONV_Q_OUT + b] = epilogue_of(y[a][b], bias, k, CONV_HAS_BIAS, CONV_RELU);
+}
+#endif
+
+#if ALGO == 1
 #define WDK (WBK / WRK)  // work-items along the output channels
 #define WDT (WBT / WRT)  // work-items along the tiles
 #define WTHREADS (WDK * WDT)
@@ -80,27 +141,7 @@ void conv2d(__global const real* restrict x, __global const real* restrict u,
             const int t = e - c * WBT;
             const int tile = tile0 + t;
             real d[WINO_ALPHA][WINO_ALPHA];
-            if (tile < TILES && c0 + c < C_IN) {
-                const int n = tile / TILES_IMG;
-                const int rest = tile - n * TILES_IMG;
-                const int th = rest / TILES_W;
-                const int h0 = WINO_M * th - PAD_T;
-                const int w0 = WINO_M * (rest - th * TILES_W) - PAD_L;
-                const __global real* plane = x + ((INDEX)n * C_IN + c0 + c) * HW_IN;
-                #pragma unroll
-                for (int i = 0; i < WINO_ALPHA; ++i)
-                    #pragma unroll
-                    for (int j = 0; j < WINO_ALPHA; ++j) {
-                        const int h = h0 + i, v = w0 + j;
-                        d[i][j] = (h >= 0 && h < H_IN && v >= 0 && v < W_IN) ? plane[h * W_IN + v] : (real)0;
-                    }
-            } else {
-                #pragma unroll
-                for (int i = 0; i < WINO_ALPHA; ++i)
-                    #pragma unroll
-                    for (int j = 0; j < WINO_ALPHA; ++j)
-                        d[i][j] = (real)0;
-            }
+            load_patch(x, c0 + c < C_IN ? tile : TILES, c0 + c < C_IN ? c0 + c : 0, d);  // zeros past the channels
             real v[WINO_ALPHA][WINO_ALPHA];
             INPUT_TRANSFORM
             #pragma unroll
@@ -148,18 +189,7 @@ void conv2d(__global const real* restrict x, __global const real* restrict u,
 #define M(xi) acc[xi][i][j]
             OUTPUT_TRANSFORM
 #undef M
-            const int n = tile / TILES_IMG;
-            const int rest = tile - n * TILES_IMG;
-            const int th = rest / TILES_W;
-            const int oh = WINO_M * th;
-            const int ow = WINO_M * (rest - th * TILES_W);
-            __global real* o = out + ((INDEX)n * K_OUT + k) * PQ + oh * Q_OUT + ow;
-            #pragma unroll
-            for (int a = 0; a < WINO_M; ++a)
-                #pragma unroll
-                for (int b = 0; b < WINO_M; ++b)
-                    if (oh + a < P_OUT && ow + b < Q_OUT)
-                        o[a * Q_OUT + b] = epilogue(y[a][b], bias, k);
+            store_tile(out, bias, tile, k, y);
         }
 }
 #endif  // ALGO == 1

@@ -10,12 +10,8 @@
 // V and M are the only large intermediates (alpha^2 values per tile and channel each), written once, read once.
 
 #if ALGO == 2
-#define POINTS (WINO_ALPHA * WINO_ALPHA)
-#define TILES_H ((CONV_P_OUT + WINO_M - 1) / WINO_M)
-#define TILES_W ((CONV_Q_OUT + WINO_M - 1) / WINO_M)
-#define TILES_IMG (TILES_H * TILES_W)
-#define TILES (CONV_N_IMG * TILES_IMG)
-// T_COLS (generator-defined): the GEMM's columns, TILES rounded up to 4 (float4 loads of V's rows).
+// POINTS, TILES, load_patch and store_tile: winograd.cl. T_COLS (generator-defined): the GEMM's columns, TILES
+// rounded up to 4 (float4 loads of V's rows).
 
 // One work-item per (output channel, input channel); c varies fastest, so the writes of U[xi][k][c] coalesce.
 __kernel void winograd_filter(__global const real* restrict w, __global real* restrict u)
@@ -37,27 +33,7 @@ __kernel void winograd_input(__global const real* restrict x, __global real* res
     const int c = get_global_id(1);
     if (t >= T_COLS || c >= CONV_C_IN) return;
     real d[WINO_ALPHA][WINO_ALPHA];
-    if (t < TILES) {
-        const int n = t / TILES_IMG;
-        const int rest = t - n * TILES_IMG;
-        const int th = rest / TILES_W;
-        const int h0 = WINO_M * th - CONV_PAD_T;
-        const int w0 = WINO_M * (rest - th * TILES_W) - CONV_PAD_L;
-        const __global real* plane = x + ((INDEX)n * CONV_C_IN + c) * (CONV_H_IN * CONV_W_IN);
-        #pragma unroll
-        for (int i = 0; i < WINO_ALPHA; ++i)
-            #pragma unroll
-            for (int j = 0; j < WINO_ALPHA; ++j) {
-                const int h = h0 + i, q = w0 + j;
-                d[i][j] = (h >= 0 && h < CONV_H_IN && q >= 0 && q < CONV_W_IN) ? plane[h * CONV_W_IN + q] : (real)0;
-            }
-    } else {  // padding columns of the GEMM: zeros, never read back
-        #pragma unroll
-        for (int i = 0; i < WINO_ALPHA; ++i)
-            #pragma unroll
-            for (int j = 0; j < WINO_ALPHA; ++j)
-                d[i][j] = (real)0;
-    }
+    load_patch(x, t, c, d);  // zeros for the padding columns t >= TILES (never read back)
     real v[WINO_ALPHA][WINO_ALPHA];
     INPUT_TRANSFORM
     #pragma unroll
@@ -82,25 +58,6 @@ __kernel void winograd_output(__global const real* restrict products, __global c
 #define M(xi) p[xi]
     OUTPUT_TRANSFORM
 #undef M
-    const int n = t / TILES_IMG;
-    const int rest = t - n * TILES_IMG;
-    const int th = rest / TILES_W;
-    const int oh = WINO_M * th;
-    const int ow = WINO_M * (rest - th * TILES_W);
-    __global real* o = out + ((INDEX)n * CONV_K_OUT + k) * (CONV_P_OUT * CONV_Q_OUT) + oh * CONV_Q_OUT + ow;
-    #pragma unroll
-    for (int a = 0; a < WINO_M; ++a)
-        #pragma unroll
-        for (int b = 0; b < WINO_M; ++b)
-            if (oh + a < CONV_P_OUT && ow + b < CONV_Q_OUT) {
-                real value = y[a][b];
-#if CONV_HAS_BIAS
-                value += bias[k];
-#endif
-#if CONV_RELU
-                value = (value > (real)0 || isnan(value)) ? value : (real)0;  // NaN propagates, as in the reference
-#endif
-                o[a * CONV_Q_OUT + b] = value;
-            }
+    store_tile(out, bias, t, k, y);
 }
 #endif  // ALGO == 2
