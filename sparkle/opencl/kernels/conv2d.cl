@@ -28,7 +28,7 @@ typedef XCAT(REAL_NAME, 4) real4;
 #define NPIX (N_IMG * PQ)
 
 // ---- tunables ----
-#ifndef ALGO          // 0: implicit GEMM; 1: fused Winograd; 2: Winograd around a batched GEMM (3x3, stride 1, one group)
+#ifndef ALGO          // 0: implicit GEMM; 1: fused Winograd; 2: Winograd around a batched GEMM (3x3, stride 1)
 #define ALGO 0
 #endif
 #ifndef TM            // output channels per work-group tile
