@@ -93,6 +93,26 @@ inline void store_tile(__global real* restrict out, __global const real* restric
             if (oh + a < CONV_P_OUT && ow + b < CONV_Q_OUT)
                 o[a * CONV_Q_OUT + b] = epilogue_of(y[a][b], bias, k, CONV_HAS_BIAS, CONV_RELU);
 }
+// The transformed filters U, one work-item per (output channel, input channel) pair; the index last in U's
+// layout varies fastest, so the writes coalesce. The fused kernel reads U[xi][c][k] (a step's slice of channels,
+// k fastest); ALGO 2's GEMM reads U[xi][k][c] (its A matrices, rows of C).
+__kernel void winograd_filter(__global const real* restrict w, __global real* restrict u)
+{
+    const int id = get_global_id(0);
+    if (id >= CONV_K_OUT * CONV_C_IN) return;
+#if ALGO == 1
+    const int c = id / CONV_K_OUT;
+    const int k = id - c * CONV_K_OUT;
+#define out(xi, value) u[((INDEX)(xi) * CONV_C_IN + c) * CONV_K_OUT + k] = (value)
+#else
+    const int k = id / CONV_C_IN;
+    const int c = id - k * CONV_C_IN;
+#define out(xi, value) u[((INDEX)(xi) * CONV_K_OUT + k) * CONV_C_IN + c] = (value)
+#endif
+    const __global real* g = w + ((INDEX)k * CONV_C_IN + c) * 9;
+    FILTER_TRANSFORM
+#undef out
+}
 #endif
 
 #if ALGO == 1
@@ -100,18 +120,6 @@ inline void store_tile(__global real* restrict out, __global const real* restric
 #define WDT (WBT / WRT)  // work-items along the tiles
 #define WTHREADS (WDK * WDT)
 
-// One work-item per (input channel, output channel); k varies fastest, so the writes of U[xi][c][k] coalesce.
-__kernel void winograd_filter(__global const real* restrict w, __global real* restrict u)
-{
-    const int id = get_global_id(0);
-    if (id >= K_OUT * C_IN) return;
-    const int c = id / K_OUT;
-    const int k = id - c * K_OUT;
-    const __global real* g = w + ((INDEX)k * C_IN + c) * 9;
-#define out(xi, value) u[((INDEX)(xi) * C_IN + c) * K_OUT + k] = (value)
-    FILTER_TRANSFORM
-#undef out
-}
 
 __kernel __attribute__((reqd_work_group_size(WDT, WDK, 1)))
 void conv2d(__global const real* restrict x, __global const real* restrict u,

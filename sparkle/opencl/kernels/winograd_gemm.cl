@@ -2,7 +2,7 @@
 // The fused kernel (winograd.cl) keeps all alpha^2 transformed points of a tile in one work-item's registers,
 // which caps its register blocks at 1x2..2x2 (the F(4x4) accumulators alone are 36 per pair); here the points
 // become alpha^2 independent GEMMs, run by conv2d.cl's tuned GEMM kernel with its full register blocks:
-//   winograd_filter: U[xi][k][c] = (G g G^T)[xi] of every filter;
+//   winograd_filter: U[xi][k][c] = (G g G^T)[xi] of every filter (winograd.cl);
 //   winograd_input:  V[xi][c][t] = (B^T d B)[xi] of every tile's input patch (t padded to T_COLS with zeros);
 //   conv2d:          M[xi] = U[xi] . V[xi], as a 1x1 conv of a (1, alpha^2 C, 1, T_COLS) image in alpha^2 groups
 //                    (the generator #defines the GEMM's shape as that conv's; this file's own shape is CONV_*);
@@ -10,21 +10,8 @@
 // V and M are the only large intermediates (alpha^2 values per tile and channel each), written once, read once.
 
 #if ALGO == 2
-// POINTS, TILES, load_patch and store_tile: winograd.cl. T_COLS (generator-defined): the GEMM's columns, TILES
-// rounded up to 4 (float4 loads of V's rows).
-
-// One work-item per (output channel, input channel); c varies fastest, so the writes of U[xi][k][c] coalesce.
-__kernel void winograd_filter(__global const real* restrict w, __global real* restrict u)
-{
-    const int id = get_global_id(0);
-    if (id >= CONV_K_OUT * CONV_C_IN) return;
-    const int k = id / CONV_C_IN;
-    const int c = id - k * CONV_C_IN;
-    const __global real* g = w + (INDEX)id * 9;
-#define out(xi, value) u[((INDEX)(xi) * CONV_K_OUT + k) * CONV_C_IN + c] = (value)
-    FILTER_TRANSFORM
-#undef out
-}
+// POINTS, TILES, winograd_filter, load_patch and store_tile: winograd.cl. T_COLS (generator-defined): the GEMM's
+// columns, TILES rounded up to 4 (float4 loads of V's rows).
 
 // One work-item per (tile, input channel); t varies fastest, so the writes of V[xi][c][t] coalesce.
 __kernel void winograd_input(__global const real* restrict x, __global real* restrict v_out)
