@@ -83,7 +83,8 @@ class _Variant:
         device = call.device
         program = device.program(self.source, key=self.program_key)
         workspaces, shared = {}, {}
-        for role, nbytes in codegen.workspaces(call.workload, self.params).items():
+        sizes = codegen.workspaces(call.workload, self.params)
+        for role, nbytes in sizes.items():
             if nbytes >= SHARED_WORKSPACE_BYTES:  # taken per call: held by every cached call, they would add up
                 shared[role] = len(_ROLES) + len(shared)
                 continue
@@ -101,7 +102,6 @@ class _Variant:
                 else:
                     per_call.append((index, shared[role] if role in shared else _ROLES.index(role)))
             steps.append((kernel, tuple(per_call), step.global_size, step.local_size))
-        sizes = codegen.workspaces(call.workload, self.params)
         self.shared_workspaces = tuple(sizes[role] for role in shared)  # in the order of their buffer indices
         self._pool = device.pool
         self.steps = tuple(steps)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..codegen import (DEFAULTS, GEMM_TUNABLES, IMPLICIT_GEMM, WINOGRAD, WINOGRAD_GEMM, WINOGRAD_TUNABLES,
-                       gemm_params, winograd_gemm_workload, winograd_tiles, work_groups)
+                       gemm_params, winograd_gemm_workload, winograd_tiles, work_groups, workspaces)
 from ..winograd import TILE_SIZES
 
 # Split-K slice counts. A split pays only while the output tiles leave compute units idle: the candidates
@@ -232,8 +232,7 @@ def _winograd_gemm_violations(p, workload, limits):
                        "KSPLIT=1 and VN=1")
     gemm = winograd_gemm_workload(workload, p)
     reasons += [f"its batched GEMM: {reason}" for reason in violations(gemm_params(p), gemm, limits)]
-    itemsize = 8 if workload.dtype == "float64" else 4
-    largest = max(gemm.in_channels, gemm.out_channels) * gemm.width * itemsize
+    largest = max(workspaces(workload, p).values())
     if largest > limits.max_alloc:
         reasons.append(f"its {largest} bytes of transformed data exceed the device's largest buffer")
     return reasons
