@@ -338,19 +338,27 @@ def label(decision):
 
 
 def run_auto(case, scheduler, decision):
-    """(seconds, device label) of one auto call, its result checked. The label comes from the history
-    records the call added, "split a+b" for a split. ``decision``: explain's, just before the call: a split's
-    parts that compiled add no record, so a call without records that was to split is taken as split."""
-    before = len(scheduler.history())
+    """(seconds, device label, diagnostics) of one auto call, its result checked. The label comes from the
+    history records the call added, "split a+b" for a split. ``decision``: explain's, just before the call: a
+    split's parts that compiled add no record, so a call without records that was to split is taken as split.
+    Diagnostics: whether a kernel was being built ahead meanwhile, and whether the call was its signature's
+    first on that device (where the excess over the oracle comes from)."""
+    history = scheduler.history()
+    before = len(history)
+    builds_running = scheduler._builds_running
     seconds, result = timed(case.run, scheduler)
     records = scheduler.history()[before:]
+    seen = {(record["shape"], record["device"]) for record in history}
+    diagnostics = {"builds_running": builds_running,
+                   "first_on_device": any((r["shape"], r["device"]) not in seen for r in records),
+                   "predicted": sum(r["predicted"] for r in records)}
     devices = {record["device"] for record in records}
     if any(" part " in record["shape"] for record in records) or (not records and decision.split):
         device = f"split {'+'.join(sorted(devices | set(decision.devices if decision.split else ())))}"
     else:
         device = "+".join(sorted(devices)) or "?"
     case.check(result, f"auto ({device})")
-    return seconds, device
+    return seconds, device, diagnostics
 
 
 def run_passes(cases, auto, alone, oracle, passes, rng, say):
@@ -369,18 +377,19 @@ def run_passes(cases, auto, alone, oracle, passes, rng, say):
             seconds = {}
             for runner in rng.permutation(["auto", *dict.fromkeys((oracle_device, best_single))]):
                 if runner == "auto":
-                    seconds["auto"], device = run_auto(case, auto, decision)
+                    seconds["auto"], device, diagnostics = run_auto(case, auto, decision)
                 else:
                     seconds[runner], result = timed(case.run, alone[runner])
                     case.check(result, runner)
             rows.append({"case": case.name, "auto_device": device, "auto_decided": decided, "auto": seconds["auto"],
                          "oracle_device": oracle_device, "oracle_paired": seconds[oracle_device],
-                         "best_single_paired": seconds[best_single]})
+                         "best_single_paired": seconds[best_single], **diagnostics})
         summary = pass_summary(number, rows, cases, oracle, totals, best_single)
         say(f"  pass {number}: auto {_ms(summary['auto'])}, oracle paired {_ms(summary['oracle_paired'])} "
             f"(regret {summary['regret_paired']:.3f}), oracle best-of {_ms(summary['oracle_best'])} "
             f"(regret {summary['regret_best']:.3f}); off the oracle's device: {summary['off_oracle']} calls, "
-            f"{summary['explored']} explored")
+            f"{summary['explored']} explored; excess over the oracle "
+            + ", ".join(f"{where.replace('_', ' ')} {_ms(value)}" for where, value in summary["excess"].items()))
         results.append({**summary, "calls": rows})
     return results, best_single, totals
 
@@ -403,7 +412,18 @@ def pass_summary(number, rows, cases, oracle, device_totals, best_single):
             "off_oracle_cases": [f"{row['case']} on {row['auto_device']}"
                                  + (" (explored)" if row["auto_device"] != row["auto_decided"] else "")
                                  for row in off],
-            "auto_devices": devices}
+            "auto_devices": devices, "excess": excess_sources(rows)}
+
+
+def excess_sources(rows):
+    """Auto's seconds beyond the paired oracle, by where they were spent: calls while a kernel was built
+    ahead, first calls of a signature on a device, and the rest (placement and noise)."""
+    sources = {"during_builds": 0.0, "first_on_device": 0.0, "other": 0.0}
+    for row in rows:
+        source = ("during_builds" if row.get("builds_running") else
+                  "first_on_device" if row.get("first_on_device") else "other")
+        sources[source] += row["auto"] - row["oracle_paired"]
+    return sources
 
 
 STREAM_ROUNDS = 3
@@ -437,7 +457,7 @@ def prediction_errors(cases, auto, alone, repeat, say):
     for case in cases:
         decision = decisions[case.name]
         predictions = {p.device: p.seconds - p.compile for p in decision.predictions if p.usable}
-        auto_seconds, auto_device = run_auto(case, auto, decision)
+        auto_seconds, auto_device, _ = run_auto(case, auto, decision)
         if decision.split:  # a split's truth is auto's own (split) call
             chosen, predicted, truth = label(decision), decision.predicted_seconds, auto_seconds
         else:
