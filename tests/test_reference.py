@@ -93,6 +93,17 @@ def test_conv2d_at_every_position_of_a_small_problem():
                                rtol=1e-12, atol=1e-12)
 
 
+def test_conv2d_at_over_several_chunks_of_points_and_a_non_contiguous_input():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((1, 32, 34, 64)).transpose(0, 1, 3, 2)[:, :, ::2]  # (1, 32, 32, 34), strided
+    w = rng.standard_normal((4, 32, 3, 3))
+    full = reference.conv2d(x, w, padding=1)
+    points = np.argwhere(np.ones(full.shape, dtype=bool))  # 4352 points: over 1M window elements, so chunked
+    assert len(points) * 32 * 9 > 2**20 and not x.flags.c_contiguous
+    np.testing.assert_allclose(reference.conv2d_at(x, w, points=points, padding=1), full.ravel(),
+                               rtol=1e-12, atol=1e-12)
+
+
 def test_conv2d_at_takes_no_points_and_one_flat_point():
     x, w, bias, kwargs = case_inputs("plain", np.float32)
     assert reference.conv2d_at(x, w, bias, points=np.zeros((0, 4), int), **kwargs).shape == (0,)
