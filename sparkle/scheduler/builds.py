@@ -6,6 +6,8 @@ calls that would touch the device are decided again with the remaining build tim
 A built kernel is then run once on zeros of the call's shapes, on the same thread: a GPU's first launch of a
 kernel loads its module, and its first result takes fresh (pinned) memory, which cost the first real call
 1-4 ms on the H100 machine (a ResNet-50 conv predicted at 0.4 ms took 4.3 ms in the mixed workload's pass 2).
+A kernel built already (another signature's program) but never run for this signature is primed the same way:
+moving a signature to a device prices the first call's one-time costs (decisions.predict) until it is primed.
 
 While a build runs, the interpreter's switch interval is lowered (see ``responsive_interpreter``).
 """
@@ -35,8 +37,8 @@ def build_ahead(scheduler, plan, decision):
         built_seconds = prediction.seconds - prediction.compile
         if prediction.device in plan.building or prediction.device == serving:
             continue  # being built, or the call itself builds it
-        if plan.prepared_call(scheduler._by_id[prediction.device]).compiled:
-            continue  # nothing to build (its "compile" is a wait for another kernel's build)
+        if plan.prepared_call(scheduler._by_id[prediction.device]).compiled and prediction.device in plan.primed:
+            continue  # nothing to build or prime (its "compile" is a wait for another kernel's build)
         if all(built_seconds < other.seconds for other in usable if other is not prediction):
             plan.building.add(prediction.device)
             if scheduler._build_pool is None:
@@ -47,13 +49,14 @@ def build_ahead(scheduler, plan, decision):
 
 def _build(scheduler, plan, state):
     prepared = plan.prepared_call(state)  # made by the review that asked for the build
-    if prepared.compiled:  # built meanwhile (another signature's program, the first call)
+    building = not prepared.compiled  # else built already (another signature's program): only primed here
+    if not building and state.id in plan.primed:  # a call ran there meanwhile
         with plan.lock:
             plan.next_review = plan.calls
         return
     scheduler._builds_running += 1
     plan.warming.add(state.id)  # priced as unbuilt until warmed up: a call meanwhile would pay the first launch
-    blocks = state.executor.builds_block_calls
+    blocks = building and state.executor.builds_block_calls
     if blocks:  # the device's calls would wait for the build: decide them again, with the wait priced in
         with scheduler._lock:
             state.build_started = time.monotonic()
@@ -61,11 +64,13 @@ def _build(scheduler, plan, state):
             _revisit_plans(scheduler)
     try:
         with responsive_interpreter():
-            start = time.perf_counter()
-            prepared.build()
-            with scheduler._lock:
-                state.model.observe_build(time.perf_counter() - start)
+            if building:
+                start = time.perf_counter()
+                prepared.build()
+                with scheduler._lock:
+                    state.model.observe_build(time.perf_counter() - start)
             prepared(*calls.zero_operands(plan.op, plan.spec))  # warm-up, see the module's docstring
+        plan.primed.add(state.id)
     except Exception as error:  # noqa: BLE001 - a call on the device would meet it: the slow path records it
         logger.debug("sparkle scheduler: building %s %s ahead on %s failed: %s", plan.op, plan.shape_text,
                      state.id, error)

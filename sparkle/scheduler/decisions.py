@@ -81,6 +81,12 @@ def predict(scheduler, state, plan, part=None, features=None):
     prediction = policy.predict(state.id, state.profile, state.shape_model(plan.op), history, features, transfer,
                                 compiled, verified, plan.calls,
                                 state.model.build_seconds(state.profile.compile_seconds))
+    if part is None and plan.primed and state.id not in plan.primed and state.first_call_surcharge > 0.0:
+        # The signature runs elsewhere already: moving it here pays a first call's one-time costs, shared like
+        # a build among as many calls again as it has had (the kernel is primed ahead meanwhile: builds.py).
+        surcharge = state.first_call_surcharge / (plan.calls + 1)
+        prediction = replace(prediction, seconds=prediction.seconds + surcharge,
+                             compile=prediction.compile + surcharge, note="its first call here")
     busy = builds.busy_seconds(scheduler, state, plan)
     if busy > 0.0:
         prediction = replace(prediction, seconds=prediction.seconds + busy, compile=prediction.compile + busy,

@@ -69,11 +69,22 @@ class _DeviceState:
         # verification): learned from the trials, counted in the next trials' cost (policy.choose).
         self.trial_surcharge = 0.0
         self.trials_measured = 0
+        # What a signature's first call here costs beyond its warm prediction (a kernel object made, buffers
+        # of new sizes, the module's first launch, verification): learned from every first call that built
+        # nothing, counted when a signature that runs elsewhere already would move here (decisions.predict).
+        self.first_call_surcharge = 0.0
+        self.first_calls_measured = 0
 
     def observe_trial(self, excess):
         """Fold one trial's seconds beyond its prediction into ``trial_surcharge`` (a running mean)."""
         self.trials_measured += 1
         self.trial_surcharge += (max(0.0, excess) - self.trial_surcharge) / min(self.trials_measured, 8)
+
+    def observe_first_call(self, excess):
+        """Fold one first call's seconds beyond its warm prediction into ``first_call_surcharge``."""
+        self.first_calls_measured += 1
+        self.first_call_surcharge += ((max(0.0, excess) - self.first_call_surcharge)
+                                      / min(self.first_calls_measured, 8))
 
     def record_fault(self):
         """Count a fault and avoid the device for 1 s, 2 s, 4 s, ... (at most 10 min); returns the seconds."""
@@ -109,6 +120,7 @@ class _Plan:
         self.trials = {}  # device id -> times it was tried for this signature
         self.building = set()  # devices whose kernel for this signature is built ahead (or was)
         self.warming = set()  # devices whose kernel is being built ahead and warmed up: not ready yet
+        self.primed = set()  # devices where this signature's prepared call has run (a call or a warm-up ahead)
         self.calls = 0
         self.next_review = 0
         # The fast path: set when the decision is one verified device and nothing is pending.
@@ -359,6 +371,7 @@ class Scheduler:
         try:
             prepared = plan.prepared_call(state)
             compiled = prepared.compiled
+            first_here = state.id not in plan.primed
             start = time.perf_counter()
             result = prepared(*operands)
             seconds = time.perf_counter() - start
@@ -381,7 +394,10 @@ class Scheduler:
             with plan.lock:
                 plan.calls += 1
             self._records.append((plan.op, plan.shape_text, state.id, predicted, seconds))
+        plan.primed.add(state.id)
         with self._lock:
+            if first_here and compiled and prediction is not None:
+                state.observe_first_call(trial_seconds - (prediction.seconds - prediction.compile))
             if explored:
                 self._explored_excess += max(0.0, trial_seconds - decision.predicted_seconds)
                 state.observe_trial(trial_seconds - decision.predicted_seconds)
