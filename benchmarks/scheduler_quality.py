@@ -151,8 +151,10 @@ class Case:
 
 
 def relative_l2(got, exact):
-    norm = np.linalg.norm(exact)
-    return float(np.linalg.norm(got.astype(np.float64) - exact) / (norm if norm else 1.0))
+    # Plain reductions, not np.linalg.norm: its BLAS dot wakes OpenBLAS's threads, which spin on after it and
+    # take cores from the Numba workers of the next timed call.
+    norm = math.sqrt(float(np.square(exact).sum()))
+    return math.sqrt(float(np.square(got.astype(np.float64) - exact).sum())) / (norm if norm else 1.0)
 
 
 def conv_case(name, rng, x_shape, w_shape, bias=False, dtype=np.float32, **kwargs):
