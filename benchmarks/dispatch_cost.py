@@ -23,7 +23,7 @@ bools, a tuple of 16 ints, an int64 array of 16): why the kernels take one param
 ``--breakdown`` splits the prepared calls into their parts (the compiled kernel alone, the input views,
 the output allocation). ``--crossover`` times prepared calls of growing size on one thread (the kernels
 compiled without a parallel launch) and on two (the parallel ones): where the parallel launch starts to
-pay, the figure behind ``plan.SERIAL_MAX_FLOPS``.
+pay, the figure behind ``plan.serial_max_flops``.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ import numpy as np
 from sparkle import api, reference
 from sparkle.cpu import backend
 from sparkle.cpu.isa import active_isa
-from sparkle.cpu.plan import SERIAL_MAX_FLOPS
+from sparkle.cpu.plan import serial_max_flops
 
 try:
     import torch
@@ -236,7 +236,7 @@ def crossover(args):
 def machine():
     return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "isa": active_isa().name,
             "numba_threads": numba.get_num_threads(), "numba": numba.__version__, "numpy": np.__version__,
-            "python": platform.python_version(), "serial_max_flops": SERIAL_MAX_FLOPS}
+            "python": platform.python_version(), "serial_max_flops": serial_max_flops(numba.get_num_threads())}
 
 
 def markdown(report):

@@ -17,7 +17,7 @@ from sparkle.cpu import backend, plan, prepared
 # (x shape, w shape, conv2d keyword arguments, with a bias): the dispatch benchmark's tiny conv, the
 # direct kernel (depthwise, channel multiplier 2), groups, strides, dilation, asymmetric padding, 1x1,
 # a batch, edge tiles; all but the last small enough for the one-thread variant by default
-# (plan.SERIAL_MAX_FLOPS).
+# (plan.serial_max_flops).
 CONV_CASES = {
     "tiny-3x3-pad1": ((1, 4, 8, 8), (4, 4, 3, 3), dict(padding=1), False),
     "depthwise": ((2, 6, 9, 7), (6, 1, 3, 3), dict(padding=1, groups=6), True),
@@ -261,7 +261,7 @@ def test_concurrent_matmul_calls():
 def test_small_work_plans_one_thread_and_larger_work_all():
     small = api.conv2d_spec(np.ones((1, 4, 8, 8), np.float32), np.ones((4, 4, 3, 3), np.float32), padding=1)
     large = api.conv2d_spec(np.ones((1, 64, 28, 28), np.float32), np.ones((64, 64, 3, 3), np.float32), padding=1)
-    assert small.flops <= plan.SERIAL_MAX_FLOPS < large.flops
+    assert small.flops <= plan.serial_max_flops(numba.get_num_threads()) < large.flops
     assert backend.plan_conv2d(small).threads == 1
     assert backend.plan_conv2d(large).threads == numba.get_num_threads()
     assert backend.plan_conv2d(small, threads=2).threads == 2  # asked for: kept

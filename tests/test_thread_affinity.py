@@ -28,8 +28,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _fused_call():
     rng = np.random.default_rng(1)
-    x = rng.standard_normal((1, 16, 12, 12)).astype(np.float32)
-    w = rng.standard_normal((24, 16, 3, 3)).astype(np.float32)
+    x = rng.standard_normal((1, 16, 24, 24)).astype(np.float32)
+    w = rng.standard_normal((48, 16, 3, 3)).astype(np.float32)
     assert not backend.uses_direct_kernel(api.conv2d_spec(x, w, padding=1))
     return sparkle.conv2d(x, w, padding=1, device="cpu"), reference.conv2d(x, w, padding=1)
 
@@ -214,8 +214,8 @@ LAYER_CHECK = textwrap.dedent("""
     threads.set_thread_binding(True)
     before = os.sched_getaffinity(0)
     rng = np.random.default_rng(5)
-    x = rng.standard_normal((1, 8, 10, 10)).astype(np.float32)
-    w = rng.standard_normal((16, 8, 3, 3)).astype(np.float32)
+    x = rng.standard_normal((1, 16, 20, 20)).astype(np.float32)  # 3.7 MFLOP: Numba's parallel launch
+    w = rng.standard_normal((32, 16, 3, 3)).astype(np.float32)
     y = sparkle.conv2d(x, w, padding=1, device="cpu")
     error = float(np.linalg.norm(y - reference.conv2d(x, w, padding=1)) / np.linalg.norm(y))
     print(json.dumps({"layer": numba.threading_layer(), "same": os.sched_getaffinity(0) == before,
@@ -286,8 +286,8 @@ WORKER_MASKS = textwrap.dedent("""
 
     before = masks()  # the process's threads before Numba's pool exists
     rng = np.random.default_rng(6)
-    x = rng.standard_normal((1, 16, 12, 12)).astype(np.float32)
-    w = rng.standard_normal((24, 16, 3, 3)).astype(np.float32)
+    x = rng.standard_normal((1, 16, 24, 24)).astype(np.float32)
+    w = rng.standard_normal((48, 16, 3, 3)).astype(np.float32)
     dw = rng.standard_normal((16, 1, 3, 3)).astype(np.float32)
     a = rng.standard_normal((40, 30)).astype(np.float32)
     errors = []

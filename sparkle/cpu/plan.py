@@ -100,19 +100,31 @@ def prefers_implicit(spec):
     return not in_place_reads_thrash(spec)
 
 
-# Calls of at most this many flops run on one thread, in kernels compiled without Numba's parallel
-# launch (plans of one thread do). Measured on 2 Zen 3 cores (benchmarks/dispatch_cost.py --crossover,
-# benchmarks/results/dispatch_cost_cpu_2core.md): the two-thread launch adds 9-15 us to a call while the
-# second core is idle, 60-130 us while other work holds it; up to 0.2 MFLOP one thread was 1.8-4x faster
-# than two, and idle, two threads first matched one at 1.2 MFLOP (3x3 convolutions) and 4 MFLOP (1x1,
-# matmul). A host of n cores needs only n/(n-1) launches' worth of one-thread work to pay back the launch
-# (2 on this machine, about 1 on 16 cores), so the threshold sits below the 2-core crossover.
-SERIAL_MAX_FLOPS = 200_000
+# One thread's speed on small work and what Numba's parallel launch of n threads costs, back to back
+# (benchmarks/serial_threshold.py, results/serial_threshold_h100host.json for 16 threads and
+# serial_threshold_2core.json for 2): one thread runs small 3x3 and 1x1 convolutions at 40-100 GFLOPS (40 taken:
+# slower CPUs), and a launch costs about 6 us + 3.6 us per thread (10-15 us for 2 threads, 60 us for 16: it grows
+# with the team). After 1 ms of other work the workers sleep and a launch costs 15-25 us more on the 2-core VM,
+# which only moves the crossover up (there it lay at 2.7-4.7 MFLOP back to back, 5-14 MFLOP after the gap).
+SERIAL_GFLOPS = 40.0
+LAUNCH_SECONDS = 6e-6
+LAUNCH_SECONDS_PER_THREAD = 3.6e-6
+
+
+def serial_max_flops(threads):
+    """Calls of at most this many flops run on one thread, in kernels compiled without Numba's parallel launch:
+    up to there, what ``threads`` threads save on the work (a share of 1 - 1/threads of it) is less than their
+    launch costs. About 1.1 MFLOP for 2 threads, 2.7 MFLOP for 16."""
+    if threads <= 1:
+        return math.inf
+    launch = LAUNCH_SECONDS + LAUNCH_SECONDS_PER_THREAD * threads
+    return SERIAL_GFLOPS * 1e9 * launch * threads / (threads - 1)
 
 
 def default_threads(spec):
     """Threads for a call when none are asked for: one for small work, else all of Numba's."""
-    return 1 if spec.flops <= SERIAL_MAX_FLOPS else numba.get_num_threads()
+    threads = numba.get_num_threads()
+    return 1 if spec.flops <= serial_max_flops(threads) else threads
 
 
 def plan_conv2d(spec, microkernel=None, tiles=None, threads=None, isa=None, implicit=None):
