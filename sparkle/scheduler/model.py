@@ -37,10 +37,13 @@ LENGTH_SCALES = (0.6, 1.2, 2.4)
 SIGNAL_VARIANCES = (0.05, 0.25, 1.0)
 DEFAULT_HYPERPARAMETERS = (1.2, 0.25)
 MIN_POINTS_TO_SELECT = 6
-# Refitting costs a Cholesky factorization (~1 ms at 256 points; nine of them when the hyperparameters are
-# chosen again), and decisions are reviewed often while a signature is new: the fit is refreshed once an
-# eighth of its points are new or changed, and the hyperparameters chosen again when the points doubled.
+# Refitting costs a Cholesky factorization (~1 ms at 256 points, ~40 us of numpy overhead at 20; nine of them
+# when the hyperparameters are chosen again), and decisions are reviewed often while a signature is new: the
+# fit is refreshed once an eighth of its points, and at least REFIT_CHANGES, are new or changed, and the
+# hyperparameters chosen again when the points doubled. (A signature's own measured times weigh in its
+# predictions directly, through its history: a fit a few points behind only shifts the prior.)
 REFIT_SHARE = 8
+REFIT_CHANGES = 4
 
 
 def _kernel(a, b, length_scale, signal_variance):
@@ -60,6 +63,7 @@ class ShapeModel:
         self._fit = None
         self._changes = 0  # observations since the last fit
         self._selected_at = 0  # how many points the hyperparameters were chosen with
+        self._predicted = {}  # features -> (mean, variance) under the current fit: a review predicts every device
 
     def observe(self, key, features, residual, variance):
         self.points.pop(key, None)
@@ -67,24 +71,34 @@ class ShapeModel:
         while len(self.points) > POINTS_KEPT:
             del self.points[next(iter(self.points))]
         self._changes += 1
-        if self._changes * REFIT_SHARE >= len(self.points):
+        if self._changes >= max(REFIT_CHANGES, len(self.points) / REFIT_SHARE):
             self._fit = None
 
     def predict(self, features):
-        """(mean, variance) of the log residual at ``features``; the variance excludes timing noise."""
+        """(mean, variance) of the log residual at ``features`` (a tuple); the variance excludes timing noise."""
+        features = features if isinstance(features, tuple) else tuple(features)
+        if self._fit is not None:
+            known = self._predicted.get(features)
+            if known is not None:
+                return known
         fit = self._fit if self._fit is not None else self._refit()
         x = np.asarray(features, float)[None, :]
         length_scale, signal_variance = self.hyperparameters
         prior_variance = OFFSET_VARIANCE + signal_variance
         if fit is None:
             return 0.0, prior_variance
-        inputs, factor, alpha = fit
+        inputs, factor_inverse, alpha = fit
         cross = _kernel(x, inputs, length_scale, signal_variance)[0]
         mean = float(cross @ alpha)
-        solved = np.linalg.solve(factor, cross)  # factor^-1 cross: the variance the points explain
-        return mean, max(prior_variance - float(solved @ solved), 1e-6)
+        solved = factor_inverse @ cross  # factor^-1 cross: the variance the points explain
+        predicted = mean, max(prior_variance - float(solved @ solved), 1e-6)
+        if len(self._predicted) >= 4 * POINTS_KEPT:
+            self._predicted.clear()
+        self._predicted[features] = predicted
+        return predicted
 
     def _refit(self):
+        self._predicted.clear()
         if not self.points:
             self._fit = None
             return None
@@ -103,10 +117,13 @@ class ShapeModel:
                 factor = np.linalg.cholesky(covariance)
             except np.linalg.LinAlgError:
                 continue
-            alpha = _cholesky_solve(factor, targets)
+            # The factor's inverse once per fit: predictions are then two products, not a solve each (a
+            # review predicts every device; numpy's solve costs ~10 us of overhead at these sizes).
+            factor_inverse = np.linalg.inv(factor)
+            alpha = factor_inverse.T @ (factor_inverse @ targets)
             evidence = -0.5 * targets @ alpha - np.log(np.diag(factor)).sum()
             if best is None or evidence > best[0]:
-                best = (evidence, (length_scale, signal_variance), factor, alpha)
+                best = (evidence, (length_scale, signal_variance), factor_inverse, alpha)
         if best is None:
             self._fit = None
             return None
@@ -125,11 +142,6 @@ class ShapeModel:
                 raise ValueError("model of another layout")
             points[str(key)] = (tuple(float(value) for value in x), float(y), float(v))
         return cls(points)
-
-
-def _cholesky_solve(lower, vector):
-    """covariance^-1 vector from its lower Cholesky factor (numpy has no triangular solver; n <= 256)."""
-    return np.linalg.solve(lower.T, np.linalg.solve(lower, vector))
 
 
 @dataclass(slots=True)
