@@ -102,7 +102,7 @@ class DirectLaunch:
     plan = None
 
     def __init__(self, spec, threads=None):
-        threads = threads or default_threads(spec)
+        threads = self.threads = threads or default_threads(spec)
         self.kernel = direct_conv2d_kernel(parallel=threads > 1)
         self.variant = "direct" + _serial_suffix(threads)
         self.params = call_params(spec, row_chunks=_direct_row_chunks(spec, threads), threads=threads)
@@ -197,6 +197,12 @@ class _ZeroLaunch:
         out.fill(0)
 
 
+def _threads_of(launch):
+    if launch.plan is not None:
+        return launch.plan.threads
+    return getattr(launch, "threads", 1)  # the direct kernel's; 1 where nothing is launched
+
+
 def conv2d_launch(spec, plan=None):
     """The launch ``backend.conv2d`` runs: without a plan, groups with very few output channels take the
     direct kernel and everything else the planned GEMM path; a plan always means a GEMM path."""
@@ -213,15 +219,16 @@ class PreparedConv2d:
 
     ``variant`` names the kernel variant that runs (``"packed 4x3"``, ``"implicit 14x2 serial"``,
     ``"direct"``...); ``kernel`` is its Numba dispatcher; ``plan`` the plan of a GEMM path (None for the
-    direct kernel).
+    direct kernel); ``threads`` how many threads a call runs on.
     """
 
-    __slots__ = ("_new_output", "_run", "kernel", "plan", "spec", "variant")
+    __slots__ = ("_new_output", "_run", "kernel", "plan", "spec", "threads", "variant")
 
     def __init__(self, spec, plan=None):
         launch = conv2d_launch(spec, plan)
         self.spec, self.plan = spec, launch.plan
         self.variant, self.kernel = launch.variant, launch.kernel
+        self.threads = _threads_of(launch)
         self._run = launch.run
         self._new_output = host_pool.allocator(spec.output_shape, spec.dtype)
 
@@ -239,7 +246,7 @@ class PreparedMatmul:
     B as a (1, K, 1, N) image with A as (M, K, 1, 1) weights, on the packed path (``plan`` is that
     convolution's)."""
 
-    __slots__ = ("_new_output", "_run", "kernel", "plan", "spec", "variant")
+    __slots__ = ("_new_output", "_run", "kernel", "plan", "spec", "threads", "variant")
 
     def __init__(self, spec, conv_spec, plan=None):
         if spec.m == 0 or spec.n == 0:
@@ -250,6 +257,7 @@ class PreparedMatmul:
             launch = FusedLaunch(conv_spec, plan or plan_conv2d(conv_spec, implicit=False))
         self.spec, self.plan = spec, launch.plan
         self.variant, self.kernel = launch.variant, launch.kernel
+        self.threads = _threads_of(launch)
         self._run = launch.run
         self._new_output = host_pool.allocator((spec.m, spec.n), spec.dtype)
 

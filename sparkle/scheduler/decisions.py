@@ -67,8 +67,10 @@ def predict(scheduler, state, plan, part=None, features=None):
         return Prediction(state.id, math.inf, 0.0, 0.0, 0.0, 0.0, 1.0, 0, False, False, note)
     verified = False
     compiled = True
+    rate_share = 1.0
     try:
         prepared = plan.prepared_call(state, part)
+        rate_share = prepared.rate_share
         compiled = prepared.compiled and state.id not in plan.warming
         verified = (state.executor.identity, prepared.variant, features.shape_class) in scheduler._verified
         if scheduler._quarantine.holds(state.executor.identity, prepared.variant, features.shape_class):
@@ -80,7 +82,7 @@ def predict(scheduler, state, plan, part=None, features=None):
     transfer = transfer_seconds(scheduler, state, plan, features)
     prediction = policy.predict(state.id, state.profile, state.shape_model(plan.op), history, features, transfer,
                                 compiled, verified, plan.calls,
-                                state.model.build_seconds(state.profile.compile_seconds))
+                                state.model.build_seconds(state.profile.compile_seconds), rate_share)
     if part is None and plan.primed and state.id not in plan.primed and state.first_call_surcharge > 0.0:
         # The signature runs elsewhere already: moving it here pays a first call's one-time costs, shared like
         # a build among as many calls again as it has had (the kernel is primed ahead meanwhile: builds.py).

@@ -56,10 +56,12 @@ class PreparedCall:
     prepared call: its variant and build state are read live (a fault or a quarantine moves it to the next
     variant)."""
 
-    __slots__ = ("_compiled", "builder", "host_run", "label", "run", "source", "warm")
+    __slots__ = ("_compiled", "builder", "host_run", "label", "rate_share", "run", "source", "warm")
 
-    def __init__(self, run, label, compiled=True, source=None, host_run=None, builder=None):
+    def __init__(self, run, label, compiled=True, source=None, host_run=None, builder=None, rate_share=1.0):
         self.run, self.label, self.source, self._compiled = run, label, source, compiled
+        # The share of the device's profiled rate this call can use (the CPU's small calls run on one thread).
+        self.rate_share = rate_share
         self.host_run = host_run or run  # the same, for numpy operands only: no conversions on the hot path
         self.warm = False  # the first call pays one-time costs (thread teams, first touch of buffers)
         self.builder = builder or getattr(source, "build", None)
@@ -120,8 +122,11 @@ class CpuExecutor(Executor):
                          f"|kernels={kernel_source_fingerprint():x}")
 
     def prepare(self, op, spec):
+        import numba
+
         run, variant, prepared = _cpu_call(op, spec)
-        return PreparedCall(run, variant, host_run=prepared)
+        return PreparedCall(run, variant, host_run=prepared,
+                            rate_share=min(1.0, prepared.threads / numba.get_num_threads()))
 
 
 def _cpu_call(op, spec, serial=False):

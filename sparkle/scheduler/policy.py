@@ -21,16 +21,17 @@ def normal_cdf(z):
     return 0.5 * (1.0 + math.erf(z / math.sqrt(2.0)))
 
 
-def prior(profile, features, transfer):
+def prior(profile, features, transfer, rate_share=1.0):
     """The profile's physical estimate: (fixed seconds = transfer + overhead, compute seconds), and where
-    the call lies for the shape model."""
+    the call lies for the shape model. ``rate_share``: the share of the profiled rate the call can use (a CPU
+    call on one of 16 threads: 1/16)."""
     fixed = transfer + profile.overhead_seconds
-    compute = features.flops * features.prior_slowdown / (profile.gflops * 1e9)
+    compute = features.flops * features.prior_slowdown / (profile.gflops * 1e9 * rate_share)
     return fixed, compute, features.shape_point(transfer / (fixed + compute))
 
 
 def predict(device, profile, shape_model, history, features, transfer, compiled, verified, calls_so_far=0,
-            build_seconds=None):
+            build_seconds=None, rate_share=1.0):
     """The device's predicted time for one call: the profile's prior (``transfer`` seconds, overhead,
     flops at the profiled rate) corrected by the device's shape model, refined by this signature's
     measured history on the device if there is one.
@@ -43,7 +44,7 @@ def predict(device, profile, shape_model, history, features, transfer, compiled,
     overhead = profile.overhead_seconds
     build = profile.compile_seconds if build_seconds is None else build_seconds
     compile_seconds = 0.0 if compiled else build / (calls_so_far + 1)
-    fixed, prior_compute, point = prior(profile, features, transfer)
+    fixed, prior_compute, point = prior(profile, features, transfer, rate_share)
     correction, variance = shape_model.predict(point)
     log_total = math.log(fixed + prior_compute) + correction
     log_variance = variance + MIN_NOISE ** 2

@@ -244,15 +244,17 @@ class Scheduler:
             plan.calls += 1
             if history.add(math.log(max(seconds, 1e-9))):
                 plan.next_review = plan.calls  # its times changed regime: decide again on the next call
-        self._note_measured(state, plan.op, plan.signature, plan.features, history, transfer_seconds)
+        self._note_measured(state, plan.op, plan.signature, plan.features, history, transfer_seconds,
+                            plan.prepared_call(state).rate_share)
         self._records.append((plan.op, plan.shape_text, state.id, predicted, seconds))
         self._spent_seconds += seconds
 
-    def _note_measured(self, state, op, signature, features, history, transfer_seconds, table=None):
+    def _note_measured(self, state, op, signature, features, history, transfer_seconds, rate_share=1.0,
+                       table=None):
         """Remember that ``signature`` was measured on ``state`` since the last fold (in ``table``, default the
         scheduler's)."""
         table = self._unfolded if table is None else table
-        table[(signature, state.id)] = (state, op, signature, features, history, transfer_seconds)
+        table[(signature, state.id)] = (state, op, signature, features, history, transfer_seconds, rate_share)
 
     def _slow_call(self, plan, operands):
         with self._lock:
@@ -357,11 +359,11 @@ class Scheduler:
             calls, plan.fast_calls = plan.fast_calls, 0
             if calls and plan.state is not None:
                 self._note_measured(plan.state, plan.op, plan.signature, plan.features, plan.history,
-                                    plan.transfer_seconds, unfolded)
-        for state, op, signature, features, history, transfer in unfolded.values():
+                                    plan.transfer_seconds, plan.prepared_call(plan.state).rate_share, unfolded)
+        for state, op, signature, features, history, transfer, rate_share in unfolded.values():
             if state.profile is None or not history.count:
                 continue
-            fixed, compute, point = policy.prior(state.profile, features, transfer)
+            fixed, compute, point = policy.prior(state.profile, features, transfer, rate_share)
             variance = history.spread ** 2 / min(history.count, FOLD_COUNT_LIMIT) + MIN_NOISE ** 2
             state.shape_model(op).observe(signature, point, history.typical - math.log(fixed + compute), variance)
         if unfolded:

@@ -118,7 +118,7 @@ def _run_part(scheduler, plan, state, part, operands, out, axis, units):
             history.add(math.log(max(seconds, 1e-9)))
         with scheduler._lock:
             scheduler._note_measured(state, plan.op, signature, features, history,
-                                     decisions.transfer_seconds(scheduler, state, plan, features))
+                                     decisions.transfer_seconds(scheduler, state, plan, features), prepared.rate_share)
         scheduler._records.append((plan.op, f"{plan.shape_text} part {start}:{stop} of {axis}", state.id,
                               float("nan"), seconds))
 

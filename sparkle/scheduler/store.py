@@ -10,7 +10,7 @@ import time
 from .. import cache
 from .model import DeviceModel
 
-MODEL_VERSION = 3
+MODEL_VERSION = 4  # 4: the CPU prior counts the share of the threads a call runs on (one for small calls)
 QUARANTINE_VERSION = 1
 HISTORIES_KEPT = 5000  # per device, the most-called signatures
 
