@@ -40,6 +40,7 @@ output where the reference is cheap, otherwise whole images or rows at both ends
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -339,21 +340,43 @@ def label(decision):
     return f"split {'+'.join(sorted(decision.devices))}" if decision.split else decision.device
 
 
+class CollectionClock:
+    """Seconds the garbage collector ran (any generation), read before and after a call: a full collection of a
+    process holding many objects takes tens of milliseconds, which would read as the call's own time."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        self._started = None
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase, info):
+        if phase == "start":
+            self._started = time.perf_counter()
+        elif self._started is not None:
+            self.seconds += time.perf_counter() - self._started
+            self._started = None
+
+
+COLLECTIONS = CollectionClock()
+
+
 def run_auto(case, scheduler, decision):
     """(seconds, device label, diagnostics) of one auto call, its result checked. The label comes from the
     history records the call added, "split a+b" for a split. ``decision``: explain's, just before the call: a
     split's parts that compiled add no record, so a call without records that was to split is taken as split.
-    Diagnostics: whether a kernel was being built ahead meanwhile, and whether the call was its signature's
-    first on that device (where the excess over the oracle comes from)."""
+    Diagnostics: whether a kernel was being built ahead meanwhile, whether the call was its signature's first on
+    that device, and how long the garbage collector ran during it (where the excess over the oracle comes from)."""
     history = scheduler.history()
     before = len(history)
     builds_running = scheduler._builds_running
+    collected = COLLECTIONS.seconds
     seconds, result = timed(case.run, scheduler)
+    collected = COLLECTIONS.seconds - collected
     records = scheduler.history()[before:]
     seen = {(record["shape"], record["device"]) for record in history}
     diagnostics = {"builds_running": builds_running,
                    "first_on_device": any((r["shape"], r["device"]) not in seen for r in records),
-                   "predicted": sum(r["predicted"] for r in records)}
+                   "predicted": sum(r["predicted"] for r in records), "gc_seconds": collected}
     devices = {record["device"] for record in records}
     if any(" part " in record["shape"] for record in records) or (not records and decision.split):
         device = f"split {'+'.join(sorted(devices | set(decision.devices if decision.split else ())))}"
@@ -419,8 +442,10 @@ def pass_summary(number, rows, cases, oracle, device_totals, best_single):
 
 def excess_sources(rows):
     """Auto's seconds beyond the paired oracle, by where they were spent: calls while a kernel was built
-    ahead, first calls of a signature on a device, and the rest (placement and noise)."""
-    sources = {"during_builds": 0.0, "first_on_device": 0.0, "other": 0.0}
+    ahead, first calls of a signature on a device, and the rest (placement and noise); and, apart, how long the
+    garbage collector ran inside auto's calls."""
+    sources = {"during_builds": 0.0, "first_on_device": 0.0, "other": 0.0,
+               "gc_in_auto_calls": sum(row.get("gc_seconds", 0.0) for row in rows)}
     for row in rows:
         source = ("during_builds" if row.get("builds_running") else
                   "first_on_device" if row.get("first_on_device") else "other")
