@@ -103,28 +103,45 @@ def prefers_implicit(spec):
 # One thread's speed on small work and what Numba's parallel launch of n threads costs, back to back
 # (benchmarks/serial_threshold.py, results/serial_threshold_h100host.json for 16 threads and
 # serial_threshold_2core.json for 2): one thread runs small 3x3 and 1x1 convolutions at 40-100 GFLOPS (40 taken:
-# slower CPUs), and a launch costs about 6 us + 3.6 us per thread (10-15 us for 2 threads, 60 us for 16: it grows
-# with the team). After 1 ms of other work the workers sleep and a launch costs 15-25 us more on the 2-core VM,
-# which only moves the crossover up (there it lay at 2.7-4.7 MFLOP back to back, 5-14 MFLOP after the gap).
+# slower CPUs), the direct kernel (depthwise) at 5-15 GFLOPS, and streams operands it packs at about 8 GB/s (a
+# 1 x 1024 x 1024 matmul: 525 us on one thread, 303 us on two); a launch costs about 6 us + 3.6 us per thread
+# (10-15 us for 2 threads, 60 us for 16: it grows with the team). After 1 ms of other work the workers sleep and
+# a launch costs 15-25 us more on the 2-core VM, which only moves the crossover up.
 SERIAL_GFLOPS = 40.0
+SERIAL_DIRECT_GFLOPS = 10.0
+SERIAL_BYTES_PER_SECOND = 8e9
 LAUNCH_SECONDS = 6e-6
 LAUNCH_SECONDS_PER_THREAD = 3.6e-6
 
 
-def serial_max_flops(threads):
-    """Calls of at most this many flops run on one thread, in kernels compiled without Numba's parallel launch:
-    up to there, what ``threads`` threads save on the work (a share of 1 - 1/threads of it) is less than their
-    launch costs. About 1.1 MFLOP for 2 threads, 2.7 MFLOP for 16."""
+def serial_max_seconds(threads):
+    """Calls that one thread is expected to finish within this many seconds run on one thread, in kernels
+    compiled without Numba's parallel launch: up to there, what ``threads`` threads save (a share of 1 - 1/threads
+    of the time) is less than their launch costs. About 26 us for 2 threads, 68 us for 16."""
     if threads <= 1:
         return math.inf
-    launch = LAUNCH_SECONDS + LAUNCH_SECONDS_PER_THREAD * threads
-    return SERIAL_GFLOPS * 1e9 * launch * threads / (threads - 1)
+    return (LAUNCH_SECONDS + LAUNCH_SECONDS_PER_THREAD * threads) * threads / (threads - 1)
+
+
+def serial_max_flops(threads):
+    """The flops one thread does in ``serial_max_seconds`` on the GEMM paths (about 1.1 MFLOP for 2 threads,
+    2.7 MFLOP for 16): calls of fewer flops and few bytes run on one thread."""
+    return SERIAL_GFLOPS * 1e9 * serial_max_seconds(threads)
+
+
+def serial_seconds(spec):
+    """What one thread is expected to take for a conv2d ``spec``: its flops at one thread's rate or its
+    operands at one thread's bandwidth, whichever is longer."""
+    rate = SERIAL_DIRECT_GFLOPS if uses_direct_kernel(spec) else SERIAL_GFLOPS
+    elements = (spec.batch * spec.in_channels * spec.height * spec.width + spec.out_channels * spec.reduction
+                + math.prod(spec.output_shape))
+    return max(spec.flops / (rate * 1e9), elements * spec.dtype.itemsize / SERIAL_BYTES_PER_SECOND)
 
 
 def default_threads(spec):
     """Threads for a call when none are asked for: one for small work, else all of Numba's."""
     threads = numba.get_num_threads()
-    return 1 if spec.flops <= serial_max_flops(threads) else threads
+    return 1 if serial_seconds(spec) <= serial_max_seconds(threads) else threads
 
 
 def plan_conv2d(spec, microkernel=None, tiles=None, threads=None, isa=None, implicit=None):
