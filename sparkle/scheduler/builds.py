@@ -85,38 +85,46 @@ def _build(scheduler, plan, state):
         plan.next_review = plan.calls  # built: decide again on the next call
 
 
-# A build runs Python for most of its time (code generation, Numba's compiler), holding the GIL. The calling
-# thread releases the GIL in every enqueue, wait and nogil kernel, and with CPython's default switch interval
-# (5 ms) it then waits up to 5 ms to get it back: each such release of a 0.4 ms GPU call cost 5 ms (PoCL on
-# the 2-core VM with a Python thread beside it: 0.44 ms -> 5.7 ms per call; 1.1 ms at 0.5 ms).
+# Parts of a build run Python and hold the GIL (code generation, the tuning lookup, pyopencl's argument
+# setters, the warm-up call). The calling thread releases the GIL in every enqueue, wait and nogil kernel, and with
+# CPython's default switch interval (5 ms) it may then wait up to 5 ms to get it back (benchmarks/
+# gil_convoy_probe.py: beside a Python thread, 1 ms GPU calls took 22 ms on the H100 machine, 1.3-2.7 ms at 0.1 ms).
 BUILD_SWITCH_INTERVAL = 1e-4
-_interval_lock = threading.Lock()
-_interval_users = 0
-_interval_saved = _interval_lowered = None
 
 
-class responsive_interpreter:  # noqa: N801 - a context manager, named for what it gives
+class _SwitchInterval:
     """Lowers the interpreter's switch interval to ``BUILD_SWITCH_INTERVAL`` while any build runs, and puts
     back the previous value when the last one ends (unless someone else changed it meanwhile)."""
 
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._users = 0
+        self._saved = self._lowered = None
+
     def __enter__(self):
-        global _interval_users, _interval_saved, _interval_lowered
-        with _interval_lock:
-            if _interval_users == 0:
-                _interval_saved = sys.getswitchinterval()
-                if _interval_saved > BUILD_SWITCH_INTERVAL:
+        with self._lock:
+            if self._users == 0:
+                self._saved = sys.getswitchinterval()
+                if self._saved > BUILD_SWITCH_INTERVAL:
                     sys.setswitchinterval(BUILD_SWITCH_INTERVAL)
-                _interval_lowered = sys.getswitchinterval()
-            _interval_users += 1
+                self._lowered = sys.getswitchinterval()
+            self._users += 1
         return self
 
     def __exit__(self, *exc_info):
-        global _interval_users
-        with _interval_lock:
-            _interval_users -= 1
-            if _interval_users == 0 and sys.getswitchinterval() == _interval_lowered:
-                sys.setswitchinterval(_interval_saved)
+        with self._lock:
+            self._users -= 1
+            if self._users == 0 and sys.getswitchinterval() == self._lowered:
+                sys.setswitchinterval(self._saved)
         return False
+
+
+_switch_interval = _SwitchInterval()
+
+
+def responsive_interpreter():
+    """The context in which builds run: the switch interval lowered (one shared, counted lowering)."""
+    return _switch_interval
 
 
 def _revisit_plans(scheduler):
