@@ -165,7 +165,7 @@ def test_trials_learn_what_a_first_call_costs_beyond_its_prediction(tmp_path):
         for _ in range(6):
             scheduler.conv2d(x, w, padding=1, groups=2)
     state = scheduler._by_id["sim:loader"]
-    assert state.trials_measured >= 1 and state.trial_surcharge > 0.005
+    assert state.trial.measured >= 1 and state.trial.seconds > 0.005
     assert loader.calls - probes <= 3
 
 
@@ -425,7 +425,7 @@ def test_a_signature_moves_to_a_device_once_primed_there_without_paying_its_firs
     scheduler = make([SimulatedDevice("steady", 2e+09, 1e-5), gpu], tmp_path, explore=False)
     scheduler.conv2d(x, w, **kwargs)
     assert scheduler.history()[-1]["device"] == "sim:gpu" and scheduler.history()[-1]["measured"] > 0.05
-    assert scheduler._by_id["sim:gpu"].first_call_surcharge > 0.04  # learned from that first call
+    assert scheduler._by_id["sim:gpu"].first_call.seconds > 0.04  # learned from that first call
     x2 = x[:, :, :20, :20].copy()
     scheduler.forced = "sim:steady"  # a signature that runs on "steady" already
     scheduler.conv2d(x2, w, **kwargs)

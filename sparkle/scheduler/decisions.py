@@ -23,7 +23,7 @@ def decide(scheduler, plan, explore, budget=0.0):
         return Decision(plan.op, plan.shape_text, scheduler.forced, predictions=predictions,
                         predicted_seconds=forced.seconds, verified=forced.verified, forced=True,
                         reason=f"${DEVICE_ENV}={scheduler.forced} forces every call onto this device")
-    surcharges = {state.id: state.trial_surcharge for state in scheduler._states}
+    surcharges = {state.id: state.trial.seconds for state in scheduler._states}
     best, trial, confidence = policy.choose(predictions, explore, plan.trials, budget, plan.calls, surcharges)
     if best is None:
         notes = "; ".join(f"{p.device}: {p.note}" for p in predictions)
@@ -83,10 +83,10 @@ def predict(scheduler, state, plan, part=None, features=None):
     prediction = policy.predict(state.id, state.profile, state.shape_model(plan.op), history, features, transfer,
                                 compiled, verified, plan.calls,
                                 state.model.build_seconds(state.profile.compile_seconds), rate_share)
-    if part is None and plan.primed and state.id not in plan.primed and state.first_call_surcharge > 0.0:
+    if part is None and plan.primed and state.id not in plan.primed and state.first_call.seconds > 0.0:
         # The signature runs elsewhere already: moving it here pays a first call's one-time costs, shared like
         # a build among as many calls again as it has had (the kernel is primed ahead meanwhile: builds.py).
-        surcharge = state.first_call_surcharge / (plan.calls + 1)
+        surcharge = state.first_call.seconds / (plan.calls + 1)
         prediction = replace(prediction, seconds=prediction.seconds + surcharge,
                              compile=prediction.compile + surcharge, note="its first call here")
     busy = builds.busy_seconds(scheduler, state, plan)

@@ -302,10 +302,10 @@ class Scheduler:
         plan.primed.add(state.id)
         with self._lock:
             if first_here and compiled and prediction is not None:
-                state.observe_first_call(trial_seconds - (prediction.seconds - prediction.compile))
+                state.first_call.observe(trial_seconds - (prediction.seconds - prediction.compile))
             if explored:
                 self._explored_excess += max(0.0, trial_seconds - decision.predicted_seconds)
-                state.observe_trial(trial_seconds - decision.predicted_seconds)
+                state.trial.observe(trial_seconds - decision.predicted_seconds)
             if plan.runner is None and self.verify_mode != "always":
                 plan.next_review = plan.calls  # verified, compiled or explored now: the next call can take the fast path
         if plan.home is not None and state.executor is not plan.home:

@@ -13,6 +13,20 @@ from .model import History
 FAULT_COOLDOWN_SECONDS = 1.0  # a faulting device is avoided 1 s, then 2 s, 4 s, ... (at most 10 min)
 
 
+class Surcharge:
+    """Seconds some calls cost beyond their predictions: a running mean of the latest ~8 (never below 0)."""
+
+    __slots__ = ("measured", "seconds")
+
+    def __init__(self):
+        self.seconds = 0.0
+        self.measured = 0
+
+    def observe(self, excess):
+        self.measured += 1
+        self.seconds += (max(0.0, excess) - self.seconds) / min(self.measured, 8)
+
+
 class DeviceState:
     """A device as the scheduler keeps it: its executor, profile, learned model and fault record."""
 
@@ -28,24 +42,11 @@ class DeviceState:
         self.build_started = 0.0  # when that build began (0.0: none running)
         # What a trial on this device costs beyond its prediction (a first call's module load, buffers and
         # verification): learned from the trials, counted in the next trials' cost (policy.choose).
-        self.trial_surcharge = 0.0
-        self.trials_measured = 0
+        self.trial = Surcharge()
         # What a signature's first call here costs beyond its warm prediction (a kernel object made, buffers
         # of new sizes, the module's first launch, verification): learned from every first call that built
         # nothing, counted when a signature that runs elsewhere already would move here (decisions.predict).
-        self.first_call_surcharge = 0.0
-        self.first_calls_measured = 0
-
-    def observe_trial(self, excess):
-        """Fold one trial's seconds beyond its prediction into ``trial_surcharge`` (a running mean)."""
-        self.trials_measured += 1
-        self.trial_surcharge += (max(0.0, excess) - self.trial_surcharge) / min(self.trials_measured, 8)
-
-    def observe_first_call(self, excess):
-        """Fold one first call's seconds beyond its warm prediction into ``first_call_surcharge``."""
-        self.first_calls_measured += 1
-        self.first_call_surcharge += ((max(0.0, excess) - self.first_call_surcharge)
-                                      / min(self.first_calls_measured, 8))
+        self.first_call = Surcharge()
 
     def record_fault(self):
         """Count a fault and avoid the device for 1 s, 2 s, 4 s, ... (at most 10 min); returns the seconds."""
