@@ -39,11 +39,10 @@ DEFAULT_HYPERPARAMETERS = (1.2, 0.25)
 MIN_POINTS_TO_SELECT = 6
 # Refitting costs a Cholesky factorization (~1 ms at 256 points, ~40 us of numpy overhead at 20; nine of them
 # when the hyperparameters are chosen again), and decisions are reviewed often while a signature is new: the
-# fit is refreshed once an eighth of its points, and at least REFIT_CHANGES, are new or changed, and the
-# hyperparameters chosen again when the points doubled. (A signature's own measured times weigh in its
-# predictions directly, through its history: a fit a few points behind only shifts the prior.)
+# fit is refreshed once an eighth of its points are new or changed, and the hyperparameters chosen again when
+# the points doubled. (Waiting for 4 changes at least saved little and slowed a split's adaptation: its parts
+# are new signatures whenever the ratio moves, predicted by the fit alone.)
 REFIT_SHARE = 8
-REFIT_CHANGES = 4
 
 
 def _kernel(a, b, length_scale, signal_variance):
@@ -71,7 +70,7 @@ class ShapeModel:
         while len(self.points) > POINTS_KEPT:
             del self.points[next(iter(self.points))]
         self._changes += 1
-        if self._changes >= max(REFIT_CHANGES, len(self.points) / REFIT_SHARE):
+        if self._changes * REFIT_SHARE >= len(self.points):
             self._fit = None
 
     def predict(self, features):
