@@ -23,7 +23,7 @@ bools, a tuple of 16 ints, an int64 array of 16): why the kernels take one param
 ``--breakdown`` splits the prepared calls into their parts (the compiled kernel alone, the input views,
 the output allocation). ``--crossover`` times prepared calls of growing size on one thread (the kernels
 compiled without a parallel launch) and on two (the parallel ones): where the parallel launch starts to
-pay, the figure behind ``plan.serial_max_flops``.
+pay, one of the figures behind ``plan.default_threads`` (``serial_threshold.py`` gives the others).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from sparkle.cpu import backend, plan, prepared
 # (x shape, w shape, conv2d keyword arguments, with a bias): the dispatch benchmark's tiny conv, the
 # direct kernel (depthwise, channel multiplier 2), groups, strides, dilation, asymmetric padding, 1x1,
 # a batch, edge tiles; all but the last small enough for the one-thread variant by default
-# (plan.serial_max_flops).
+# (plan.default_threads).
 CONV_CASES = {
     "tiny-3x3-pad1": ((1, 4, 8, 8), (4, 4, 3, 3), dict(padding=1), False),
     "depthwise": ((2, 6, 9, 7), (6, 1, 3, 3), dict(padding=1, groups=6), True),

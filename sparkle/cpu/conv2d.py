@@ -105,7 +105,7 @@ def fused_conv2d_driver(mr, nv, nr, parallel):
     while Numba's disk cache still tells the variants apart (it hashes
     closure contents, the source fingerprint included). Shapes are runtime values: a new
     shape never compiles. ``parallel=False`` compiles the same code without Numba's parallel
-    launch, for plans of one thread (small work: see ``plan.serial_max_flops``).
+    launch, for plans of one thread (small work: see ``plan.default_threads``).
     """
     source_fingerprint = kernel_source_fingerprint()
     lanes = nr // nv

@@ -4,7 +4,7 @@ converts its inputs, allocates its output and enters one compiled kernel.
 ``backend.prepare_conv2d(spec, plan=None)`` and ``backend.prepare_matmul(spec, plan=None)`` make one.
 Preparing chooses the path and plan (as ``backend.conv2d`` does), builds the kernel's int64 parameter
 vector, the zero bias and the scratch buffers, and picks the compiled variant: plans of one thread
-(small work, see ``plan.serial_max_flops``) run kernels compiled without Numba's parallel launch.
+(small work, see ``plan.default_threads``) run kernels compiled without Numba's parallel launch.
 
 A prepared call may be invoked from several Python threads at once. Its scratch buffers serve one call
 at a time (``_ScratchPool``): a call that finds them taken by another thread makes its own, so calls
