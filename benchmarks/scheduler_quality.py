@@ -64,6 +64,9 @@ import numpy as np
 
 import sparkle
 from sparkle import api, reference
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script: the package
+from benchmarks import relative_error  # noqa: E402
 from sparkle.device_array import to_host
 from sparkle.workloads import RESNET50_LAYERS
 
@@ -146,16 +149,9 @@ class Case:
         if points is not None:
             parts.append((result[tuple(points.T)], at_points))
         for got, exact in parts:
-            error = relative_l2(got, exact)
+            error = relative_error(got, exact)
             if not error <= tolerance:  # `not <=` also catches NaN
                 raise IncorrectResult(f"{self.name} on {where}: relative L2 error {error:.3g} > {tolerance:g}")
-
-
-def relative_l2(got, exact):
-    # Plain reductions, not np.linalg.norm: its BLAS dot wakes OpenBLAS's threads, which spin on after it and
-    # take cores from the Numba workers of the next timed call.
-    norm = math.sqrt(float(np.square(exact).sum()))
-    return math.sqrt(float(np.square(got.astype(np.float64) - exact).sum())) / (norm if norm else 1.0)
 
 
 def conv_case(name, rng, x_shape, w_shape, bias=False, dtype=np.float32, **kwargs):
