@@ -150,6 +150,64 @@ def test_exploration_is_bounded(tmp_path):
     assert slow.calls - probes <= 2
 
 
+def count_decisions(scheduler, monkeypatch):
+    """A list that grows by one each time ``scheduler`` decides a plan again (a review)."""
+    decided = []
+    decide = scheduler._decide
+
+    def counting(plan):
+        decided.append(plan.shape_text)
+        decide(plan)
+
+    monkeypatch.setattr(scheduler, "_decide", counting)
+    return decided
+
+
+def test_a_first_call_that_confirms_its_decision_arms_the_fast_path_without_another_review(tmp_path, monkeypatch):
+    x, w, kwargs = single_device_conv()
+    make([SimulatedDevice("warm", 4e+08, 2e-4)], tmp_path / "warm").conv2d(x, w, **kwargs)  # JIT-compiled now
+    fast, slow = SimulatedDevice("fast", 4e+08, 2e-4), SimulatedDevice("slow", 2e+07, 2e-4)
+    scheduler = make([fast, slow], tmp_path)
+    scheduler.profile()
+    decided = count_decisions(scheduler, monkeypatch)
+    expected = reference.conv2d(x, w, **kwargs)
+    assert_close_to_reference(scheduler.conv2d(x, w, **kwargs), expected, np.float32)
+    assert len(decided) == 1
+    key = next(iter(scheduler._plans))
+    assert scheduler._plans[key].runner is not None  # verified and as fast as predicted: armed at once
+    assert_close_to_reference(scheduler.conv2d(x, w, **kwargs), expected, np.float32)
+    assert len(decided) == 1
+
+
+def test_a_first_call_slower_than_another_device_is_predicted_is_decided_again(tmp_path, monkeypatch):
+    x, w, kwargs = single_device_conv()
+    make([SimulatedDevice("warm", 4e+08, 2e-4)], tmp_path / "warm").conv2d(x, w, **kwargs)  # JIT-compiled now
+    stalling = SimulatedDevice("stalling", 4e+08, 2e-4)
+    scheduler = make([stalling, SimulatedDevice("other", 3e+08, 2e-4)], tmp_path, explore=False)
+    scheduler.profile()
+    decided = count_decisions(scheduler, monkeypatch)
+    stalling.slow_down(1.8)  # its first call is a sample (< 2x its prediction), slower than the other's prediction
+    scheduler.conv2d(x, w, **kwargs)
+    scheduler.conv2d(x, w, **kwargs)
+    assert len(decided) == 2
+
+
+def test_reviews_are_spaced_so_they_cost_a_small_share_of_the_calls_between_them():
+    from sparkle.scheduler.explain import Decision
+
+    def decision(seconds):
+        return Decision(op="conv2d", shape="s", device="cpu", split=(), predicted_seconds=seconds,
+                        predictions=(), confidence=0.5, verified=True, explored=False, reason="")
+
+    review = 150e-6
+    for seconds in (20e-6, 50e-6, 300e-6, 2e-3):
+        spacing = scheduler_module._review_spacing(10, decision(seconds), review)
+        assert review <= scheduler_module.REVIEW_SHARE * spacing * seconds or \
+            spacing == scheduler_module.REVIEW_INTERVAL
+    assert scheduler_module._review_spacing(10, decision(50e-3), review) == 10  # long calls: geometric
+    assert scheduler_module._review_spacing(10, decision(float("nan")), review) == 10
+
+
 def test_trials_learn_what_a_first_call_costs_beyond_its_prediction(tmp_path):
     """A device 20 % slower than the other, which loads each kernel on its first call (10 ms, as a GPU loads
     a module): once a trial shows that surcharge, new signatures are no longer tried there for the small saving

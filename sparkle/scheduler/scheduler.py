@@ -45,6 +45,10 @@ EXPLORE_ALLOWANCE_SECONDS = 0.05  # ...plus this much
 HISTORY_LIMIT = 100_000
 FOLD_COUNT_LIMIT = 4  # repeated calls of one signature count as at most this many independent samples
 CONFIDENT = 0.95  # a choice at least this likely to be the fastest is reviewed less often (_review_stride)
+# Scheduled reviews cost at most this share of the time of the calls between them (_review_spacing): a review
+# costs 0.1-0.25 ms, as much as a small call; reviewing a 50 us call every other call tripled its cost.
+REVIEW_SHARE = 0.05
+REVIEW_SECONDS_GUESS = 150e-6  # a review's cost before this scheduler has timed its own
 PLANS_KEPT = 512  # call signatures with a cached plan (each holds prepared calls and their buffers)
 
 
@@ -99,6 +103,7 @@ class Scheduler:
         self._verified = set()
         self._spent_seconds = 0.0
         self._explored_excess = 0.0
+        self._review_seconds = REVIEW_SECONDS_GUESS  # what a review costs here: a moving average of measured ones
         self._split_pool = None
         self._build_pool = None  # one thread building kernels ahead while another device serves the calls
         self._builds_running = 0  # calls timed meanwhile are not samples: a build takes a host core
@@ -293,7 +298,8 @@ class Scheduler:
         if not compiled and prediction is not None:  # this call built its kernel: learn what a build costs
             with self._lock:
                 state.model.observe_build(max(seconds - (prediction.seconds - prediction.compile), 0.1 * seconds))
-        if is_sample(prepared, compiled, seconds, predicted) and not self._builds_running:
+        sampled = is_sample(prepared, compiled, seconds, predicted) and not self._builds_running
+        if sampled:
             self._record(plan, state, state.history(plan.signature), seconds, transfer, predicted)
         else:
             with plan.lock:
@@ -307,7 +313,12 @@ class Scheduler:
                 self._explored_excess += max(0.0, trial_seconds - decision.predicted_seconds)
                 state.trial.observe(trial_seconds - decision.predicted_seconds)
             if plan.runner is None and self.verify_mode != "always":
-                plan.next_review = plan.calls  # verified, compiled or explored now: the next call can take the fast path
+                if not explored and sampled and _confirms(decision, state.id, seconds):
+                    self._arm(plan)  # as the decision expected: the fast path from the next call, no review
+                    plan.next_review = max(plan.next_review, plan.calls + _review_spacing(
+                        plan.calls, decision, self._review_seconds))
+                else:
+                    plan.next_review = plan.calls  # verified, compiled or explored now: decide again next call
         if plan.home is not None and state.executor is not plan.home:
             result = calls.deliver(result, plan.home)
         return result
@@ -316,6 +327,13 @@ class Scheduler:
 
     def _review(self, plan):
         """Fold new measurements into the model and decide this plan's placement again (lock held)."""
+        start = time.perf_counter()
+        self._decide(plan)
+        self._arm(plan)
+        seconds = time.perf_counter() - start  # a first review that prepared a call counts at most 4x the average
+        self._review_seconds += 0.1 * (min(seconds, 4.0 * self._review_seconds) - self._review_seconds)
+
+    def _decide(self, plan):
         self._fold_pending()
         budget = EXPLORE_ALLOWANCE_SECONDS + EXPLORE_BUDGET_SHARE * self._spent_seconds - self._explored_excess
         decision = decisions.decide(self, plan, explore=self.explore and budget > 0, budget=budget)
@@ -328,9 +346,13 @@ class Scheduler:
             plan.decision = decisions.replace(decision, device=best.device, explored=False,
                                               predicted_seconds=best.seconds, verified=best.verified,
                                               reason=decisions.reason(best, decision.predictions))
-        plan.next_review = plan.calls + min(REVIEW_INTERVAL, max(1, plan.calls) * _review_stride(plan.decision))
+        plan.next_review = plan.calls + _review_spacing(plan.calls, plan.decision, self._review_seconds)
         plan.runner = None
         builds.build_ahead(self, plan, decision)
+
+    def _arm(self, plan):
+        """Give the plan its fast path (the prepared call, bound) where its decision is final: one device,
+        its kernel built and verified (lock held)."""
         device = plan.decision.device
         if device is None or plan.decision.split or plan.trial:
             return
@@ -380,6 +402,22 @@ class Scheduler:
 
 
 # --- helpers -----------------------------------------------------------------------------------------
+
+
+def _review_spacing(calls, decision, review_seconds):
+    """Calls until the next scheduled review: geometric in the calls so far (a new signature is reviewed often,
+    an old one rarely), and never so soon that reviews cost more than REVIEW_SHARE of the calls' own time
+    (the chosen device's predicted seconds). A change of regime on the device still calls a review at once."""
+    geometric = max(1, calls) * _review_stride(decision)
+    seconds = decision.predicted_seconds
+    affordable = math.ceil(review_seconds / (REVIEW_SHARE * seconds)) if 1e-9 < seconds < math.inf else 1
+    return min(REVIEW_INTERVAL, max(geometric, affordable))
+
+
+def _confirms(decision, device, seconds):
+    """Whether a call measured on the decided device (``seconds``) leaves the decision as it was: still faster
+    than what every other usable device is predicted to take."""
+    return all(seconds <= p.seconds for p in decision.predictions if p.device != device and p.usable)
 
 
 def _review_stride(decision):
