@@ -192,6 +192,32 @@ def test_a_first_call_slower_than_another_device_is_predicted_is_decided_again(t
     assert len(decided) == 2
 
 
+def test_one_stalled_call_does_not_drive_a_signature_off_its_device(tmp_path):
+    """A new signature's first measured call stalls (30x: another process took the core) on a device whose
+    speed the model knows from other shapes: the device is tried again rather than abandoned on that call."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((16, 8, 3, 3)).astype(np.float32)
+    kwargs = dict(padding=1, groups=2)
+    known = [rng.standard_normal((1, 16, size, size)).astype(np.float32) for size in (16, 20, 28, 32)]
+    x = rng.standard_normal((1, 16, 24, 24)).astype(np.float32)
+    make([SimulatedDevice("warm", 4e+08, 2e-4)], tmp_path / "warm").conv2d(x, w, **kwargs)  # JIT-compiled now
+    fast = SimulatedDevice("fast", 4e+08, 2e-4, first_call_seconds=0.05)
+    scheduler = make([fast, SimulatedDevice("other", 1.5e+08, 2e-4)], tmp_path)
+    scheduler.profile()
+    for _ in range(4):
+        for other_shape in known:
+            scheduler.conv2d(other_shape, w, **kwargs)
+    scheduler.conv2d(x, w, **kwargs)  # its one-time cost makes the first call no sample
+    fast.slow_down(30.0)
+    scheduler.conv2d(x, w, **kwargs)
+    fast.slow_down(1.0)
+    devices = []
+    for _ in range(12):
+        scheduler.conv2d(x, w, **kwargs)
+        devices.append(scheduler.history(1)[0]["device"])
+    assert devices[-6:] == ["sim:fast"] * 6, devices
+
+
 def test_reviews_are_spaced_so_they_cost_a_small_share_of_the_calls_between_them():
     from sparkle.scheduler.explain import Decision
 
@@ -443,6 +469,48 @@ def test_the_shape_model_interpolates_between_measured_shapes_and_falls_back_to_
         assert variance < 0.05
     _, far_variance = model.predict((10.0, 0.0, 10.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0))
     assert far_variance > 0.2  # nothing measured near: uncertain again
+
+
+def test_the_shape_model_predicts_a_point_from_the_others_alone_as_a_refit_without_it_would():
+    rng = np.random.default_rng(3)
+    points = {f"s{i}": (tuple(rng.uniform(0, 4, 3)), float(rng.normal(0, 0.5)), 0.01 + 0.05 * i) for i in range(12)}
+    model = ShapeModel(points)
+    model.predict(points["s0"][0])  # fit, hyperparameters chosen
+    for key in ("s0", "s5", "s11"):
+        others = ShapeModel({k: v for k, v in points.items() if k != key})
+        others.hyperparameters, others._selected_at = model.hyperparameters, len(points)  # the same kernel
+        mean, variance = model.predict(points[key][0], excluding=key)
+        expected_mean, expected_variance = others.predict(points[key][0])
+        assert mean == pytest.approx(expected_mean, abs=1e-9)
+        assert variance == pytest.approx(expected_variance, rel=1e-6)
+        assert model.predict(points[key][0], excluding="not a point") == model.predict(points[key][0])
+
+
+def test_one_or_two_calls_far_slower_than_a_confident_model_are_weighed_as_a_possible_stall():
+    from sparkle.scheduler import policy
+    from sparkle.scheduler.features import CallFeatures
+    from sparkle.scheduler.profile import DeviceProfile
+
+    profile = DeviceProfile("d", "d", 100.0, 1e-5, math.inf, math.inf, 0.0, 0.0, 0.0, 0.0)
+    features = CallFeatures("matmul", 2 * 256 ** 3, (1 << 18, 1 << 18), 1 << 18, (256, 256, 256), "gemm", "float32")
+
+    class ConfidentModel:  # the other shapes say: the prior is right, to within +-10 %
+        def predict(self, point, excluding=None):
+            return 0.0, 0.01
+
+    def predicted(calls, seconds):
+        history = History()
+        for _ in range(calls):
+            history.add(math.log(seconds))
+        return policy.predict("d", profile, ConfidentModel(), history, features, 0.0, True, True)
+
+    expected = 1e-5 + features.flops / 100e9
+    one = predicted(1, 30 * expected)  # one call took 30x the model's time
+    assert one.seconds < 2 * expected and one.spread > 1.0  # held as likely a stall, and uncertain
+    many = predicted(4, 30 * expected)  # four calls agree: the model is wrong for this shape
+    assert many.seconds > 5 * expected
+    close = predicted(1, 1.3 * expected)  # within what the model allows: simply weighed in
+    assert expected < close.seconds < 1.3 * expected and close.spread < 0.2
 
 
 def test_the_shape_model_keeps_the_latest_point_of_a_signature_and_a_bounded_number_of_points():

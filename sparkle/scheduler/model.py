@@ -73,20 +73,27 @@ class ShapeModel:
         if self._changes * REFIT_SHARE >= len(self.points):
             self._fit = None
 
-    def predict(self, features):
-        """(mean, variance) of the log residual at ``features`` (a tuple); the variance excludes timing noise."""
+    def predict(self, features, excluding=None):
+        """(mean, variance) of the log residual at ``features`` (a tuple); the variance excludes timing noise.
+
+        ``excluding``: a signature whose own point must not count (what the other shapes say about it, to be
+        weighed against its own measured history without counting that history twice)."""
         features = features if isinstance(features, tuple) else tuple(features)
         if self._fit is not None:
+            if excluding is not None and excluding in self._fit.index:
+                return self._fit.without(self._fit.index[excluding])
             known = self._predicted.get(features)
             if known is not None:
                 return known
         fit = self._fit if self._fit is not None else self._refit()
+        if fit is not None and excluding is not None and excluding in fit.index:
+            return fit.without(fit.index[excluding])
         x = np.asarray(features, float)[None, :]
         length_scale, signal_variance = self.hyperparameters
         prior_variance = OFFSET_VARIANCE + signal_variance
         if fit is None:
             return 0.0, prior_variance
-        inputs, factor_inverse, alpha = fit
+        inputs, factor_inverse, alpha = fit.inputs, fit.factor_inverse, fit.alpha
         cross = _kernel(x, inputs, length_scale, signal_variance)[0]
         mean = float(cross @ alpha)
         solved = factor_inverse @ cross  # factor^-1 cross: the variance the points explain
@@ -127,7 +134,7 @@ class ShapeModel:
             self._fit = None
             return None
         self.hyperparameters = best[1]
-        self._fit = (inputs, best[2], best[3])
+        self._fit = _Fit(inputs, best[2], best[3], targets, noise, list(self.points))
         return self._fit
 
     def to_json(self):
@@ -141,6 +148,26 @@ class ShapeModel:
                 raise ValueError("model of another layout")
             points[str(key)] = (tuple(float(value) for value in x), float(y), float(v))
         return cls(points)
+
+
+class _Fit:
+    """A shape model's fit: the points' features, the inverse of the covariance's Cholesky factor and the
+    weights (alpha) of the mean, and what leave-one-out predictions need."""
+
+    __slots__ = ("inputs", "factor_inverse", "alpha", "targets", "noise", "index", "precision_diagonal")
+
+    def __init__(self, inputs, factor_inverse, alpha, targets, noise, keys):
+        self.inputs, self.factor_inverse, self.alpha = inputs, factor_inverse, alpha
+        self.targets, self.noise = targets, noise
+        self.index = {key: i for i, key in enumerate(keys)}
+        self.precision_diagonal = (factor_inverse ** 2).sum(axis=0)  # the diagonal of the covariance's inverse
+
+    def without(self, i):
+        """(mean, variance) at point ``i`` from the other points alone (the closed form of leave-one-out: no
+        refit); the variance excludes the point's own noise."""
+        precision = float(self.precision_diagonal[i])
+        mean = float(self.targets[i]) - float(self.alpha[i]) / precision
+        return mean, max(1.0 / precision - float(self.noise[i]), 1e-6)
 
 
 @dataclass(slots=True)
@@ -160,10 +187,13 @@ class History:
 
     @property
     def typical(self):
-        """ln(seconds) of a typical recent call: the median of the latest calls (robust to a stalled one)."""
+        """ln(seconds) of a typical recent call: the median of the latest calls (robust to a stalled one); of
+        two, the faster (a stall only adds time: the faster of two is the better estimate)."""
         recent = sorted(self.recent)
         if not recent:
             return self.mean
+        if len(recent) == 2:
+            return recent[0]
         middle = len(recent) // 2
         return recent[middle] if len(recent) % 2 else 0.5 * (recent[middle - 1] + recent[middle])
 

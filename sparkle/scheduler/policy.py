@@ -8,7 +8,9 @@ from __future__ import annotations
 import math
 
 from .explain import Prediction
-from .model import MIN_NOISE
+from .model import HUBER_LIMIT, MIN_NOISE
+
+FEW_CALLS = 3  # a history of fewer calls that lies far above the model may be a stall (see predict)
 
 EXPLORE_TRIES = 2  # a device is tried for a signature until this many of its calls are measured
 SPLIT_GAIN = 0.85  # split only when the parts together are predicted to take at most this share of the best
@@ -31,7 +33,7 @@ def prior(profile, features, transfer, rate_share=1.0):
 
 
 def predict(device, profile, shape_model, history, features, transfer, compiled, verified, calls_so_far=0,
-            build_seconds=None, rate_share=1.0):
+            build_seconds=None, rate_share=1.0, signature=None):
     """The device's predicted time for one call: the profile's prior (``transfer`` seconds, overhead,
     flops at the profiled rate) corrected by the device's shape model, refined by this signature's
     measured history on the device if there is one.
@@ -40,20 +42,33 @@ def predict(device, profile, shape_model, history, features, transfer, compiled,
     as many again as it has had (``calls_so_far + 1``). A shape seen once runs where nothing must be
     built; one called often moves to the faster device and pays the build once (and meanwhile the
     scheduler builds it ahead, off the caller's thread). ``build_seconds``: what a build takes on the
-    device as measured so far (default: the profile's probe)."""
+    device as measured so far (default: the profile's probe). ``signature``: the call's; the shape model's point
+    of it is left out, so its history counts once."""
     overhead = profile.overhead_seconds
     build = profile.compile_seconds if build_seconds is None else build_seconds
     compile_seconds = 0.0 if compiled else build / (calls_so_far + 1)
     fixed, prior_compute, point = prior(profile, features, transfer, rate_share)
-    correction, variance = shape_model.predict(point)
+    # The model as the other shapes inform it: this signature's own history is weighed in below, once.
+    correction, variance = shape_model.predict(point, excluding=signature if history is not None else None)
     log_total = math.log(fixed + prior_compute) + correction
     log_variance = variance + MIN_NOISE ** 2
     count = history.count if history is not None else 0
     if count:
         history_variance = history.spread ** 2 / count + MIN_NOISE ** 2
         weight_model, weight_history = 1.0 / log_variance, 1.0 / history_variance
+        gap = history.typical - log_total
+        z = gap / math.sqrt(log_variance + history_variance)
+        stall_suspected = count < FEW_CALLS and z > HUBER_LIMIT
+        if stall_suspected:
+            # One or two calls far slower than the model expects: a stall (another process, a page fault) as
+            # likely as a truth. Huber-weighted, and the spread covers both, so the device is tried again
+            # rather than abandoned on one stalled call.
+            weight_history *= HUBER_LIMIT / z
+        log_model = log_total
         log_total = (log_total * weight_model + history.typical * weight_history) / (weight_model + weight_history)
         log_variance = 1.0 / (weight_model + weight_history)
+        if stall_suspected:
+            log_variance = max(log_variance, (0.5 * (history.typical - log_model)) ** 2)
     total = math.exp(log_total)
     # The breakdown keeps the prior's transfer and overhead; what the model adds or removes is compute.
     return Prediction(device, total + compile_seconds, transfer, max(total - fixed, 0.0), overhead, compile_seconds,
