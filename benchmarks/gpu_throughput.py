@@ -1,5 +1,5 @@
 """Issue 12's throughput table on whatever GPUs this machine has: ResNet-50 layers at large batches, images per
-second on each single GPU (numpy in and out, and operands already on the device), and through a scheduler that may
+second on each single GPU (numpy in and out, and operands and result on the device), and through a scheduler that may
 split the batch across every GPU and the CPU (numpy in and out), with the split it chose and its cost.
 
 On a one-GPU machine this gives the single-GPU baseline the two-GPU figures are measured against, and what the
@@ -36,8 +36,8 @@ def best_seconds(function, repeat):
     for _ in range(repeat):
         start = time.perf_counter()
         result = function()
-        if hasattr(result, "get"):  # a device array: its kernel has run once the copy back returns
-            result.get()
+        if hasattr(result, "wait"):  # a device array, returned once its kernel was queued: it stays there
+            result.wait()
         times.append(time.perf_counter() - start)
     return min(times), float(np.median(times))
 

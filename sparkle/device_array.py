@@ -13,7 +13,7 @@ import numpy as np
 class DeviceArray:
     """A C-contiguous array in device memory. Made by :func:`sparkle.to_device` or returned by an op.
 
-    ``.get()`` copies it back to a new numpy array; ``shape``, ``dtype``, ``ndim``, ``size`` and
+    ``.get()`` copies it back to a new numpy array, ``.wait()`` waits for the work producing it; ``shape``, ``dtype``, ``ndim``, ``size`` and
     ``device`` (the device id) describe it. Its buffer returns to the device's pool when it is collected.
     """
 
@@ -53,6 +53,12 @@ class DeviceArray:
         if host.size:
             cl.enqueue_copy(self._device.queue, host, self.buffer, is_blocking=True)
         return host
+
+    def wait(self):
+        """Block until the work queued to produce this array has run (to time calls that return once queued);
+        returns the array."""
+        self._device.queue.finish()
+        return self
 
     def __array__(self, dtype=None, copy=None):
         host = self.get()

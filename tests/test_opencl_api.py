@@ -170,6 +170,7 @@ def test_to_device_round_trip(device_id, dtype, layout):
     back = d.get()
     assert type(back) is np.ndarray and back.flags.c_contiguous and back.dtype == np.dtype(dtype)
     np.testing.assert_array_equal(back, x)  # bit for bit
+    assert d.wait() is d
     assert back is not d.get()  # each get() is a new array
     np.testing.assert_array_equal(np.asarray(d), x)
     copy = sparkle.to_device(d, device_id)  # a new device array, as numpy would copy
