@@ -5,6 +5,8 @@ Prepared calls (prepared.py) run the same plan with kernel objects and workspace
 
 from __future__ import annotations
 
+import functools
+
 from . import codegen
 
 
@@ -30,8 +32,14 @@ def span_seconds(first, last):
 
 
 def kernel_for(device, workload, params, has_bias, relu, name=codegen.MAIN_KERNEL):
-    source = codegen.render(workload, params, has_bias=has_bias, relu=relu)
-    return device.kernel(source, name)
+    return device.kernel(_source(workload, tuple(sorted(params.items())), has_bias, relu), name)
+
+
+@functools.lru_cache(maxsize=256)
+def _source(workload, params, has_bias, relu):
+    """The rendered source, once per variant: one-shot calls (``sparkle.conv2d`` on a device) find their kernel
+    by it on every call."""
+    return codegen.render(workload, dict(params), has_bias=has_bias, relu=relu)
 
 
 def enqueue(device, workload, params, x_buf, w_buf, bias_buf, out_buf, *, has_bias, relu, wait_for=None):

@@ -13,6 +13,7 @@ matrices; checked in float64 against the direct sum by the tests).
 
 from __future__ import annotations
 
+import functools
 from fractions import Fraction as F
 
 # m: (B^T, G, A^T)
@@ -61,6 +62,7 @@ def _macro(name, statements):
     return f"#define {name} \\\n" + " \\\n".join(f"    {statement}" for statement in statements) + "\n"
 
 
+@functools.lru_cache(maxsize=None)  # ~1 ms of Fraction arithmetic each: once per tile size, not per launch
 def defines(m):
     """#define lines of the transforms for F(m x m, 3 x 3), used by kernels/winograd.cl:
 
