@@ -32,13 +32,13 @@ def span_seconds(first, last):
 
 
 def kernel_for(device, workload, params, has_bias, relu, name=codegen.MAIN_KERNEL):
-    return device.kernel(_source(workload, tuple(sorted(params.items())), has_bias, relu), name)
+    return device.kernel(_source(codegen.template(), workload, tuple(sorted(params.items())), has_bias, relu), name)
 
 
 @functools.lru_cache(maxsize=256)
-def _source(workload, params, has_bias, relu):
-    """The rendered source, once per variant: one-shot calls (``sparkle.conv2d`` on a device) find their kernel
-    by it on every call."""
+def _source(template, workload, params, has_bias, relu):
+    """The rendered source, once per variant and template (keyed by it: an edited template renders anew):
+    one-shot calls (``sparkle.conv2d`` on a device) find their kernel by it on every call."""
     return codegen.render(workload, dict(params), has_bias=has_bias, relu=relu)
 
 
