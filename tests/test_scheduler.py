@@ -19,7 +19,7 @@ from _helpers import assert_close_to_reference
 
 import sparkle
 from sparkle import reference
-from sparkle.scheduler import Scheduler, SimulatedDevice, builds
+from sparkle.scheduler import Scheduler, SimulatedDevice, builds, reviews
 from sparkle.scheduler import scheduler as scheduler_module
 from sparkle.scheduler import verify as verify_module
 from sparkle.scheduler.model import History, ShapeModel
@@ -227,11 +227,11 @@ def test_reviews_are_spaced_so_they_cost_a_small_share_of_the_calls_between_them
 
     review = 150e-6
     for seconds in (20e-6, 50e-6, 300e-6, 2e-3):
-        spacing = scheduler_module._review_spacing(10, decision(seconds), review)
-        assert review <= scheduler_module.REVIEW_SHARE * spacing * seconds or \
-            spacing == scheduler_module.REVIEW_INTERVAL
-    assert scheduler_module._review_spacing(10, decision(50e-3), review) == 10  # long calls: geometric
-    assert scheduler_module._review_spacing(10, decision(float("nan")), review) == 10
+        spacing = reviews.spacing(10, decision(seconds), review)
+        assert review <= reviews.COST_SHARE * spacing * seconds or \
+            spacing == reviews.LONGEST_INTERVAL
+    assert reviews.spacing(10, decision(50e-3), review) == 10  # long calls: geometric
+    assert reviews.spacing(10, decision(float("nan")), review) == 10
 
 
 def test_trials_learn_what_a_first_call_costs_beyond_its_prediction(tmp_path):

@@ -5,8 +5,6 @@ Prepared calls (prepared.py) run the same plan with kernel objects and workspace
 
 from __future__ import annotations
 
-import functools
-
 from . import codegen
 
 
@@ -32,14 +30,8 @@ def span_seconds(first, last):
 
 
 def kernel_for(device, workload, params, has_bias, relu, name=codegen.MAIN_KERNEL):
-    return device.kernel(_source(codegen.template(), workload, tuple(sorted(params.items())), has_bias, relu), name)
-
-
-@functools.lru_cache(maxsize=256)
-def _source(template, workload, params, has_bias, relu):
-    """The rendered source, once per variant and template (keyed by it: an edited template renders anew):
-    one-shot calls (``sparkle.conv2d`` on a device) find their kernel by it on every call."""
-    return codegen.render(workload, dict(params), has_bias=has_bias, relu=relu)
+    source = codegen.render(workload, params, has_bias=has_bias, relu=relu)
+    return device.kernel(source, name)
 
 
 def enqueue(device, workload, params, x_buf, w_buf, bias_buf, out_buf, *, has_bias, relu, wait_for=None):

@@ -4,8 +4,8 @@ it measures, verifies each kernel variant on its first call, and explains its de
 Hot path: a repeated call signature finds its plan in a dict and runs the prepared call of its device;
 it then adds the measured time to plain-float statistics and appends one tuple to a list. Everything
 else (decisions, model updates, verification, splits, exploration) runs on the plan's review calls,
-which come at calls 1, 2, 4, 8, ... and then every REVIEW_INTERVAL (256) calls, or at once when a device's
-times change regime or a device faults.
+which come geometrically less often as a signature ages and never cost more than a small share of its calls
+(reviews.py), or at once when a device's times change regime or a device faults.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import numpy as np
 
 from .. import api
 from ..device_array import DeviceArray
-from . import builds, calls, decisions, policy, safeguards
+from . import builds, calls, decisions, policy, reviews, safeguards
 from . import split as split_calls
 from .decisions import DEVICE_ENV
 from .executors import CpuExecutor, DeviceFault, OpenCLExecutor, is_sample
@@ -39,16 +39,10 @@ logger = logging.getLogger("sparkle.scheduler")
 
 VERIFY_MODES = ("first", "always", "off")
 VERIFY_ENV, LOG_ENV = "SPARKLE_VERIFY", "SPARKLE_LOG"
-REVIEW_INTERVAL = 256
 EXPLORE_BUDGET_SHARE = 0.05  # exploration may cost at most 5 % of the time spent...
 EXPLORE_ALLOWANCE_SECONDS = 0.05  # ...plus this much
 HISTORY_LIMIT = 100_000
 FOLD_COUNT_LIMIT = 4  # repeated calls of one signature count as at most this many independent samples
-CONFIDENT = 0.95  # a choice at least this likely to be the fastest is reviewed less often (_review_stride)
-# Scheduled reviews cost at most this share of the time of the calls between them (_review_spacing): a review
-# costs 0.1-0.25 ms, as much as a small call; reviewing a 50 us call every other call tripled its cost.
-REVIEW_SHARE = 0.05
-REVIEW_SECONDS_GUESS = 150e-6  # a review's cost before this scheduler has timed its own
 PLANS_KEPT = 512  # call signatures with a cached plan (each holds prepared calls and their buffers)
 
 
@@ -103,7 +97,7 @@ class Scheduler:
         self._verified = set()
         self._spent_seconds = 0.0
         self._explored_excess = 0.0
-        self._review_seconds = REVIEW_SECONDS_GUESS  # what a review costs here: a moving average of measured ones
+        self._review_seconds = reviews.FIRST_GUESS_SECONDS  # what a review costs here: a moving average of measured ones
         self._split_pool = None
         self._build_pool = None  # one thread building kernels ahead while another device serves the calls
         self._builds_running = 0  # calls timed meanwhile are not samples: a build takes a host core
@@ -313,9 +307,9 @@ class Scheduler:
                 self._explored_excess += max(0.0, trial_seconds - decision.predicted_seconds)
                 state.trial.observe(trial_seconds - decision.predicted_seconds)
             if plan.runner is None and self.verify_mode != "always":
-                if not explored and sampled and _confirms(decision, state.id, seconds):
+                if not explored and sampled and reviews.confirms(decision, state.id, seconds):
                     self._arm(plan)  # as the decision expected: the fast path from the next call, no review
-                    plan.next_review = max(plan.next_review, plan.calls + _review_spacing(
+                    plan.next_review = max(plan.next_review, plan.calls + reviews.spacing(
                         plan.calls, decision, self._review_seconds))
                 else:
                     plan.next_review = plan.calls  # verified, compiled or explored now: decide again next call
@@ -346,7 +340,7 @@ class Scheduler:
             plan.decision = decisions.replace(decision, device=best.device, explored=False,
                                               predicted_seconds=best.seconds, verified=best.verified,
                                               reason=decisions.reason(best, decision.predictions))
-        plan.next_review = plan.calls + _review_spacing(plan.calls, plan.decision, self._review_seconds)
+        plan.next_review = plan.calls + reviews.spacing(plan.calls, plan.decision, self._review_seconds)
         plan.runner = None
         builds.build_ahead(self, plan, decision)
 
@@ -402,32 +396,6 @@ class Scheduler:
 
 
 # --- helpers -----------------------------------------------------------------------------------------
-
-
-def _review_spacing(calls, decision, review_seconds):
-    """Calls until the next scheduled review: geometric in the calls so far (a new signature is reviewed often,
-    an old one rarely), and never so soon that reviews cost more than REVIEW_SHARE of the calls' own time
-    (the chosen device's predicted seconds). A change of regime on the device still calls a review at once."""
-    geometric = max(1, calls) * _review_stride(decision)
-    seconds = decision.predicted_seconds
-    affordable = math.ceil(review_seconds / (REVIEW_SHARE * seconds)) if 1e-9 < seconds < math.inf else 1
-    return min(REVIEW_INTERVAL, max(geometric, affordable))
-
-
-def _confirms(decision, device, seconds):
-    """Whether a call measured on the decided device (``seconds``) leaves the decision as it was: still faster
-    than what every other usable device is predicted to take."""
-    return all(seconds <= p.seconds for p in decision.predictions if p.device != device and p.usable)
-
-
-def _review_stride(decision):
-    """How much further the next review lies than the calls so far: a confident choice (the device measured there,
-    the others very likely slower) is reviewed 4x less often. A review costs about 0.15 ms (the 2-core VM),
-    as much as a small call itself; a change of regime on the device still calls a review at once."""
-    chosen = next((p for p in decision.predictions if p.device == decision.device), None)
-    if chosen is not None and chosen.measured_calls and decision.confidence >= CONFIDENT:
-        return 4
-    return 1
 
 
 def _default_executors():
