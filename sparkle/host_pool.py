@@ -6,7 +6,8 @@ one it had used before). ``empty`` hands out large arrays on blocks that results
 a block returns to the pool when its array and every view of it are gone, never earlier: each array's data is
 owned by a ``_Lease`` that numpy keeps as the array's (and every view's) base.
 
-Idle blocks are bounded (``SPARKLE_HOST_POOL_BYTES``, default 512 MiB; 0 turns the pool off): past the
+Idle blocks are bounded (``SPARKLE_HOST_POOL_BYTES``; default 512 MiB, or a 32nd of physical memory up to 4 GiB
+where that is more; 0 turns the pool off): past the
 bound, the longest idle go back to the system. A pool of pinned memory (``sparkle.opencl.pinned``) also bounds
 the bytes it owns, alive or idle, and hands out ordinary memory past that bound.
 """
@@ -25,13 +26,25 @@ SMALLEST_POOLED_BYTES = 1 << 20
 # Blocks are counted in pages, so arrays of nearly the same size share blocks.
 BLOCK_GRANULE_BYTES = 1 << 16
 ALIGNMENT_BYTES = 64
-DEFAULT_IDLE_LIMIT_BYTES = 512 << 20
+DEFAULT_IDLE_LIMIT_BYTES = 512 << 20  # ... or a 32nd of the machine's memory where that is more, up to:
+LARGEST_DEFAULT_IDLE_LIMIT_BYTES = 4 << 30
+
+
+def default_idle_limit_bytes():
+    """512 MiB, or a 32nd of physical memory up to 4 GiB where that is more: a result larger than the bound is
+    never pooled, and on a GPU lands in fresh pageable memory (an 822 MB result came back at 3.6 GB/s on the
+    H100 machine, against 55 GB/s into a pooled pinned block)."""
+    try:
+        physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):  # not a POSIX system: the fixed default
+        return DEFAULT_IDLE_LIMIT_BYTES
+    return max(DEFAULT_IDLE_LIMIT_BYTES, min(physical // 32, LARGEST_DEFAULT_IDLE_LIMIT_BYTES))
 
 
 def _idle_limit_from_environment():
     text = os.environ.get("SPARKLE_HOST_POOL_BYTES", "").strip()
     if not text:
-        return DEFAULT_IDLE_LIMIT_BYTES
+        return default_idle_limit_bytes()
     try:
         value = int(text)
     except ValueError:

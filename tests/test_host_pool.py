@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 
 import sparkle
-from sparkle import host_pool
+from sparkle import host_pool, reference
 from sparkle.host_pool import SMALLEST_POOLED_BYTES, HostPool
-from sparkle import reference
 
 BIG = (SMALLEST_POOLED_BYTES // 4) * 2  # float32 elements: 2 MiB
 
@@ -72,6 +71,15 @@ def test_bad_limit_in_the_environment_names_the_variable(monkeypatch, text):
     monkeypatch.setenv("SPARKLE_HOST_POOL_BYTES", text)
     with pytest.raises(ValueError, match=r"SPARKLE_HOST_POOL_BYTES.*byte count.*" + text):
         host_pool._idle_limit_from_environment()
+
+
+def test_the_default_limit_grows_with_the_machine_within_bounds(monkeypatch):
+    monkeypatch.delenv("SPARKLE_HOST_POOL_BYTES", raising=False)
+    page = 4096
+    for physical_gib, expected_mib in ((8, 512), (24, 768), (128, 4096), (1024, 4096)):
+        pages = physical_gib * (1 << 30) // page
+        monkeypatch.setattr(host_pool.os, "sysconf", lambda name, pages=pages: pages if name == "SC_PHYS_PAGES" else page)
+        assert host_pool._idle_limit_from_environment() == expected_mib << 20
 
 
 def test_zero_in_the_environment_turns_the_pool_off(monkeypatch):
