@@ -79,20 +79,17 @@ class ShapeModel:
         ``excluding``: a signature whose own point must not count (what the other shapes say about it, to be
         weighed against its own measured history without counting that history twice)."""
         features = features if isinstance(features, tuple) else tuple(features)
-        if self._fit is not None:
-            if excluding is not None and excluding in self._fit.index:
-                return self._fit.without(self._fit.index[excluding])
-            known = self._predicted.get(features)
-            if known is not None:
-                return known
         fit = self._fit if self._fit is not None else self._refit()
-        if fit is not None and excluding is not None and excluding in fit.index:
-            return fit.without(fit.index[excluding])
-        x = np.asarray(features, float)[None, :]
         length_scale, signal_variance = self.hyperparameters
         prior_variance = OFFSET_VARIANCE + signal_variance
         if fit is None:
             return 0.0, prior_variance
+        if excluding in fit.index:
+            return fit.without(fit.index[excluding])
+        known = self._predicted.get(features)  # (emptied by every refit)
+        if known is not None:
+            return known
+        x = np.asarray(features, float)[None, :]
         inputs, factor_inverse, alpha = fit.inputs, fit.factor_inverse, fit.alpha
         cross = _kernel(x, inputs, length_scale, signal_variance)[0]
         mean = float(cross @ alpha)

@@ -56,8 +56,7 @@ def predict(device, profile, shape_model, history, features, transfer, compiled,
     if count:
         history_variance = history.spread ** 2 / count + MIN_NOISE ** 2
         weight_model, weight_history = 1.0 / log_variance, 1.0 / history_variance
-        gap = history.typical - log_total
-        z = gap / math.sqrt(log_variance + history_variance)
+        z = (history.typical - log_total) / math.sqrt(log_variance + history_variance)
         stall_suspected = count < FEW_CALLS and z > HUBER_LIMIT
         if stall_suspected:
             # One or two calls far slower than the model expects: a stall (another process, a page fault) as
