@@ -78,7 +78,8 @@ def test_the_default_limit_grows_with_the_machine_within_bounds(monkeypatch):
     page = 4096
     for physical_gib, expected_mib in ((8, 512), (24, 768), (128, 4096), (1024, 4096)):
         pages = physical_gib * (1 << 30) // page
-        monkeypatch.setattr(host_pool.os, "sysconf", lambda name, pages=pages: pages if name == "SC_PHYS_PAGES" else page)
+        monkeypatch.setattr(host_pool.os, "sysconf",
+                            lambda name, pages=pages: pages if name == "SC_PHYS_PAGES" else page)
         assert host_pool._idle_limit_from_environment() == expected_mib << 20
 
 

@@ -97,7 +97,7 @@ class Scheduler:
         self._verified = set()
         self._spent_seconds = 0.0
         self._explored_excess = 0.0
-        self._review_seconds = reviews.FIRST_GUESS_SECONDS  # what a review costs here: a moving average of measured ones
+        self._review_seconds = reviews.FIRST_GUESS_SECONDS  # a review's cost here: an average of measured ones
         self._split_pool = None
         self._build_pool = None  # one thread building kernels ahead while another device serves the calls
         self._builds_running = 0  # calls timed meanwhile are not samples: a build takes a host core
