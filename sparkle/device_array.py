@@ -14,7 +14,8 @@ class DeviceArray:
     """A C-contiguous array in device memory. Made by :func:`sparkle.to_device` or returned by an op.
 
     ``.get()`` copies it back to a new numpy array, ``.wait()`` waits for the work producing it; ``shape``,
-    ``dtype``, ``ndim``, ``size`` and ``device`` (the device id) describe it. Its buffer returns to the device's pool when it is collected.
+    ``dtype``, ``ndim``, ``size`` and ``device`` (the device id) describe it. Its buffer returns to the device's
+    pool when it is collected.
     """
 
     __array_priority__ = 1000  # numpy operators defer to us instead of treating us as an object scalar
