@@ -628,6 +628,13 @@ def markdown_report(report):
                f"{'met' if met['regret_best'] else 'NOT met'} (best of); auto below the best single device "
                f"({report['best_single_device']}): {'met' if met['below_best_single_paired'] else 'NOT met'} "
                f"(paired), {'met' if met['below_best_single_best'] else 'NOT met'} (best of).")
+    later = [p for p in report["passes"] if p["number"] >= 2]
+    if later:
+        auto, paired = sum(p["auto"] for p in later), sum(p["oracle_paired"] for p in later)
+        noise = paired / sum(p["oracle_best"] for p in later)
+        out.append(f"\nPasses 2-{later[-1]['number']} together: auto {_num(auto, 1)} ms, paired oracle "
+                   f"{_num(paired, 1)} ms ({auto / paired:.3f}x). The host's noise: the paired oracle took "
+                   f"{noise:.2f}x its best-of times (the same calls back to back).")
     last = report["passes"][-1]
     if last["off_oracle_cases"]:
         out.append(f"\nLast pass, calls off the oracle's device: {'; '.join(last['off_oracle_cases'])}.")
