@@ -576,8 +576,13 @@ def machine_description(device_ids):
             "numpy": np.__version__, "date": time.strftime("%Y-%m-%d %H:%M"), "devices": devices}
 
 
+def later_passes(report):
+    """The passes the targets are about: from pass 2 on (pass 1 learns every shape)."""
+    return [p for p in report["passes"] if p["number"] >= 2]
+
+
 def targets(report):
-    later = [p for p in report["passes"] if p["number"] >= 2]
+    later = later_passes(report)
     best_single = report["best_single_device"]
     single_total = report["device_totals"][best_single]
     met = {
@@ -628,7 +633,7 @@ def markdown_report(report):
                f"{'met' if met['regret_best'] else 'NOT met'} (best of); auto below the best single device "
                f"({report['best_single_device']}): {'met' if met['below_best_single_paired'] else 'NOT met'} "
                f"(paired), {'met' if met['below_best_single_best'] else 'NOT met'} (best of).")
-    later = [p for p in report["passes"] if p["number"] >= 2]
+    later = later_passes(report)
     if later:
         auto, paired = sum(p["auto"] for p in later), sum(p["oracle_paired"] for p in later)
         noise = paired / sum(p["oracle_best"] for p in later)
