@@ -142,6 +142,9 @@ class OpenCLDevice:
         # memcpys either way.
         self.pinned_results = self.kind == "gpu" and os.environ.get("SPARKLE_PINNED_RESULTS", "1").strip() != "0"
         self._result_pool = None
+        # Large uploads of ordinary memory go through a ring of pinned memory on a GPU (see opencl/staging.py).
+        self.staged_uploads = self.kind == "gpu" and os.environ.get("SPARKLE_STAGED_UPLOADS", "1").strip() != "0"
+        self._staging = None
 
     @property
     def context(self):

@@ -5,12 +5,11 @@ from __future__ import annotations
 import numpy as np
 
 from ..device_array import DeviceArray
+from . import staging
 
 
 def upload(device, array, dtype):
     """A DeviceArray holding ``array`` (numpy or a DeviceArray of another device) on ``device``."""
-    import pyopencl as cl
-
     if isinstance(array, DeviceArray):
         if array._device is device:
             return array
@@ -18,7 +17,7 @@ def upload(device, array, dtype):
     host = np.ascontiguousarray(array, dtype=dtype)
     result = DeviceArray(device, device.pool_buffer(host.nbytes), host.shape, dtype)
     if host.size:
-        cl.enqueue_copy(device.queue, result.buffer, host, is_blocking=False)
+        staging.write(device, result.buffer, host)
     return result
 
 

@@ -19,7 +19,7 @@ from . import verify
 
 logger = logging.getLogger("sparkle.scheduler")
 
-PROFILE_VERSION = 3  # 3: downloads measured into the memory results land in (pinned on a GPU)
+PROFILE_VERSION = 4  # 3: downloads measured into the memory results land in (pinned on a GPU); 4: uploads staged
 TRANSFER_PROBE_BYTES = 16 * 2**20
 LATENCY_PROBE_BYTES = 64  # a transfer this small costs only the round trip
 # The GEMM probe's size per device kind: large enough to reach sustained speed, small enough to take
