@@ -77,7 +77,8 @@ def main(argv=None):
           "memcpy to pinned |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['megabytes']:g} | {r['pageable_up_gbs']:.1f} | {r['staged_up_gbs']:.1f} | {r['pinned_up_gbs']:.1f} | "
+        print(f"| {r['megabytes']:g} | {r['pageable_up_gbs']:.1f} | {r['staged_up_gbs']:.1f} | "
+              f"{r['pinned_up_gbs']:.1f} | "
               f"{r['pageable_down_gbs']:.1f} | {r['pinned_down_gbs']:.1f} | {r['host_memcpy_fresh_gbs']:.1f} | "
               f"{r['host_memcpy_into_pinned_gbs']:.1f} |")
     if args.json:
