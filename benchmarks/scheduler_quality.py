@@ -404,7 +404,9 @@ def run_passes(cases, auto, alone, oracle, passes, rng, say):
                     case.check(result, runner)
             rows.append({"case": case.name, "auto_device": device, "auto_decided": decided, "auto": seconds["auto"],
                          "oracle_device": oracle_device, "oracle_paired": seconds[oracle_device],
-                         "best_single_paired": seconds[best_single], **diagnostics})
+                         "best_single_paired": seconds[best_single], **diagnostics,
+                         # every device's prediction as explain gave it before the call: why auto chose what it did
+                         "predictions": {p.device: p.seconds for p in decision.predictions}})
         summary = pass_summary(number, rows, cases, oracle, totals, best_single)
         say(f"  pass {number}: auto {_ms(summary['auto'])}, oracle paired {_ms(summary['oracle_paired'])} "
             f"(regret {summary['regret_paired']:.3f}), oracle best-of {_ms(summary['oracle_best'])} "

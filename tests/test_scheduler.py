@@ -192,6 +192,28 @@ def test_a_first_call_slower_than_another_device_is_predicted_is_decided_again(t
     assert len(decided) == 2
 
 
+def test_a_fast_path_slower_than_another_device_is_predicted_is_decided_again(tmp_path, monkeypatch):
+    """Reviews far apart: calls on the chosen device that typically take longer than the other device is predicted
+    to take question the decision at once (a 1.8x slowdown is no outlier for a history of two calls)."""
+    x, w, kwargs = single_device_conv()
+    make([SimulatedDevice("warm", 4e+08, 2e-4)], tmp_path / "warm").conv2d(x, w, **kwargs)  # JIT-compiled now
+    slowing = SimulatedDevice("slowing", 4e+08, 2e-4)
+    scheduler = make([slowing, SimulatedDevice("other", 3e+08, 2e-4)], tmp_path, explore=False)
+    scheduler.profile()
+    monkeypatch.setattr(reviews, "spacing", lambda calls, decision, review_seconds: 1000)
+    decided = count_decisions(scheduler, monkeypatch)
+    scheduler.conv2d(x, w, **kwargs)
+    assert scheduler.history(1)[0]["device"] == "sim:slowing" and len(decided) == 1  # confirmed: fast path armed
+    slowing.slow_down(1.8)
+    devices = []
+    for _ in range(6):
+        assert_close_to_reference(scheduler.conv2d(x, w, **kwargs), reference.conv2d(x, w, **kwargs), np.float32)
+        devices.append(scheduler.history(1)[0]["device"])
+    assert devices[:2] == ["sim:slowing"] * 2  # one slow call among two is no evidence yet (the faster counts)
+    assert devices[-2:] == ["sim:other"] * 2, devices
+    assert len(decided) <= 4
+
+
 def test_one_stalled_call_does_not_drive_a_signature_off_its_device(tmp_path):
     """A new signature's first measured call stalls (30x: another process took the core) on a device whose
     speed the model knows from other shapes: the device is tried again rather than abandoned on that call."""

@@ -224,8 +224,15 @@ class Scheduler:
                 plan.calls += 1
                 for seconds in measured:
                     plan.fast_calls += 1
-                    if not self._builds_running and plan.history.add(log(seconds) if seconds > 1e-9 else -20.7):
-                        plan.next_review = plan.calls  # its times changed regime: decide again on the next call
+                    log_seconds = log(seconds) if seconds > 1e-9 else -20.7
+                    if self._builds_running:
+                        continue
+                    history = plan.history
+                    if history.add(log_seconds) or (log_seconds > plan.surprise_log and
+                                                    history.typical > plan.surprise_log):
+                        # Its times changed regime, or its typical time is now above what another device was
+                        # predicted to take (the premise of the decision): decide again on the next call.
+                        plan.next_review = plan.calls
             if measured:
                 self._dirty.add(plan)
                 for seconds in measured:
@@ -361,6 +368,9 @@ class Scheduler:
             plan.state, plan.history = state, state.history(plan.signature)
             plan.transfer_seconds = prediction.transfer
             plan.predicted = prediction.seconds
+            # The decision holds while calls here stay below every other usable device's prediction.
+            plan.surprise_log = math.log(min((p.seconds for p in plan.decision.predictions
+                                              if p.device != device and p.usable), default=math.inf))
             plan.timer = plan.launch_timer(state) if plan.home is state.executor else None
             # Numpy operands (home None) skip the conversions a device array would need.
             plan.runner = prepared.host_run if plan.home is None else prepared.run

@@ -3,6 +3,7 @@ signature (spec, decision, prepared calls, the fast path's state)."""
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 
@@ -92,6 +93,7 @@ class Plan:
         self.history = None
         self.transfer_seconds = 0.0
         self.predicted = 0.0
+        self.surprise_log = math.inf  # ln(seconds) above which a fast-path call questions the decision
         self.timer = None  # the fast path's LaunchTimer where calls return before the device ran them
         self.timers = {}  # device id -> LaunchTimer (None: host times are the calls' times)
 
