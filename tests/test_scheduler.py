@@ -535,6 +535,46 @@ def test_one_or_two_calls_far_slower_than_a_confident_model_are_weighed_as_a_pos
     assert expected < close.seconds < 1.3 * expected and close.spread < 0.2
 
 
+def test_a_per_call_overhead_the_profile_missed_is_learned_and_large_calls_keep_the_prior():
+    """Small calls each take 0.2 ms more than the profile's overhead says (a host woken after idle): the device
+    learns that as an additive overhead, so their shape-model residuals stay near zero and a large call far from
+    them is predicted from the prior, not from an offset that the small calls pushed up."""
+    from sparkle.scheduler import policy
+    from sparkle.scheduler.features import CallFeatures
+    from sparkle.scheduler.model import DeviceModel
+    from sparkle.scheduler.profile import DeviceProfile
+
+    profile = DeviceProfile("d", "d", 100.0, 4e-6, math.inf, math.inf, 0.0, 0.0, 0.0, 0.0)  # 100 GFLOPS, 4 us
+    stream_overhead = 2e-4
+
+    def matmul_features(m, n, k):
+        return CallFeatures("matmul", 2 * m * n * k, (4 * m * k, 4 * k * n), 4 * m * n, (m, n, k), "gemm", "float32")
+
+    def fold(model, m, n, k):
+        features = matmul_features(m, n, k)
+        fixed, compute, point = policy.prior(profile, features, 0.0)
+        truth = fixed + stream_overhead + compute
+        model.observe_fold("matmul", f"{m}x{n}x{k}", point, math.log(truth), fixed, compute, 0.01)
+
+    def predicted(model, m, n, k):
+        return policy.predict("d", profile, model.shape_model("matmul"), None, matmul_features(m, n, k), 0.0, True,
+                              True, extra_overhead=model.extra_overhead).seconds
+
+    learned = DeviceModel()
+    for size in (8, 12, 16, 24, 32, 48, 64, 96):
+        fold(learned, size, size, size)
+    assert learned.extra_overhead == pytest.approx(stream_overhead, rel=0.01)
+    residuals = [residual for _, residual, _ in learned.shape_model("matmul").points.values()]
+    assert max(abs(r) for r in residuals) < 0.01  # the shape model has nothing left to explain
+    large = 1024
+    truth = 4e-6 + stream_overhead + 2 * large ** 3 / 100e9
+    assert predicted(learned, large, large, large) == pytest.approx(truth, rel=0.1)
+    # The points are made again with the overhead it has now, whichever order the evidence came in.
+    restored = DeviceModel.from_json(json.loads(json.dumps(learned.to_json())))
+    assert restored.extra_overhead == learned.extra_overhead and restored.folds == learned.folds
+    assert predicted(restored, large, large, large) == pytest.approx(predicted(learned, large, large, large))
+
+
 def test_the_shape_model_keeps_the_latest_point_of_a_signature_and_a_bounded_number_of_points():
     model = ShapeModel()
     model.observe("a", _matmul_point(64, 64, 64), math.log(2.0), 0.01)

@@ -43,6 +43,16 @@ MIN_POINTS_TO_SELECT = 6
 # the points doubled. (Waiting for 4 changes at least saved little and slowed a split's adaptation: its parts
 # are new signatures whenever the ratio moves, predicted by the fit alone.)
 REFIT_SHARE = 8
+# The per-call cost the profile's overhead misses (a caller woken after idle, cold caches; on the H100 machine's
+# 16-core host a CPU call in a mixed stream paid 0.1-0.3 ms of it against 4 us profiled back to back) is learned
+# as one additive time per device, from the calls whose compute is at most this share of their time: the median
+# of what each such signature implies. Left to the shape model, it became a shared offset that small calls
+# pushed up, and calls far from them (large ones) were predicted 2-4x too slow.
+OVERHEAD_EVIDENCE_SHARE = 0.25
+OVERHEADS_KEPT = 64
+# The points are refitted with a new overhead once it moved by this share (and at least this many seconds).
+OVERHEAD_TOLERANCE = 0.2
+OVERHEAD_TOLERANCE_SECONDS = 2e-6
 
 
 def _kernel(a, b, length_scale, signal_variance):
@@ -250,6 +260,39 @@ class DeviceModel:
     # kernel; real workloads' kernels can take far longer (PoCL: 0.06 s probed, 3-4 s measured).
     builds: int = 0
     build_log_mean: float = 0.0
+    extra_overhead: float = 0.0  # seconds per call beyond the profile's overhead (see OVERHEAD_EVIDENCE_SHARE)
+    overheads: dict = field(default_factory=dict)  # signature -> the extra seconds its calls imply
+    # op -> signature -> (shape point, ln(typical seconds), prior fixed seconds, prior compute seconds, variance):
+    # what each shape-model point was made from, to make it again when the extra overhead moves.
+    folds: dict = field(default_factory=dict)
+
+    def observe_fold(self, op, signature, point, log_seconds, fixed, compute, variance):
+        """A signature's typical time on this device: its shape-model point, and evidence of the per-call
+        overhead where its compute is a small share of it."""
+        seconds = math.exp(log_seconds)
+        if compute <= OVERHEAD_EVIDENCE_SHARE * seconds:
+            self.overheads.pop(signature, None)
+            self.overheads[signature] = max(seconds - fixed - compute, 0.0)
+            while len(self.overheads) > OVERHEADS_KEPT:
+                del self.overheads[next(iter(self.overheads))]
+        folds = self.folds.setdefault(op, {})
+        folds.pop(signature, None)
+        folds[signature] = (tuple(point), log_seconds, fixed, compute, variance)
+        while len(folds) > POINTS_KEPT:
+            del folds[next(iter(folds))]
+        extra = float(np.median(list(self.overheads.values()))) if self.overheads else 0.0
+        moved = abs(extra - self.extra_overhead)
+        if moved > OVERHEAD_TOLERANCE_SECONDS and moved > OVERHEAD_TOLERANCE * max(extra, self.extra_overhead):
+            self.extra_overhead = extra
+            for each_op, each_folds in self.folds.items():
+                for key, values in each_folds.items():
+                    self._observe_point(each_op, key, *values)
+        else:
+            self._observe_point(op, signature, point, log_seconds, fixed, compute, variance)
+
+    def _observe_point(self, op, signature, point, log_seconds, fixed, compute, variance):
+        residual = log_seconds - math.log(fixed + self.extra_overhead + compute)
+        self.shape_model(op).observe(signature, point, residual, variance)
 
     def observe_build(self, seconds):
         self.builds += 1
@@ -268,11 +311,19 @@ class DeviceModel:
     def to_json(self):
         return {"shapes": {op: model.to_json() for op, model in self.shapes.items()},
                 "histories": {key: history.to_json() for key, history in self.histories.items()},
-                "builds": [self.builds, self.build_log_mean]}
+                "builds": [self.builds, self.build_log_mean], "extra_overhead": self.extra_overhead,
+                "overheads": dict(self.overheads),
+                "folds": {op: {key: [list(point), *rest] for key, (point, *rest) in folds.items()}
+                          for op, folds in self.folds.items()}}
 
     @classmethod
     def from_json(cls, data):
         builds, build_log_mean = data["builds"]
+        folds = {op: {str(key): (tuple(float(v) for v in point), *(float(v) for v in rest))
+                      for key, (point, *rest) in op_folds.items()} for op, op_folds in data["folds"].items()}
+        if any(len(values) != 5 for op_folds in folds.values() for values in op_folds.values()):
+            raise ValueError("model of another layout")
         return cls({op: ShapeModel.from_json(m) for op, m in data["shapes"].items()},
                    {key: History.from_json(h) for key, h in data["histories"].items()}, int(builds),
-                   float(build_log_mean))
+                   float(build_log_mean), float(data["extra_overhead"]),
+                   {str(key): float(value) for key, value in data["overheads"].items()}, folds)

@@ -33,7 +33,7 @@ def prior(profile, features, transfer, rate_share=1.0):
 
 
 def predict(device, profile, shape_model, history, features, transfer, compiled, verified, calls_so_far=0,
-            build_seconds=None, rate_share=1.0, signature=None):
+            build_seconds=None, rate_share=1.0, signature=None, extra_overhead=0.0):
     """The device's predicted time for one call: the profile's prior (``transfer`` seconds, overhead,
     flops at the profiled rate) corrected by the device's shape model, refined by this signature's
     measured history on the device if there is one.
@@ -43,11 +43,13 @@ def predict(device, profile, shape_model, history, features, transfer, compiled,
     built; one called often moves to the faster device and pays the build once (and meanwhile the
     scheduler builds it ahead, off the caller's thread). ``build_seconds``: what a build takes on the
     device as measured so far (default: the profile's probe). ``signature``: the call's; the shape model's point
-    of it is left out, so its history counts once."""
-    overhead = profile.overhead_seconds
+    of it is left out, so its history counts once. ``extra_overhead``: seconds per call the device's calls
+    showed beyond the profile's overhead (``DeviceModel.extra_overhead``), part of the prior's fixed cost."""
+    overhead = profile.overhead_seconds + extra_overhead
     build = profile.compile_seconds if build_seconds is None else build_seconds
     compile_seconds = 0.0 if compiled else build / (calls_so_far + 1)
     fixed, prior_compute, point = prior(profile, features, transfer, rate_share)
+    fixed += extra_overhead
     # The model as the other shapes inform it: this signature's own history is weighed in below, once.
     correction, variance = shape_model.predict(point, excluding=signature if history is not None else None)
     log_total = math.log(fixed + prior_compute) + correction

@@ -10,7 +10,7 @@ import time
 from .. import cache
 from .model import DeviceModel
 
-MODEL_VERSION = 4  # 4: the CPU prior counts the share of the threads a call runs on (one for small calls)
+MODEL_VERSION = 5  # 4: the CPU prior counts the share of the threads a call runs on; 5: a learned per-call overhead
 QUARANTINE_VERSION = 1
 HISTORIES_KEPT = 5000  # per device, the most-called signatures
 
