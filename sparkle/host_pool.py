@@ -57,10 +57,11 @@ def _idle_limit_from_environment():
 class _Lease:
     """One result's hold on a pooled block: numpy keeps it as the base of the array and of every view."""
 
-    __slots__ = ("__array_interface__", "__weakref__", "block")
+    __slots__ = ("__array_interface__", "__weakref__", "block", "owner")
 
-    def __init__(self, block, shape, dtype):
+    def __init__(self, block, shape, dtype, owner=None):
         self.block = block
+        self.owner = owner  # the HostPool the block came from
         address = block.ctypes.data
         self.__array_interface__ = {"version": 3, "shape": shape, "typestr": dtype.str,
                                     "data": (address + (-address) % ALIGNMENT_BYTES, False)}
@@ -118,7 +119,7 @@ class HostPool:
                 with self._lock:
                     self._owned_bytes -= size
                 raise
-        lease = _Lease(block, shape, dtype)
+        lease = _Lease(block, shape, dtype, self)
         weakref.finalize(lease, self._give_back, block).atexit = False
         return np.asarray(lease)
 
@@ -151,6 +152,14 @@ class HostPool:
                 del same_size[next(i for i, block in enumerate(same_size) if id(block) == key)]
                 self._idle_bytes -= oldest.nbytes
                 self._owned_bytes -= oldest.nbytes
+
+
+def lease_owner(array):
+    """The HostPool whose block holds ``array`` (a pooled result or a view of one), else None."""
+    base = array
+    while isinstance(base, np.ndarray):
+        base = base.base
+    return base.owner if isinstance(base, _Lease) else None
 
 
 _POOL = None

@@ -172,3 +172,27 @@ def test_a_slot_is_reused_only_once_its_copy_has_run(monkeypatch):
     assert len(device.events) == 6
     device.finish()
     assert np.array_equal(device.memory, host)
+
+
+@pytest.mark.parametrize("staging_device", DEVICES, indirect=True)
+def test_a_result_in_pinned_memory_goes_up_directly(staging_device, monkeypatch):
+    device_id, device = staging_device
+    monkeypatch.setattr(device, "pinned_results", True)
+    monkeypatch.setattr(device, "_result_pool", None)
+    staged = []
+    write = staging.StagingRing.write
+    monkeypatch.setattr(staging.StagingRing, "write", lambda ring, buffer, host: (staged.append(host.nbytes),
+                                                                                 write(ring, buffer, host)))
+    rng = np.random.default_rng(8)
+    a = rng.standard_normal((600, 500)).astype(np.float32)
+    b = rng.standard_normal((500, 700)).astype(np.float32)
+    product = sparkle.matmul(sparkle.to_device(a, device_id), sparkle.to_device(b, device_id)).get()
+    assert staging._pinned_here(device, product) and staging._pinned_here(device, product[100:])
+    staged.clear()
+    for host in (product, product[100:]):  # the result, and a view of it: straight from pinned memory
+        assert host.nbytes >= staging.SMALLEST_STAGED_BYTES
+        assert np.array_equal(transfer.upload(device, host, np.float32).get(), host)
+    assert staged == []
+    ordinary = product.copy()  # the same values in ordinary memory: staged
+    assert np.array_equal(transfer.upload(device, ordinary, np.float32).get(), ordinary)
+    assert staged == [ordinary.nbytes]

@@ -6,7 +6,9 @@ the host's cores (``sparkle.cpu.copy``): measured there, a 51 MB upload took 3.5
 in 8 MiB chunks, a 205 MB one 19.6 ms and 6.4 ms (``benchmarks/results/staged_uploads_h100_2026-12-06.md``).
 Chunks pipeline: the copy of one into its slot runs while the device reads the one before. The source is
 fully copied when ``write`` returns, so the caller may change it at once; the last chunks' device copies may
-still be queued, ahead of whatever the caller enqueues next on the device's (in-order) queue."""
+still be queued, ahead of whatever the caller enqueues next on the device's (in-order) queue. A GPU's own
+results already lie in pinned memory (``opencl/pinned.py``): fed back as inputs, they go up directly.
+The ring holds 32 MiB of pinned memory per device, taken at the first staged upload."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import threading
 
 import numpy as np
 
+from .. import host_pool
 from ..cpu.copy import parallel_copy
 from .pinned import pinned_block
 
@@ -78,13 +81,20 @@ def _ring(device):
     return device._staging
 
 
+def _pinned_here(device, host):
+    """Whether ``host`` lies in this device's pinned result memory (a result fed back as an input): the device
+    reads it at the bus's speed, no staging needed."""
+    pool = device._result_pool
+    return pool is not None and device.pinned_results and host_pool.lease_owner(host) is pool
+
+
 def write(device, buffer, host):
     """Enqueue the copy of the C-contiguous numpy array ``host`` into the device buffer ``buffer``: staged
     through pinned memory where the device stages uploads and the array is large enough, else directly.
     ``host`` may be changed or freed as soon as this returns."""
     import pyopencl as cl
 
-    if device.staged_uploads and host.nbytes >= SMALLEST_STAGED_BYTES:
+    if device.staged_uploads and host.nbytes >= SMALLEST_STAGED_BYTES and not _pinned_here(device, host):
         ring = _ring(device)
         if ring is not None:
             ring.write(buffer, host)
