@@ -4,6 +4,7 @@ from many threads stay apart, and a device without pinned memory falls back to t
 
 from __future__ import annotations
 
+import os
 import threading
 
 import numpy as np
@@ -196,3 +197,13 @@ def test_a_result_in_pinned_memory_goes_up_directly(staging_device, monkeypatch)
     ordinary = product.copy()  # the same values in ordinary memory: staged
     assert np.array_equal(transfer.upload(device, ordinary, np.float32).get(), ordinary)
     assert staged == [ordinary.nbytes]
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="no CPU affinity calls on this system")
+def test_a_parallel_copy_leaves_the_callers_cpu_affinity_alone():
+    before = os.sched_getaffinity(0)
+    source = np.arange(8 << 20, dtype=np.uint8)
+    destination = np.empty_like(source)
+    parallel_copy(destination, source)
+    assert np.array_equal(destination, source)
+    assert os.sched_getaffinity(0) == before
