@@ -13,9 +13,9 @@ from numba import njit, prange
 from .threads import bind_slot, capture_binding
 
 # Each thread copies at least this much, or one thread copies it all: a parallel region's start (binding, a
-# wake-up) costs a few microseconds. A region always runs on every thread of Numba's pool, as the CPU
-# backend's kernels do: with fewer slots than threads, unbound idle workers shared CPUs with bound ones and a
-# 2 MiB staged upload took 7 ms instead of 0.2 ms on the H100 machine's host.
+# wake-up) costs a few microseconds. A region always has one slot per thread of Numba's pool, as the CPU
+# backend's kernels do (a first version with fewer slots than threads once took 7 ms for a 2 MiB staged upload
+# on the H100 machine's host, against 0.2 ms; a copy-only probe did not reproduce it).
 SMALLEST_SLOT_BYTES = 256 << 10
 
 

@@ -275,6 +275,8 @@ class DeviceModel:
             self.overheads[signature] = max(seconds - fixed - compute, 0.0)
             while len(self.overheads) > OVERHEADS_KEPT:
                 del self.overheads[next(iter(self.overheads))]
+        else:  # its compute is no longer a small share: its excess says more of its kernel than of the overhead
+            self.overheads.pop(signature, None)
         folds = self.folds.setdefault(op, {})
         folds.pop(signature, None)
         folds[signature] = (tuple(point), log_seconds, fixed, compute, variance)
