@@ -27,10 +27,16 @@ def spacing(calls, decision, review_seconds):
     return min(LONGEST_INTERVAL, max(geometric, affordable))
 
 
+def premise_seconds(decision, device):
+    """What the fastest other usable device is predicted to take: calls on ``device`` slower than this question
+    the decision (infinite where there is no other)."""
+    return min((p.seconds for p in decision.predictions if p.device != device and p.usable), default=math.inf)
+
+
 def confirms(decision, device, seconds):
     """Whether a call measured on the decided device (``seconds``) leaves the decision as it was: still faster
     than what every other usable device is predicted to take."""
-    return all(seconds <= p.seconds for p in decision.predictions if p.device != device and p.usable)
+    return seconds <= premise_seconds(decision, device)
 
 
 def _stride(decision):

@@ -224,9 +224,9 @@ class Scheduler:
                 plan.calls += 1
                 for seconds in measured:
                     plan.fast_calls += 1
-                    log_seconds = log(seconds) if seconds > 1e-9 else -20.7
                     if self._builds_running:
                         continue
+                    log_seconds = log(seconds) if seconds > 1e-9 else -20.7
                     history = plan.history
                     if history.add(log_seconds) or (log_seconds > plan.surprise_log and
                                                     history.typical > plan.surprise_log):
@@ -369,8 +369,7 @@ class Scheduler:
             plan.transfer_seconds = prediction.transfer
             plan.predicted = prediction.seconds
             # The decision holds while calls here stay below every other usable device's prediction.
-            plan.surprise_log = math.log(min((p.seconds for p in plan.decision.predictions
-                                              if p.device != device and p.usable), default=math.inf))
+            plan.surprise_log = math.log(reviews.premise_seconds(plan.decision, device))
             plan.timer = plan.launch_timer(state) if plan.home is state.executor else None
             # Numpy operands (home None) skip the conversions a device array would need.
             plan.runner = prepared.host_run if plan.home is None else prepared.run
