@@ -48,11 +48,14 @@ def matmul(a, b):
     return np.einsum("mk,kn->mn", a64, b64)
 
 
-def conv2d_at(x, w, bias=None, *, points, stride=1, padding=0, dilation=1, groups=1, activation=None):
+def conv2d_at(x, w, bias=None, *, points, stride=1, padding=0, dilation=1, groups=1, activation=None,
+              absolute=False):
     """float64 conv2d output at ``points``, an (n, 4) int array of (image, channel, row, column).
 
     Computes each element from the definition (its receptive field times its filter), so a large
     problem can be checked on a random sample without the cost of the full reference.
+    ``absolute=True`` gives the sum of |products| (and |bias|) at the points instead, activation ignored:
+    the scale that rounding errors grow with, without taking |x| of the whole input.
     """
     spec = api.conv2d_spec(x, w, bias, stride=stride, padding=padding, dilation=dilation,
                            groups=groups, activation=activation)
@@ -78,18 +81,25 @@ def conv2d_at(x, w, bias=None, *, points, stride=1, padding=0, dilation=1, group
         window = np.take(x, at)
         # the zero padding, multiplied like any input (inf * 0 is NaN)
         window = np.where(inside[:, None], window.astype(np.float64), 0.0)
-        values[start:start + chunk] = (window * np.asarray(w[k], dtype=np.float64)).sum(axis=(1, 2, 3))
+        filters = np.asarray(w[k], dtype=np.float64)
+        if absolute:
+            window, filters = np.abs(window), np.abs(filters)
+        values[start:start + chunk] = (window * filters).sum(axis=(1, 2, 3))
     if bias is not None:
-        values += np.asarray(bias, dtype=np.float64)[points[:, 1]]
-    if activation == "relu":
+        bias_at = np.asarray(bias, dtype=np.float64)[points[:, 1]]
+        values += np.abs(bias_at) if absolute else bias_at
+    if activation == "relu" and not absolute:
         values = np.maximum(values, 0.0)
     return values
 
 
-def matmul_at(a, b, *, points):
-    """float64 (a @ b) at ``points``, an (n, 2) int array of (row, column)."""
+def matmul_at(a, b, *, points, absolute=False):
+    """float64 (a @ b) at ``points``, an (n, 2) int array of (row, column); ``absolute=True``: the sum of
+    |products| there instead (as for ``conv2d_at``)."""
     api.matmul_spec(a, b)
     points = np.asarray(points, dtype=np.int64).reshape(-1, 2)
     rows = np.asarray(a[points[:, 0]], dtype=np.float64)
     cols = np.asarray(b[:, points[:, 1]], dtype=np.float64)
+    if absolute:
+        rows, cols = np.abs(rows), np.abs(cols)
     return np.einsum("pk,kp->p", rows, cols)

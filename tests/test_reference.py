@@ -148,3 +148,30 @@ def test_matmul_at_matches_float64_product_and_the_full_reference(mkn, dtype):
     product = a.astype(np.float64) @ b.astype(np.float64)
     np.testing.assert_allclose(values, product[tuple(points.T)], rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(values, reference.matmul(a, b)[tuple(points.T)], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_conv2d_at_absolute_is_the_sum_of_absolute_products(name):
+    """The scale the run-time check divides by: |x| * |w| summed, plus |bias|, activation ignored, taken from
+    the gathered windows only (the inputs are left as they were)."""
+    x, w, bias, kwargs = case_inputs(name, np.float64, seed=5)
+    assert (x < 0).any() and (w < 0).any()  # so |.| matters
+    before = x.copy()
+    stride, dilation = kwargs.get("stride", 1), kwargs.get("dilation", 1)
+    pads = resolve_padding(kwargs.get("padding", 0), x.shape[2:], w.shape[2:], stride, dilation)
+    shape = (x.shape[0], w.shape[0], *output_hw(x.shape[2:], w.shape[2:], stride, pads, dilation))
+    points = sample_points(np.random.default_rng(6), shape, 30)
+    scale = reference.conv2d_at(x, w, bias, points=points, absolute=True, **kwargs)
+    expected = reference.conv2d_at(np.abs(x), np.abs(w), None if bias is None else np.abs(bias), points=points,
+                                   **{**kwargs, "activation": None})
+    np.testing.assert_allclose(scale, expected, rtol=1e-12, atol=0)
+    assert (scale >= np.abs(reference.conv2d_at(x, w, bias, points=points, **kwargs)) - 1e-12).all()
+    np.testing.assert_array_equal(x, before)
+
+
+def test_matmul_at_absolute_is_the_sum_of_absolute_products():
+    rng = np.random.default_rng(8)
+    a, b = rng.standard_normal((9, 13)), rng.standard_normal((13, 7))
+    points = sample_points(rng, (9, 7), 15)
+    np.testing.assert_allclose(reference.matmul_at(a, b, points=points, absolute=True),
+                               (np.abs(a) @ np.abs(b))[tuple(points.T)], rtol=1e-12, atol=0)

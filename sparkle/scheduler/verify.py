@@ -46,13 +46,12 @@ def check(op, spec, operands, result, rng):
         kwargs = conv2d_arguments(spec)
         x, w, bias = operands
         exact = reference.conv2d_at(x, w, bias, points=points, **kwargs)
-        scale = reference.conv2d_at(np.abs(x), np.abs(w), None if bias is None else np.abs(bias), points=points,
-                                    **{**kwargs, "activation": None})
+        scale = reference.conv2d_at(x, w, bias, points=points, absolute=True, **kwargs)
         reduction = spec.reduction
     else:
         a, b = operands
         exact = reference.matmul_at(a, b, points=points)
-        scale = reference.matmul_at(np.abs(a), np.abs(b), points=points)
+        scale = reference.matmul_at(a, b, points=points, absolute=True)
         reduction = spec.k
     got = result[tuple(points.T)].astype(np.float64)
     allowed = tolerance(spec.dtype.name, reduction) * scale + np.finfo(np.float64).tiny
