@@ -84,7 +84,13 @@ def test_a_short_run_writes_its_report_and_renders_it_again(quality, tiny_worklo
     assert all(row["measured_in_stream"] > 0 for row in report["unseen"]["rows"])
     assert [row["size"] for row in report["crossover"]["matmul n x n x n"]["rows"]] == [8, 16]
     assert set(report["targets"]) == {"regret_paired", "regret_best", "below_best_single_paired",
-                                      "below_best_single_best", "prediction_error", "prediction_error_in_stream"}
+                                      "below_best_single_best", "prediction_error", "prediction_error_in_stream",
+                                      "one_device_is_the_oracle"}
+    assert report["targets"]["one_device_is_the_oracle"] is True  # one device: auto can at best equal it
+    assert "cpu is the oracle's device for every shape here" in (tmp_path / "run.md").read_text()
+    assert set(report["learned_overhead_after_passes"]) == set(report["learned_overhead_at_end"]) == {"cpu"}
+    rows = report["crossover"]["matmul n x n x n"]["rows"]
+    assert all(set(row["auto_predicted"]) == {"cpu"} and row["auto_predicted"]["cpu"] > 0 for row in rows)
     markdown = (tmp_path / "run.md").read_text()
     for heading in ("Mixed workload", "Oracle", "Prediction error on unseen shapes", "Crossover: matmul"):
         assert f"### {heading}" in markdown
