@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -52,6 +53,20 @@ def test_cache_dir_default_is_platformdirs_user_cache_dir(tmp_path, monkeypatch,
         assert expected == tmp_path / "xdg" / "sparkle"
     assert cache.cache_dir() == expected
     assert expected.is_dir()
+
+
+def test_a_cache_dir_removed_after_first_use_is_made_again_by_the_next_write(tmp_path, monkeypatch):
+    target = tmp_path / "gone"
+    monkeypatch.setenv(cache.CACHE_ENV, str(target))
+    document = cache.JsonDocument("probe", 1)
+    document.update(lambda d: d.update(a=1))
+    shutil.rmtree(target)
+    assert cache.cache_dir() == target  # resolved once, not made again on every call
+    assert document.load() == {} and document.snapshot() == {}
+    document.update(lambda d: d.update(b=2))
+    assert document.load() == {"b": 2} and target.is_dir()
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path / "other"))  # a changed setting is seen at once
+    assert cache.cache_dir() == tmp_path / "other" and (tmp_path / "other").is_dir()
 
 
 def test_digest_is_stable_and_separates_parts():
