@@ -242,3 +242,17 @@ def matmul_as_conv2d_spec(spec):
                       kernel_w=1, stride_h=1, stride_w=1, pad_top=0, pad_bottom=0, pad_left=0, pad_right=0,
                       dilation_h=1, dilation_w=1, groups=1, out_h=1, out_w=spec.n, dtype=spec.dtype,
                       has_bias=False, activation=None)
+
+
+def output_array(out, shape, dtype):
+    """``out`` once checked to be where a result of ``shape`` and ``dtype`` may be written: a writeable
+    C-contiguous numpy array of exactly that shape and dtype (a kernel writes it as flat memory)."""
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"out must be a numpy array, got {type(out).__name__}")
+    shape, dtype = tuple(int(n) for n in shape), np.dtype(dtype)
+    if out.shape != shape or out.dtype != dtype or not out.flags.c_contiguous or not out.flags.writeable:
+        problems = "".join([" (not C-contiguous)" if not out.flags.c_contiguous else "",
+                            " (read-only)" if not out.flags.writeable else ""])
+        raise ValueError(f"out must be a writeable C-contiguous {dtype} array of shape {shape}, "
+                         f"got {out.dtype} {out.shape}{problems}")
+    return out

@@ -290,3 +290,46 @@ def test_short_scratch_raises_instead_of_overrunning(threads):
     launch.kernel(*arguments, values, indices)
     assert len(launch.kernel.signatures) == versions
     assert_close_to_reference(out.reshape(spec.output_shape), reference.conv2d(x, w, padding=1), np.float32)
+
+
+# ---- into: a result written into the caller's array (a split call's part, its slice of the whole result) ----
+
+@pytest.mark.parametrize("case", ["groups-bias-relu", "pointwise", "edge-tiles"])
+def test_conv2d_into_writes_a_slice_of_a_larger_result_and_nothing_else(case):
+    x, w, bias, kwargs = conv_operands(case, np.float32)
+    spec = api.conv2d_spec(x, w, bias, **kwargs)
+    call = backend.prepare_conv2d(spec)
+    whole = np.full((spec.batch + 2, *spec.output_shape[1:]), 7.0, np.float32)  # one image each side
+    unchanged = Unchanged(x, w, bias)
+    call.into(whole[1:-1], x, w, bias)
+    unchanged.check()
+    assert_close_to_reference(whole[1:-1], reference.conv2d(x, w, bias, **kwargs), np.float32)
+    assert (whole[0] == 7.0).all() and (whole[-1] == 7.0).all()
+
+
+@pytest.mark.parametrize("m, k, n", [(13, 7, 29), (1, 17, 3)])
+def test_matmul_into_writes_rows_of_a_larger_product(m, k, n):
+    rng = np.random.default_rng(1)
+    a, b = make_array(rng, (m, k), np.float64), make_array(rng, (k, n), np.float64)
+    call = backend.prepare_matmul(api.matmul_spec(a, b))
+    whole = np.full((m + 3, n), -1.0)
+    call.into(whole[3:], a, b)
+    assert_close_to_reference(whole[3:], reference.matmul(a, b), np.float64)
+    assert (whole[:3] == -1.0).all()
+
+
+def test_into_refuses_an_output_it_cannot_write_and_leaves_it_alone():
+    x, w, bias, kwargs = conv_operands("pointwise", np.float32)
+    call = backend.prepare_conv2d(api.conv2d_spec(x, w, bias, **kwargs))
+    shape = call.spec.output_shape
+    read_only = np.zeros(shape, np.float32)
+    read_only.flags.writeable = False
+    wrong = {"shape": np.zeros(shape[:-1] + (shape[-1] + 1,), np.float32), "dtype": np.zeros(shape, np.float64),
+             "not C-contiguous": np.zeros(shape[::-1], np.float32).T, "read-only": read_only}
+    for why, out in wrong.items():
+        before = out.copy()
+        with pytest.raises(ValueError, match=r"^out must be a writeable C-contiguous float32 array of shape"):
+            call.into(out, x, w, bias)
+        assert np.array_equal(out, before), why
+    with pytest.raises(TypeError, match="^out must be a numpy array, got list"):
+        call.into([0.0], x, w, bias)

@@ -107,3 +107,39 @@ def test_a_split_result_is_the_single_device_result_bit_for_bit(tmp_path, op):
     assert split_result.dtype == single_result.dtype and split_result.flags.c_contiguous
     assert split_result.shape == single_result.shape
     assert np.array_equal(split_result, single_result)
+
+
+
+@pytest.mark.parametrize("op", ["conv2d", "matmul"])
+def test_each_part_of_a_split_writes_its_slice_of_the_result_in_place(tmp_path, monkeypatch, op):
+    """The CPU's part goes straight into its slice of the result (no copy at host speed after it); a simulated
+    device's part, which can only make a new array, is copied in. The split is forced half and half."""
+    from sparkle.cpu import prepared as cpu_prepared
+    from sparkle.scheduler import split
+
+    rng = np.random.default_rng(3)
+    if op == "conv2d":
+        operands, kwargs, prepared_class = batch_conv(batch=6, seed=3), {"padding": 1}, cpu_prepared.PreparedConv2d
+        expected = reference.conv2d(*operands, padding=1)
+    else:
+        operands, kwargs, prepared_class = ((rng.standard_normal((10, 7)).astype(np.float32),
+                                             rng.standard_normal((7, 5)).astype(np.float32)), {},
+                                            cpu_prepared.PreparedMatmul)
+        expected = reference.matmul(*operands)
+    monkeypatch.setattr(split, "plan_split", lambda scheduler, plan, predictions, best: (
+        (("cpu", 0.5), ("sim:gpu", 0.5)), "batch" if op == "conv2d" else "rows", 1e-6))
+    slices = []
+    into = prepared_class.into
+
+    def recording_into(self, out, *arguments):
+        slices.append((out.shape[0], out.base is not None))  # a view: a slice of the whole result
+        return into(self, out, *arguments)
+
+    monkeypatch.setattr(prepared_class, "into", recording_into)
+    scheduler = make(["cpu", simulated_gpu("gpu")], tmp_path)
+    for _ in range(3):
+        assert scheduler.explain(op, *operands, **kwargs).split == (("cpu", 0.5), ("sim:gpu", 0.5))
+        result = getattr(scheduler, op)(*operands, **kwargs)
+        assert result.shape == expected.shape and result.flags.c_contiguous
+        assert_close_to_reference(result, expected, np.float32)
+    assert slices == [(expected.shape[0] // 2, True)] * 3

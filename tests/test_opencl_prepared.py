@@ -134,6 +134,35 @@ def test_mixed_operands_give_a_device_array(device):
 
 
 @pytest.mark.filterwarnings("error::sparkle.opencl.backend.OpenCLFallbackWarning")
+def test_into_copies_the_result_into_a_slice_of_the_callers_array(device):
+    """A split call's part: numpy or device operands, the result in its slice of a larger host array (pinned
+    memory of the device's context on a GPU), nothing around it touched; a wrong ``out`` is refused."""
+    from sparkle.opencl.pinned import result_pool
+
+    prepared, kwargs = prepared_conv("strided_bias_relu", np.float32, device)
+    x, w, bias, _ = conv_operands("strided_bias_relu", np.float32, np.random.default_rng(5))
+    expected = reference.conv2d(x, w, bias, **kwargs)
+    whole = result_pool(device).empty((expected.shape[0] + 1, *expected.shape[1:]), np.float32)
+    for operands in ((x, w, bias), on_device(device, x, w, bias)):
+        whole[...] = 5.0
+        prepared.into(whole[1:], *operands)
+        assert_close_to_reference(whole[1:], expected, np.float32)
+        assert (whole[0] == 5.0).all()
+    matmul = backend.prepare_matmul(api.matmul_spec(np.empty((6, 4), np.float32), np.empty((4, 3), np.float32)),
+                                    device)
+    a, b = make_array(np.random.default_rng(6), (6, 4), np.float32), make_array(np.random.default_rng(7), (4, 3),
+                                                                               np.float32)
+    rows = np.zeros((8, 3), np.float32)
+    matmul.into(rows[2:], a, b)
+    assert_close_to_reference(rows[2:], reference.matmul(a, b), np.float32)
+    assert (rows[:2] == 0).all()
+    with pytest.raises(ValueError, match="^out must be a writeable C-contiguous float32 array of shape"):
+        prepared.into(np.zeros(expected.shape, np.float64), x, w, bias)
+    with pytest.raises(ValueError, match=r"\(not C-contiguous\)"):
+        matmul.into(np.zeros((3, 6), np.float32).T, a, b)
+
+
+@pytest.mark.filterwarnings("error::sparkle.opencl.backend.OpenCLFallbackWarning")
 def test_results_of_earlier_calls_stay_intact(device):
     """Each call's output is a buffer of its own while its DeviceArray lives, however many calls follow."""
     prepared, kwargs = prepared_conv("pointwise", np.float32, device)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import host_pool
+from ..api import output_array
 from .conv2d import fused_conv2d_driver
 from .direct import direct_conv2d_kernel
 from .implicit import (copy_size, grid_plane, implicit_conv2d_driver, needs_copy, phase_arrays, reduction_offsets,
@@ -237,6 +238,11 @@ class PreparedConv2d:
         self._run(x, w, bias, out.ravel())  # a fresh C-contiguous array: ravel is a view
         return out
 
+    def into(self, out, x, w, bias=None):
+        """As a call, with the result written into ``out`` (C-contiguous, of the output's shape and dtype: a
+        slice of a larger result, as a split call's part) instead of a new array."""
+        self._run(x, w, bias, output_array(out, self.spec.output_shape, self.spec.dtype).reshape(-1))
+
     def __repr__(self):
         return f"PreparedConv2d({self.variant!r}, output {self.spec.output_shape}, {self.spec.dtype})"
 
@@ -266,5 +272,10 @@ class PreparedMatmul:
         self._run(b, a, None, out.ravel())  # a fresh C-contiguous array: ravel is a view
         return out
 
+    def into(self, out, a, b):
+        """As a call, with the product written into ``out`` (C-contiguous (M, N) of the dtype)."""
+        self._run(b, a, None, output_array(out, (self.spec.m, self.spec.n), self.spec.dtype).reshape(-1))
+
     def __repr__(self):
         return f"PreparedMatmul({self.variant!r}, output {(self.spec.m, self.spec.n)}, {self.spec.dtype})"
+

@@ -25,7 +25,7 @@ import weakref
 import numpy as np
 import pyopencl as cl  # imported by backend.prepare_* only, which run on an OpenCL device
 
-from ..api import Conv2dSpec, MatmulSpec
+from ..api import Conv2dSpec, MatmulSpec, output_array
 from ..cpu import backend as cpu_backend
 from ..device_array import DeviceArray, to_host
 from . import backend, codegen, launch, transfer
@@ -295,6 +295,18 @@ class PreparedCall:
         result._device, result.buffer, result.shape, result.dtype = self.device, out, self.out_shape, self.dtype
         weakref.finalize(result, self._give, out)  # back to the pool when collected, as DeviceArray does
         return result
+
+    def into(self, out, *operands):
+        """As a call, with the result copied into ``out`` (a C-contiguous host array of the output's shape
+        and dtype) instead of a new array: a split call's part lands in its slice of the whole result, at the
+        bus's full speed where ``out`` lies in pinned memory of this device's context."""
+        output_array(out, self.out_shape, self.dtype)
+        result = self(*(None if operand is None else transfer.upload(self.device, operand, self.dtype)
+                        for operand in operands))
+        if not isinstance(result, DeviceArray):  # computed on the host (an empty output, a fallback)
+            out[...] = result
+        elif out.size:
+            cl.enqueue_copy(self.device.queue, out, result.buffer, is_blocking=True)
 
     def _call_general(self, image, weights, bias, on_device, run_on_cpu):
         """Any operands: copies what is not on the device, builds if needed. numpy or DeviceArray result."""

@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 
+from .. import host_pool
 from ..device_array import DeviceArray, to_host
 
 
@@ -27,6 +28,12 @@ class Executor:
     kind = "?"
     identity = "?"
     builds_block_calls = False  # whether the device's other calls and copies wait while it builds a kernel
+    writes_parts_in_place = False  # whether its prepared calls write a split part's slice of the result (into)
+
+    def host_array(self, shape, dtype):
+        """Host memory this device's results land in fastest (a split call's whole result is made here by the
+        device with the largest part): the process's pool of host arrays, pinned memory for a GPU."""
+        return host_pool.empty(shape, dtype)
 
     def holds(self, operand):
         """Whether ``operand`` already lives in this device's memory."""
@@ -56,10 +63,14 @@ class PreparedCall:
     prepared call: its variant and build state are read live (a fault or a quarantine moves it to the next
     variant)."""
 
-    __slots__ = ("_compiled", "builder", "host_run", "label", "rate_share", "run", "source", "warm")
+    __slots__ = ("_compiled", "builder", "host_run", "into", "label", "rate_share", "run", "source", "warm")
 
-    def __init__(self, run, label, compiled=True, source=None, host_run=None, builder=None, rate_share=1.0):
+    def __init__(self, run, label, compiled=True, source=None, host_run=None, builder=None, rate_share=1.0,
+                 into=None):
         self.run, self.label, self.source, self._compiled = run, label, source, compiled
+        # into(out, *operands): the result written straight into ``out`` (a C-contiguous host array), as a
+        # split call's part is; None where only a new result can be made (run_into then copies it).
+        self.into = into
         # The share of the device's profiled rate this call can use (the CPU's small calls run on one thread).
         self.rate_share = rate_share
         self.host_run = host_run or run  # the same, for numpy operands only: no conversions on the hot path
@@ -68,6 +79,13 @@ class PreparedCall:
 
     def __call__(self, *operands):
         return self.run(*operands)
+
+    def run_into(self, out, *operands):
+        """The call, its result in ``out`` (a host array of the result's shape and dtype)."""
+        if self.into is not None and out.flags.c_contiguous:
+            self.into(out, *operands)
+        else:
+            out[...] = to_host(self.run(*operands))
 
     @property
     def variant(self):
@@ -108,6 +126,7 @@ class CpuExecutor(Executor):
 
     id = "cpu"
     kind = "cpu"
+    writes_parts_in_place = True
 
     def __init__(self):
         import numba
@@ -126,7 +145,8 @@ class CpuExecutor(Executor):
 
         run, variant, prepared = _cpu_call(op, spec)
         return PreparedCall(run, variant, host_run=prepared,
-                            rate_share=min(1.0, prepared.threads / numba.get_num_threads()))
+                            rate_share=min(1.0, prepared.threads / numba.get_num_threads()),
+                            into=lambda out, *operands: prepared.into(out, *map(to_host, operands)))
 
 
 def _cpu_call(op, spec, serial=False):
@@ -204,6 +224,8 @@ class OpenCLExecutor(Executor):
     On a GPU, building a kernel is taken to block the device's other calls: NVIDIA's driver held a 64-byte
     copy up to 287 ms while another thread built a conv kernel (H200, driver 580); PoCL did not."""
 
+    writes_parts_in_place = True
+
     def __init__(self, device):
         from .. import cache
         from ..opencl import codegen
@@ -229,7 +251,12 @@ class OpenCLExecutor(Executor):
 
         factory = backend.prepare_conv2d if op == "conv2d" else backend.prepare_matmul
         prepared = factory(spec, self.device, on_fault="raise")
-        return PreparedCall(prepared, self.id, source=prepared)
+        return PreparedCall(prepared, self.id, source=prepared, into=prepared.into)
+
+    def host_array(self, shape, dtype):
+        from ..opencl.pinned import result_pool
+
+        return result_pool(self.device).empty(shape, dtype)
 
     def transfer_seconds(self, nbytes):
         import pyopencl as cl

@@ -10,7 +10,6 @@ import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from .. import host_pool
 from ..device_array import to_host
 from . import calls, decisions, policy, verify
 from .executors import is_sample
@@ -49,7 +48,11 @@ def plan_split(scheduler, plan, predictions, best):
         split, slowest = policy.balance(units, refined)
     if len(split) < 2:
         return None
-    seconds = slowest + policy.SPLIT_OVERHEAD_SECONDS + plan.features.output_bytes / policy.HOST_COPY_BYTES_PER_SECOND
+    # Parts on devices that write their slice of the result in place cost no copy; the others' results are
+    # copied in at host speed.
+    copied = sum(count for device, count in split if not scheduler._by_id[device].executor.writes_parts_in_place)
+    seconds = (slowest + policy.SPLIT_OVERHEAD_SECONDS
+               + copied / units * plan.features.output_bytes / policy.HOST_COPY_BYTES_PER_SECOND)
     if seconds > policy.SPLIT_GAIN * best.seconds:
         return None
     return tuple((device, count / units) for device, count in split), axis, seconds
@@ -57,12 +60,15 @@ def plan_split(scheduler, plan, predictions, best):
 
 def run_split(scheduler, plan, decision, operands):
     axis, units = calls.split_axis(plan.op, plan.spec)
-    out = host_pool.empty(calls.output_shape(plan.op, plan.spec), plan.spec.dtype)
     parts, start = [], 0
     for device, fraction in decision.split:
         count = max(1, round(fraction * units)) if device != decision.split[-1][0] else units - start
         parts.append((scheduler._by_id[device], (start, start + count)))
         start += count
+    # Each part writes its slice of the result itself; the result lies where the largest part lands fastest
+    # (a GPU's pinned memory), so the bulk of it needs no copy at host speed.
+    owner = max(parts, key=lambda item: (item[0].executor.kind == "gpu", item[1][1] - item[1][0]))[0]
+    out = owner.executor.host_array(calls.output_shape(plan.op, plan.spec), plan.spec.dtype)
     if scheduler._split_pool is None:
         scheduler._split_pool = ThreadPoolExecutor(max_workers=max(2, len(scheduler._states)),
                                                    thread_name_prefix="sparkle-split")
@@ -85,7 +91,7 @@ def _run_part(scheduler, plan, state, part, operands, out, axis, units):
         prepared = plan.prepared_call(state, part)
         compiled = prepared.compiled
         begin = time.perf_counter()
-        result = to_host(prepared(*part_operands))
+        prepared.run_into(target, *part_operands)
         seconds = time.perf_counter() - begin
     except Exception as error:  # noqa: BLE001 - the part runs on the CPU (or the reference) instead
         with scheduler._lock:
@@ -98,7 +104,7 @@ def _run_part(scheduler, plan, state, part, operands, out, axis, units):
     part_spec = calls.part_spec(plan.op, plan.spec, start, stop)
     key = (state.executor.identity, prepared.variant, features.shape_class)
     if scheduler.verify_mode == "always" or (scheduler.verify_mode == "first" and key not in scheduler._verified):
-        passed, worst = verify.check(plan.op, part_spec, part_operands, result, scheduler._rng)
+        passed, worst = verify.check(plan.op, part_spec, part_operands, target, scheduler._rng)
         with scheduler._lock:
             if passed:
                 scheduler._verified.add(key)
@@ -109,8 +115,7 @@ def _run_part(scheduler, plan, state, part, operands, out, axis, units):
         if not passed:
             logger.warning("sparkle scheduler: %s kernel variant %r gave a wrong result; quarantined",
                            state.id, prepared.variant)
-            result = calls.reference_result(plan.op, part_spec, part_operands)
-    target[...] = result
+            target[...] = calls.reference_result(plan.op, part_spec, part_operands)
     if is_sample(prepared, compiled, seconds, decisions.predict(scheduler, state, plan, part, features).seconds):
         signature = f"{plan.signature}|part={part}"
         history = state.history(signature)
