@@ -27,6 +27,19 @@ settings.register_profile("ci", deadline=None, print_blob=True, derandomize=True
 settings.load_profile(os.environ.get("SPARKLE_HYPOTHESIS_PROFILE", "sparkle"))
 
 
+@pytest.fixture(autouse=True)
+def fresh_one_shot_calls():
+    """Each test's sparkle.conv2d(device="opencl:...") calls prepare afresh: tests change the backend's
+    internals (fault injection, stand-in parameters) that a kept prepared call would not see."""
+    try:
+        from sparkle.opencl import backend
+    except ImportError:  # no pyopencl
+        yield
+        return
+    backend.forget_one_shot_calls()
+    yield
+
+
 @pytest.fixture
 def launched(monkeypatch):
     """The parameter sets that reached launch.enqueue, in order."""

@@ -127,19 +127,28 @@ def test_provenance_says_where_a_devices_parameters_come_from(document):
     assert "defaults" in database.provenance(identity("Other"), ZEN3, document)
 
 
-def test_the_shipped_h100_winners_reach_an_untuned_h200(tmp_path, monkeypatch):
-    """The shipped seed itself: an H200 (never tuned, traits as its driver reports them) gets the H100's
-    tuned parameters for a ResNet-50 layer, and every shipped device carries traits."""
+def test_the_shipped_winners_reach_an_untuned_h200(tmp_path, monkeypatch):
+    """The shipped seed itself: an H200 gets the H100's tuned parameters for a shape only the H100 was tuned
+    on, and an H200 on a driver never tuned gets the shipped H200's own winners (the same device under another
+    driver); every shipped device carries traits."""
     monkeypatch.setenv("SPARKLE_CACHE_DIR", str(tmp_path))
     seed = database._seed()
     assert all(DeviceTraits.from_json(entry.get("traits", {})) for entry in seed["devices"].values())
     h200 = "NVIDIA CUDA|OpenCL 3.0 CUDA 13.0.98|NVIDIA Corporation|NVIDIA H200|OpenCL 3.0 CUDA|580.159.04"
-    res4 = conv(n=32, c=256, h=14, w=14, k=256)
+    shipped = {name: next(entry for ident, entry in seed["devices"].items() if name in ident)
+               for name in ("H100", "H200")}
     document = JsonDocument("opencl-tuning-test", version=1, directory=tmp_path)
-    params, source = database.lookup(h200, res4, LIMITS, document=document, traits=H200)
-    h100 = next(entry for ident, entry in seed["devices"].items() if "H100" in ident)
-    assert params == h100["workloads"][res4.key]["best"]["params"]
+    a, b = np.empty((2048, 2048), np.float32), np.empty((2048, 2048), np.float32)
+    matmul = Workload.from_spec(api.matmul_spec(a, b))
+    assert matmul.key in shipped["H100"]["workloads"] and matmul.key not in shipped["H200"]["workloads"]
+    params, source = database.lookup(h200, matmul, LIMITS, document=document, traits=H200)
+    assert params == shipped["H100"]["workloads"][matmul.key]["best"]["params"]
     assert source == "relative NVIDIA H100 80GB HBM3 (sm_90, 132 compute units): tuned"
+    res4 = conv(n=32, c=256, h=14, w=14, k=256)
+    new_driver = h200.replace("580.159.04", "590.10.01")
+    params, source = database.lookup(new_driver, res4, LIMITS, document=document, traits=H200)
+    assert params == shipped["H200"]["workloads"][res4.key]["best"]["params"]
+    assert source == "tuned"
 
 
 def fake_device(extensions="", version="OpenCL 3.0", name=" Some GPU ", **answers):

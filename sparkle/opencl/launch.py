@@ -34,13 +34,27 @@ def kernel_for(device, workload, params, has_bias, relu, name=codegen.MAIN_KERNE
     return device.kernel(source, name)
 
 
+def _steps(device, workload, params, has_bias, relu):
+    """(the variant's launch plan, a kernel object per step), made once per variant on the device: rendering
+    its sources again on every call cost ~0.5 ms (Winograd's four kernels, H200 host). The template, the
+    renderer and the planner are part of the key, so another codegen (an edited template, a test's fault
+    injection) never meets these kernels."""
+    key = (workload, tuple(sorted(params.items())), has_bias, relu, codegen.template, codegen.render,
+           codegen.launch_plan)
+    steps = device.launch_kernels.get(key)
+    if steps is None:
+        plan = codegen.launch_plan(workload, params)
+        steps = plan, [kernel_for(device, workload, params, has_bias, relu, step.kernel) for step in plan]
+        device.launch_kernels[key] = steps
+    return steps
+
+
 def enqueue(device, workload, params, x_buf, w_buf, bias_buf, out_buf, *, has_bias, relu, wait_for=None):
     """Run the variant for ``workload`` with ``params`` on buffers already on ``device``; returns a Span.
 
     Workspaces (split-K's partial sums, Winograd's transformed filters) come from the device's pool and go
     back once every step is enqueued: the queue is in order, so their next user runs after this call."""
-    plan = codegen.launch_plan(workload, params)
-    kernels = [kernel_for(device, workload, params, has_bias, relu, step.kernel) for step in plan]
+    plan, kernels = _steps(device, workload, params, has_bias, relu)
     buffers = {"x": x_buf, "w": w_buf, "bias": bias_buf, "out": out_buf}
     taken = []
     try:

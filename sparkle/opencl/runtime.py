@@ -134,6 +134,7 @@ class OpenCLDevice:
         self._queue = None
         self._programs = {}
         self._kernels = {}
+        self.launch_kernels = {}  # launch.enqueue's steps and kernel objects per variant (see launch._steps)
         self._lock = threading.Lock()
         # clSetKernelArg + enqueue on a shared kernel object is not thread-safe (OpenCL spec, appendix A.2)
         self.launch_lock = threading.Lock()

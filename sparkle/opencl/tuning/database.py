@@ -21,6 +21,14 @@ from . import relatives, space
 DOCUMENT = JsonDocument("opencl-tuning", version=TEMPLATE_VERSION)
 
 
+_generation = [0]  # tuning results recorded by this process: what was decided from the database before is stale
+
+
+def generation():
+    """How many tuning results this process has recorded (a change means earlier lookups may be stale)."""
+    return _generation[0]
+
+
 def record(identity, workload, best, rejected, tried, document=DOCUMENT, traits=None):
     """Store a tuning outcome: ``best`` is {"params", "seconds", "gflops"} or None. ``traits`` (the device's
     DeviceTraits) let devices of its family borrow these results."""
@@ -40,6 +48,7 @@ def record(identity, workload, best, rejected, tried, document=DOCUMENT, traits=
         entry["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
 
     document.update(change)
+    _generation[0] += 1  # after the write: a lookup that follows sees the new result
 
 
 def entries(identity, document=DOCUMENT):
