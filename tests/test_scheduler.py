@@ -857,3 +857,28 @@ def test_history_gives_the_latest_calls_and_refuses_a_bad_count(tmp_path):
         scheduler.history(last=-1)
     with pytest.raises(TypeError, match="last must be a non-negative int"):
         scheduler.history(last=1.5)
+
+
+def test_a_profile_taken_while_the_host_stalls_keeps_the_transfer_speed_seen_after_the_stall():
+    """The GEMM and transfer probes are taken twice, before and after the compile probe: a device whose
+    transfers are 13x slower until then (a host stall, as an H100 machine's once was) is profiled at its
+    true bandwidth."""
+    from sparkle.scheduler import profile as profiling
+
+    class StallsAtFirst(SimulatedDevice):
+        def __init__(self):
+            super().__init__("stalls", 2e9, 1e-5, transfer_bytes_per_second=2e10)
+            self.stalled = True
+
+        def compile_seconds(self):
+            self.stalled = False  # the stall ends while the compile probe runs
+            return super().compile_seconds()
+
+        def transfer_seconds(self, nbytes):
+            up, down = super().transfer_seconds(nbytes)
+            factor = 13.0 if self.stalled else 1.0
+            return up * factor, down * factor
+
+    measured = profiling.measure(StallsAtFirst())
+    assert measured.upload_bytes_per_second == pytest.approx(2e10, rel=1e-9)
+    assert measured.download_bytes_per_second == pytest.approx(2e10, rel=1e-9)
