@@ -294,6 +294,7 @@ def test_short_scratch_raises_instead_of_overrunning(threads):
 
 # ---- into: a result written into the caller's array (a split call's part, its slice of the whole result) ----
 
+@pytest.mark.boundscheck
 @pytest.mark.parametrize("case", ["groups-bias-relu", "pointwise", "edge-tiles"])
 def test_conv2d_into_writes_a_slice_of_a_larger_result_and_nothing_else(case):
     x, w, bias, kwargs = conv_operands(case, np.float32)
@@ -307,6 +308,7 @@ def test_conv2d_into_writes_a_slice_of_a_larger_result_and_nothing_else(case):
     assert (whole[0] == 7.0).all() and (whole[-1] == 7.0).all()
 
 
+@pytest.mark.boundscheck
 @pytest.mark.parametrize("m, k, n", [(13, 7, 29), (1, 17, 3)])
 def test_matmul_into_writes_rows_of_a_larger_product(m, k, n):
     rng = np.random.default_rng(1)

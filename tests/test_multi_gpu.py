@@ -110,6 +110,7 @@ def test_a_split_result_is_the_single_device_result_bit_for_bit(tmp_path, op):
 
 
 
+@pytest.mark.boundscheck
 @pytest.mark.parametrize("op", ["conv2d", "matmul"])
 def test_each_part_of_a_split_writes_its_slice_of_the_result_in_place(tmp_path, monkeypatch, op):
     """The CPU's part goes straight into its slice of the result (no copy at host speed after it); a simulated
