@@ -28,7 +28,7 @@ settings.load_profile(os.environ.get("SPARKLE_HYPOTHESIS_PROFILE", "sparkle"))
 
 
 @pytest.fixture(autouse=True)
-def fresh_one_shot_calls():
+def fresh_kept_calls():
     """Each test's sparkle.conv2d(device="opencl:...") calls prepare afresh: tests change the backend's
     internals (fault injection, stand-in parameters) that a kept prepared call would not see."""
     try:
@@ -36,21 +36,27 @@ def fresh_one_shot_calls():
     except ImportError:  # no pyopencl
         yield
         return
-    backend.forget_one_shot_calls()
+    backend.forget_kept_calls()
     yield
 
 
 @pytest.fixture
 def launched(monkeypatch):
-    """The parameter sets that reached launch.enqueue, in order."""
-    from sparkle.opencl import launch
+    """The parameter sets launched, in order: by launch.enqueue (the tuner, the health check) or by a prepared
+    call's own kernels (prepared calls, and sparkle.conv2d / matmul on an OpenCL device)."""
+    from sparkle.opencl import launch, prepared
 
     calls = []
-    real = launch.enqueue
+    real_enqueue, real_variant_enqueue = launch.enqueue, prepared._Variant.enqueue
 
     def spy(device, workload, params, *args, **kwargs):
         calls.append(dict(params))
-        return real(device, workload, params, *args, **kwargs)
+        return real_enqueue(device, workload, params, *args, **kwargs)
+
+    def variant_spy(variant, *args, **kwargs):
+        calls.append(dict(variant.params))
+        return real_variant_enqueue(variant, *args, **kwargs)
 
     monkeypatch.setattr(launch, "enqueue", spy)
+    monkeypatch.setattr(prepared._Variant, "enqueue", variant_spy)
     return calls

@@ -117,11 +117,11 @@ def test_fallback_to_the_cpu_is_skipped(suite, monkeypatch, device_id):
     OpenCLFallbackWarning, and the benchmark is skipped instead of timing the CPU under the device's name."""
     from sparkle.opencl import backend, prepared
 
-    class FailingLaunch:
-        def enqueue(*args, **kwargs):
-            raise MemoryError("simulated")
+    def failing_enqueue(*args, **kwargs):
+        raise MemoryError("simulated")
 
-    monkeypatch.setattr(prepared, "launch", FailingLaunch)  # the backend's launches only, not health checks
+    # the backend's launches only (prepared calls' own kernels), not the health check's (launch.enqueue)
+    monkeypatch.setattr(prepared._Variant, "enqueue", failing_enqueue)
     monkeypatch.setattr(backend, "_failed", {})  # forget the variants marked failed here afterwards
     for setup in opencl_setups(suite, device_id):
         with pytest.raises(NotImplementedError, match="does not run on the device: .*ran on the Numba CPU backend"):

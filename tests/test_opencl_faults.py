@@ -21,7 +21,7 @@ import pyopencl as cl  # noqa: E402
 import sparkle  # noqa: E402
 from sparkle import api, reference  # noqa: E402
 from sparkle.device_array import DeviceArray  # noqa: E402
-from sparkle.opencl import backend, codegen, launch, transfer  # noqa: E402
+from sparkle.opencl import backend, codegen, launch, prepared, transfer  # noqa: E402
 from sparkle.opencl.backend import OpenCLFallbackWarning  # noqa: E402
 from sparkle.opencl.codegen import Workload  # noqa: E402
 from sparkle.opencl.tuning import database, space  # noqa: E402
@@ -147,18 +147,26 @@ def inject_host_out_of_memory(monkeypatch, device, workload):
 
 
 def inject_lost_device(monkeypatch, device, workload):
-    """The first enqueue reports the device as gone."""
+    """The first enqueue (through launch.enqueue or a prepared call's own kernels) reports the device as gone."""
     bad, _ = backend.choose_params(device, workload)
-    real = launch.enqueue
+    real, real_variant = launch.enqueue, prepared._Variant.enqueue
     state = {"armed": True}
 
-    def enqueue(d, w, params, *args, **kwargs):
+    def disarm():
         if state["armed"]:
             state["armed"] = False
             raise cl_error(cl.RuntimeError, "clEnqueueNDRangeKernel", cl.status_code.DEVICE_NOT_AVAILABLE)
+
+    def enqueue(d, w, params, *args, **kwargs):
+        disarm()
         return real(d, w, params, *args, **kwargs)
 
+    def variant_enqueue(variant, *args, **kwargs):
+        disarm()
+        return real_variant(variant, *args, **kwargs)
+
     monkeypatch.setattr(launch, "enqueue", enqueue)
+    monkeypatch.setattr(prepared._Variant, "enqueue", variant_enqueue)
     return bad, "the device was lost or is not available"
 
 

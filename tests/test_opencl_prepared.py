@@ -433,11 +433,21 @@ def test_output_allocation_failure_falls_back(device, monkeypatch):
     assert_close_to_reference(result, reference.conv2d(x, w, **kwargs), np.float32)
 
 
-def test_one_shot_calls_still_run_through_a_prepared_call(device, launched):
-    """sparkle.conv2d(device="opencl:N") prepares for its one call and launches via launch.enqueue."""
-    x, w, bias, kwargs = conv_operands("strided_bias_relu", np.float32, np.random.default_rng(16))
+def test_explicit_device_calls_keep_their_prepared_call(device, launched):
+    """sparkle.conv2d(device="opencl:N") prepares once per signature and keeps the prepared call (no tuning
+    database lookup and no kernel sources rendered again), numpy and resident operands alike; new data every
+    call still gives the new result."""
+    rng = np.random.default_rng(16)
+    x, w, bias, kwargs = conv_operands("strided_bias_relu", np.float32, rng)
+    params, _ = backend.choose_params(device, Workload.from_spec(api.conv2d_spec(x, w, bias, **kwargs)))
     with no_fallback():
         result = sparkle.conv2d(x, w, bias, device=device.id, **kwargs)
+        kept = dict(backend._kept_calls)
+        assert len(kept) == 1
+        for _ in range(2):
+            x2, w2, bias2, _ = conv_operands("strided_bias_relu", np.float32, rng)
+            resident = sparkle.conv2d(*on_device(device, x2, w2, bias2), device=device.id, **kwargs)
+            assert_close_to_reference(resident.get(), reference.conv2d(x2, w2, bias2, **kwargs), np.float32)
+        assert dict(backend._kept_calls) == kept  # the same prepared call served them
     assert_close_to_reference(result, reference.conv2d(x, w, bias, **kwargs), np.float32)
-    params, _ = backend.choose_params(device, Workload.from_spec(api.conv2d_spec(x, w, bias, **kwargs)))
-    assert [space.complete(p) for p in launched] == [space.complete(params)]
+    assert [space.complete(p) for p in launched] == [space.complete(params)] * 3

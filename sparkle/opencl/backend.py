@@ -135,44 +135,48 @@ def prepare_matmul(spec, device, *, on_fault="fallback"):
 def conv2d(x, w, bias, spec, device):
     from .prepared import PreparedConv2d
 
-    return _one_shot(PreparedConv2d, spec, device)(x, w, bias)
+    return _kept_call(PreparedConv2d, spec, device)(x, w, bias)
 
 
 def matmul(a, b, spec, device):
     from .prepared import PreparedMatmul
 
-    return _one_shot(PreparedMatmul, spec, device)(a, b)
+    return _kept_call(PreparedMatmul, spec, device)(a, b)
 
 
 # sparkle.conv2d / matmul on an OpenCL device: the prepared call of each recent signature, kept so that a call
-# does not look its parameters up in the tuning database again (0.05-0.6 ms a call). A tuning result recorded
-# in this process (database.generation), other device limits, another cache directory or another choose_params
-# (a test's stand-in) makes new ones; a database another process changes meanwhile is read by signatures not kept here.
-ONE_SHOT_KEPT = 64
-_one_shot_calls = collections.OrderedDict()
-_one_shot_lock = threading.Lock()
+# neither looks its parameters up in the tuning database again (0.05-0.6 ms) nor renders its kernels' sources
+# (0.5 ms for Winograd's four), and resident operands take the prepared call's direct path. A tuning result
+# recorded in this process (database.generation), other device limits, another cache directory, or another
+# choose_params, template or renderer (a test's stand-in) makes new ones; a database another process changes
+# meanwhile is read by signatures not kept.
+KEPT_CALLS = 64
+_kept_calls = collections.OrderedDict()
+_kept_lock = threading.Lock()
 
 
-def _one_shot(factory, spec, device):
+def _kept_call(factory, spec, device):
+    from . import codegen
+
     key = (factory, spec, device, space.DeviceLimits.of(device), database.generation(), cache.cache_dir(),
-           choose_params)
-    with _one_shot_lock:
-        prepared = _one_shot_calls.get(key)
+           choose_params, codegen.template, codegen.render)
+    with _kept_lock:
+        prepared = _kept_calls.get(key)
         if prepared is not None:
-            _one_shot_calls.move_to_end(key)
+            _kept_calls.move_to_end(key)
             return prepared
-    prepared = factory(spec, device, one_shot=True)
-    with _one_shot_lock:
-        _one_shot_calls[key] = prepared
-        while len(_one_shot_calls) > ONE_SHOT_KEPT:
-            _one_shot_calls.popitem(last=False)
+    prepared = factory(spec, device)
+    with _kept_lock:
+        _kept_calls[key] = prepared
+        while len(_kept_calls) > KEPT_CALLS:
+            _kept_calls.popitem(last=False)
     return prepared
 
 
-def forget_one_shot_calls():
+def forget_kept_calls():
     """Drop the kept prepared calls (tests that change the backend's internals between calls)."""
-    with _one_shot_lock:
-        _one_shot_calls.clear()
+    with _kept_lock:
+        _kept_calls.clear()
 
 
 __all__ = ["OpenCLFallbackWarning", "OpenCLFault", "choose_params", "conv2d", "failed_variants", "matmul",

@@ -1,6 +1,7 @@
 """Build and enqueue one generated kernel variant on one device (``codegen.launch_plan``'s steps, in order on
-the device's in-order queue): the one-shot path that the tuner, the health check and ``sparkle.conv2d`` use.
-Prepared calls (prepared.py) run the same plan with kernel objects and workspaces of their own.
+the device's in-order queue): the path of the tuner and the health check, which launch a variant a few times.
+Prepared calls (prepared.py: ``sparkle.conv2d`` on an OpenCL device, the scheduler) run the same plan with kernel
+objects and workspaces of their own.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ import pyopencl as cl  # imported by backend.prepare_* only, which run on an Ope
 from ..api import Conv2dSpec, MatmulSpec, output_array
 from ..cpu import backend as cpu_backend
 from ..device_array import DeviceArray, to_host
-from . import backend, codegen, launch, transfer
+from . import backend, codegen, transfer
 from .codegen import Workload
 
 ON_FAULT = ("fallback", "raise")
@@ -142,14 +142,14 @@ class PreparedCall:
 
     ``variant``: the kernel variant that runs (parameters and their source: tuned, nearest or default),
     or "none: <reason>" when calls run on the CPU; it changes when a fault or ``quarantine()`` excludes the
-    variant (``faults`` lists the causes), so read it again after one. ``compiled``: whether its program is built in this
-    process already (False: the first call, or ``build()``, builds; ``binary_cached`` then says whether
-    that loads a binary from the disk cache instead of compiling). ``on_device``: whether calls run on
+    variant (``faults`` lists the causes), so read it again after one. ``compiled``: whether its program is
+    built in this process already (False: the first call, or ``build()``, builds; ``binary_cached`` then says
+    whether that loads a binary from the disk cache instead of compiling). ``on_device``: whether calls run on
     the device. ``on_fault``: "fallback" runs a faulting call on the CPU backend with an
     OpenCLFallbackWarning, as ``sparkle.conv2d`` does; "raise" raises :class:`backend.OpenCLFault`.
     """
 
-    def __init__(self, spec, device, workload, shapes, out_shape, has_bias, relu, on_fault, one_shot):
+    def __init__(self, spec, device, workload, shapes, out_shape, has_bias, relu, on_fault):
         if on_fault not in ON_FAULT:
             raise ValueError(f"on_fault must be one of {ON_FAULT}, got {on_fault!r}")
         self.spec = spec
@@ -157,9 +157,6 @@ class PreparedCall:
         self.workload = workload
         self.has_bias, self.relu = has_bias, relu
         self.on_fault = on_fault
-        # one_shot: a call made once (sparkle.conv2d): launch through the device's shared kernel objects
-        # (launch.enqueue) rather than making a kernel object of its own that is used once.
-        self._one_shot = one_shot
         self.dtype = np.dtype(workload.dtype)
         self._shapes = shapes  # {operand name: shape} in call order
         self.out_shape = tuple(int(s) for s in out_shape)
@@ -253,8 +250,8 @@ class PreparedCall:
 
     def _build(self, variant):
         with self._lock:
-            if self._one_shot or variant is not self._variant:
-                return  # one-shot calls build inside launch.enqueue; a replaced variant is not built
+            if variant is not self._variant:
+                return  # a replaced variant is not built
             if variant.kernel is None:
                 if not self.has_bias and self.unused_bias is None:
                     self.unused_bias = transfer.empty(self.device, (1,), self.dtype)
@@ -323,14 +320,8 @@ class PreparedCall:
             w_dev = transfer.upload(device, weights, dtype)
             b_dev = transfer.upload(device, bias, dtype) if bias is not None else None
             out = transfer.empty(device, self.out_shape, dtype)
-            if self._one_shot:
-                unused = b_dev if b_dev is not None else transfer.empty(device, (1,), dtype)
-                span = launch.enqueue(device, self.workload, variant.params, x_dev.buffer, w_dev.buffer,
-                                      unused.buffer, out.buffer, has_bias=bias is not None, relu=self.relu)
-                self.last_launch = span.first, span.last
-            else:
-                self.last_launch = variant.enqueue(self._queue, x_dev.buffer, w_dev.buffer,
-                                                   b_dev.buffer if b_dev is not None else None, out.buffer)
+            self.last_launch = variant.enqueue(self._queue, x_dev.buffer, w_dev.buffer,
+                                               b_dev.buffer if b_dev is not None else None, out.buffer)
             return out if on_device else out.get()
         except (cl.Error, MemoryError) as error:
             return self._fault(variant, error, on_device, run_on_cpu)
@@ -355,7 +346,7 @@ class PreparedCall:
 class PreparedConv2d(PreparedCall):
     """``prepared(x, w, bias)``: conv2d of the prepared spec (bias None when the spec has none)."""
 
-    def __init__(self, spec, device, *, on_fault="fallback", one_shot=False):
+    def __init__(self, spec, device, *, on_fault="fallback"):
         if not isinstance(spec, Conv2dSpec):
             raise TypeError(f"spec must be a Conv2dSpec, got {type(spec).__name__}")
         shapes = {"x": (spec.batch, spec.in_channels, spec.height, spec.width),
@@ -363,7 +354,7 @@ class PreparedConv2d(PreparedCall):
         if spec.has_bias:
             shapes["bias"] = (spec.out_channels,)
         super().__init__(spec, device, Workload.from_spec(spec), shapes, spec.output_shape, spec.has_bias,
-                         spec.activation == "relu", on_fault, one_shot)
+                         spec.activation == "relu", on_fault)
         self._x_shape, self._w_shape = shapes["x"], shapes["w"]
 
     def __call__(self, x, w, bias=None):
@@ -397,12 +388,11 @@ class PreparedConv2d(PreparedCall):
 class PreparedMatmul(PreparedCall):
     """``prepared(a, b)``: (M, K) @ (K, N), run as a 1x1 conv2d of b seen as a (1, K, 1, N) image."""
 
-    def __init__(self, spec, device, *, on_fault="fallback", one_shot=False):
+    def __init__(self, spec, device, *, on_fault="fallback"):
         if not isinstance(spec, MatmulSpec):
             raise TypeError(f"spec must be a MatmulSpec, got {type(spec).__name__}")
         shapes = {"a": (spec.m, spec.k), "b": (spec.k, spec.n)}
-        super().__init__(spec, device, Workload.from_spec(spec), shapes, (spec.m, spec.n), False, False, on_fault,
-                         one_shot)
+        super().__init__(spec, device, Workload.from_spec(spec), shapes, (spec.m, spec.n), False, False, on_fault)
         self._a_shape, self._b_shape = shapes["a"], shapes["b"]
 
     def __call__(self, a, b):
