@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib
 import inspect
 import pathlib
-import sys
 
 import numpy as np
 import pytest
