@@ -451,3 +451,41 @@ def test_explicit_device_calls_keep_their_prepared_call(device, launched):
         assert dict(backend._kept_calls) == kept  # the same prepared call served them
     assert_close_to_reference(result, reference.conv2d(x, w, bias, **kwargs), np.float32)
     assert [space.complete(p) for p in launched] == [space.complete(params)] * 3
+
+
+@pytest.mark.filterwarnings("error::sparkle.opencl.backend.OpenCLFallbackWarning")
+def test_explicit_device_calls_from_several_threads_while_kept_calls_are_dropped(device, monkeypatch):
+    """Four threads call sparkle.conv2d / matmul on the device with five signatures while only two prepared
+    calls are kept: calls made with a prepared call that is dropped meanwhile still finish right."""
+    monkeypatch.setattr(backend, "KEPT_CALLS", 2)
+    shapes = [(1, 3, 9, 7), (2, 3, 9, 7), (1, 3, 11, 6)]
+    errors, start = [], threading.Barrier(4)
+
+    def worker(seed):
+        try:
+            rng = np.random.default_rng(200 + seed)
+            start.wait()
+            for call in range(8):
+                if call % 4 == 3:
+                    m = 5 + (seed + call) % 2
+                    a, b = rng.standard_normal((m, 13), np.float32), rng.standard_normal((13, 6), np.float32)
+                    result = sparkle.matmul(a, b, device=device.id)
+                    assert_close_to_reference(result, reference.matmul(a, b), np.float32)
+                    continue
+                x = make_array(rng, shapes[(seed + call) % len(shapes)], np.float32)
+                w = make_array(rng, (5, 3, 3, 3), np.float32)
+                operands = on_device(device, x, w) if call % 2 else (x, w)
+                result = sparkle.conv2d(*operands, padding=1, device=device.id)
+                assert_close_to_reference(result.get() if isinstance(result, DeviceArray) else result,
+                                          reference.conv2d(x, w, padding=1), np.float32)
+        except BaseException as error:  # noqa: BLE001 (reported by the main thread)
+            errors.append(error)
+
+    threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    assert len(backend._kept_calls) <= 2
+
