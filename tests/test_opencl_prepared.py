@@ -179,27 +179,35 @@ def test_concurrent_calls_from_several_threads(device):
     prepared, kwargs = prepared_conv("strided_bias_relu", np.float32, device)
     prepared_mm = backend.prepare_matmul(api.matmul_spec(np.empty((7, 13), np.float32),
                                                          np.empty((13, 5), np.float32)), device)
-    errors, start = [], threading.Barrier(4)
+    def work(seed):
+        rng = np.random.default_rng(100 + seed)
+        for call in range(6):
+            if (seed + call) % 3 == 2:
+                a, b = rng.standard_normal((7, 13), np.float32), rng.standard_normal((13, 5), np.float32)
+                result = prepared_mm(*on_device(device, a, b))
+                assert_close_to_reference(result.get(), reference.matmul(a, b), np.float32)
+                continue
+            x, w, bias, _ = conv_operands("strided_bias_relu", np.float32, rng)
+            operands = on_device(device, x, w, bias) if (seed + call) % 3 == 0 else (x, w, bias)
+            result = prepared(*operands)
+            assert_close_to_reference(result.get() if isinstance(result, DeviceArray) else result,
+                                      reference.conv2d(x, w, bias, **kwargs), np.float32)
+
+    run_in_threads(work)
+
+
+def run_in_threads(work, count=4):
+    """``work(seed)`` on ``count`` threads started together; a failure in any of them fails the test here."""
+    errors, start = [], threading.Barrier(count)
 
     def worker(seed):
         try:
-            rng = np.random.default_rng(100 + seed)
             start.wait()
-            for call in range(6):
-                if (seed + call) % 3 == 2:
-                    a, b = rng.standard_normal((7, 13), np.float32), rng.standard_normal((13, 5), np.float32)
-                    result = prepared_mm(*on_device(device, a, b))
-                    assert_close_to_reference(result.get(), reference.matmul(a, b), np.float32)
-                    continue
-                x, w, bias, _ = conv_operands("strided_bias_relu", np.float32, rng)
-                operands = on_device(device, x, w, bias) if (seed + call) % 3 == 0 else (x, w, bias)
-                result = prepared(*operands)
-                assert_close_to_reference(result.get() if isinstance(result, DeviceArray) else result,
-                                          reference.conv2d(x, w, bias, **kwargs), np.float32)
+            work(seed)
         except BaseException as error:  # noqa: BLE001 (reported by the main thread)
             errors.append(error)
 
-    threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(4)]
+    threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(count)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -459,33 +467,21 @@ def test_explicit_device_calls_from_several_threads_while_kept_calls_are_dropped
     calls are kept: calls made with a prepared call that is dropped meanwhile still finish right."""
     monkeypatch.setattr(backend, "KEPT_CALLS", 2)
     shapes = [(1, 3, 9, 7), (2, 3, 9, 7), (1, 3, 11, 6)]
-    errors, start = [], threading.Barrier(4)
+    def work(seed):
+        rng = np.random.default_rng(200 + seed)
+        for call in range(8):
+            if call % 4 == 3:
+                m = 5 + (seed + call) % 2
+                a, b = rng.standard_normal((m, 13), np.float32), rng.standard_normal((13, 6), np.float32)
+                result = sparkle.matmul(a, b, device=device.id)
+                assert_close_to_reference(result, reference.matmul(a, b), np.float32)
+                continue
+            x = make_array(rng, shapes[(seed + call) % len(shapes)], np.float32)
+            w = make_array(rng, (5, 3, 3, 3), np.float32)
+            operands = on_device(device, x, w) if call % 2 else (x, w)
+            result = sparkle.conv2d(*operands, padding=1, device=device.id)
+            assert_close_to_reference(result.get() if isinstance(result, DeviceArray) else result,
+                                      reference.conv2d(x, w, padding=1), np.float32)
 
-    def worker(seed):
-        try:
-            rng = np.random.default_rng(200 + seed)
-            start.wait()
-            for call in range(8):
-                if call % 4 == 3:
-                    m = 5 + (seed + call) % 2
-                    a, b = rng.standard_normal((m, 13), np.float32), rng.standard_normal((13, 6), np.float32)
-                    result = sparkle.matmul(a, b, device=device.id)
-                    assert_close_to_reference(result, reference.matmul(a, b), np.float32)
-                    continue
-                x = make_array(rng, shapes[(seed + call) % len(shapes)], np.float32)
-                w = make_array(rng, (5, 3, 3, 3), np.float32)
-                operands = on_device(device, x, w) if call % 2 else (x, w)
-                result = sparkle.conv2d(*operands, padding=1, device=device.id)
-                assert_close_to_reference(result.get() if isinstance(result, DeviceArray) else result,
-                                          reference.conv2d(x, w, padding=1), np.float32)
-        except BaseException as error:  # noqa: BLE001 (reported by the main thread)
-            errors.append(error)
-
-    threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert not errors, errors
+    run_in_threads(work)
     assert len(backend._kept_calls) <= 2
-
