@@ -278,4 +278,3 @@ class PreparedMatmul:
 
     def __repr__(self):
         return f"PreparedMatmul({self.variant!r}, output {(self.spec.m, self.spec.n)}, {self.spec.dtype})"
-
