@@ -15,7 +15,8 @@ float32, DeviceArray operands, N=1. For each layer (a tiny 1x4x8x8 3x3 conv, the
 The ways of calling:
 - prepared: ``sparkle.opencl.backend.prepare_conv2d(spec, device)`` (``prepare_matmul``), built once, then
   called (what the scheduler does for a repeated call signature);
-- one-shot: ``sparkle.conv2d(..., device="opencl:N")``, which validates and prepares for every call;
+- explicit device: ``sparkle.conv2d(..., device="opencl:N")``, which validates every call and keeps the
+  prepared call of each signature (``--breakdown`` times each step of it on the tiny layer);
 - raw: PyOpenCL's own kernel call, ``kernel(queue, global, local, *buffers)``, on a kernel object of the
   same program (sets the four buffer arguments and enqueues: the floor for a Python caller);
 - torch: ``torch.nn.functional.conv2d`` (``@``) on CUDA tensors, TF32 off, where torch sees a CUDA GPU.
@@ -159,7 +160,7 @@ def measure(device, name, host, conv_kwargs, args):
         prepared = backend.prepare_conv2d(spec, device)
         image, weights = operands
 
-    def one_shot():
+    def explicit():
         if is_matmul:
             return sparkle.matmul(*operands, device=device.id)
         return sparkle.conv2d(*operands, device=device.id, **conv_kwargs)
@@ -178,12 +179,12 @@ def measure(device, name, host, conv_kwargs, args):
            "build_s": build_seconds, "gflop": spec.flops / 1e9}
     row["error"] = {"prepared": checked(name, "the prepared call", call().get(), expected),
                     "prepared_numpy": checked(name, "the prepared call (numpy)", prepared(*host), expected),
-                    "one_shot": checked(name, "sparkle.conv2d", one_shot().get(), expected)}
+                    "explicit": checked(name, "sparkle.conv2d", explicit().get(), expected)}
     raw()
     row["error"]["raw"] = checked(name, "the raw kernel call", raw_result(), expected)
     events = [raw() for _ in range(10)]
     row["kernel_us"] = statistics.median(launch.event_seconds(event) for event in events) * 1e6
-    ways = {"prepared": (call, finish), "one_shot": (one_shot, finish), "raw": (raw, finish)}
+    ways = {"prepared": (call, finish), "explicit": (explicit, finish), "raw": (raw, finish)}
     torch_call = torch_ways(host, conv_kwargs) if not args.no_torch else None
     if torch_call is not None:
         t_call, t_finish, t_result = torch_call
@@ -204,35 +205,24 @@ def step_seconds(call, repeat=200, rounds=5):
     return best
 
 
-def one_shot_breakdown(device, layer):
+def explicit_breakdown(device, layer):
     """Host µs of each step ``sparkle.conv2d(..., device="opencl:N")`` takes for device operands, timed alone
-    (best of a few rounds): where a call that prepares for itself spends its time."""
+    (best of a few rounds): validation, the device, the kept prepared call of the signature, its call."""
     from sparkle.devices import resolve_device as resolve
-    from sparkle.opencl import backend, codegen, transfer
-    from sparkle.opencl.codegen import Workload
+    from sparkle.opencl import backend
+    from sparkle.opencl.prepared import PreparedConv2d
 
     x, w = layer_inputs(layer)
     kwargs = layer.conv_kwargs()
     xd, wd = sparkle.to_device(x, device.id), sparkle.to_device(w, device.id)
     spec = api.conv2d_spec(xd, wd, **kwargs)
-    workload = Workload.from_spec(spec)
-    params, _ = backend.choose_params(device, workload)
-    source = codegen.render(workload, params)
-    kernel = device.kernel(source, "conv2d")
-    global_size, local_size = codegen.launch_geometry(workload, params)
-    out = transfer.empty(device, spec.output_shape, spec.dtype)
-    unused = transfer.empty(device, (1,), spec.dtype)
+    kept = backend._kept_call(PreparedConv2d, spec, device)
+    kept(xd, wd)  # built
     steps = {
         "validate the arguments (api.conv2d_spec)": lambda: api.conv2d_spec(xd, wd, **kwargs),
         "resolve the device id": lambda: resolve(device.id, (xd, wd)),
-        "workload of the spec": lambda: Workload.from_spec(spec),
-        "choose the parameters (tuning database)": lambda: backend.choose_params(device, workload),
-        "render the kernel source": lambda: codegen.render(workload, params),
-        "find the kernel object (source as key)": lambda: device.kernel(source, "conv2d"),
-        "output and unused-bias DeviceArrays": lambda: (transfer.empty(device, spec.output_shape, spec.dtype),
-                                                        transfer.empty(device, (1,), spec.dtype)),
-        "enqueue (PyOpenCL's kernel call)": lambda: kernel(device.queue, global_size, local_size, xd.buffer,
-                                                           wd.buffer, unused.buffer, out.buffer),
+        "find the kept prepared call of the signature": lambda: backend._kept_call(PreparedConv2d, spec, device),
+        "the prepared call (its direct path for resident operands)": lambda: kept(xd, wd),
     }
     rows = {name: step_seconds(call) * 1e6 for name, call in steps.items()}
     device.queue.finish()
@@ -248,8 +238,8 @@ def fmt(value):
 
 def markdown(rows, header):
     has_torch = any("torch" in r for r in rows)
-    ways = ["prepared", "one_shot", "raw"] + (["torch"] if has_torch else [])
-    names = {"prepared": "prepared", "one_shot": "sparkle.conv2d", "raw": "raw pyopencl", "torch": "torch CUDA"}
+    ways = ["prepared", "explicit", "raw"] + (["torch"] if has_torch else [])
+    names = {"prepared": "prepared", "explicit": "sparkle.conv2d", "raw": "raw pyopencl", "torch": "torch CUDA"}
     head = ["layer"] + [f"{names[w]} queued µs" for w in ways] + [f"{names[w]} latency µs" for w in ways] \
         + ["kernel µs (events)"]
     lines = [header, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -307,7 +297,7 @@ def main(argv=None):
     report = markdown(rows, header) + "\n"
     breakdown = None
     if args.breakdown:
-        breakdown = one_shot_breakdown(device, TINY)
+        breakdown = explicit_breakdown(device, TINY)
         report += ("\nWhere `sparkle.conv2d(xd, wd, device=id)` spends its host time, each step timed alone on the "
                    "tiny layer (µs per call, queued):\n\n| step | µs |\n|---|---|\n"
                    + "".join(f"| {name} | {fmt(us)} |\n" for name, us in breakdown.items()))
@@ -317,7 +307,7 @@ def main(argv=None):
             f.write(report)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"header": header, "rows": rows, "one_shot_breakdown": breakdown}, f, indent=1)
+            json.dump({"header": header, "rows": rows, "explicit_breakdown": breakdown}, f, indent=1)
     return 0
 
 
