@@ -31,11 +31,8 @@ settings.load_profile(os.environ.get("SPARKLE_HYPOTHESIS_PROFILE", "sparkle"))
 def fresh_kept_calls():
     """Each test's sparkle.conv2d(device="opencl:...") calls prepare afresh: tests change the backend's
     internals (fault injection, stand-in parameters) that a kept prepared call would not see."""
-    try:
-        from sparkle.opencl import backend
-    except ImportError:  # no pyopencl
-        yield
-        return
+    from sparkle.opencl import backend  # imports pyopencl only when a device is used
+
     backend.forget_kept_calls()
     yield
 

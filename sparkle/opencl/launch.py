@@ -1,5 +1,6 @@
 """Build and enqueue one generated kernel variant on one device (``codegen.launch_plan``'s steps, in order on
-the device's in-order queue): the path of the tuner and the health check, which launch a variant a few times.
+the device's in-order queue): the path of the tuner (which times each candidate over up to 50 launches) and of
+the health check.
 Prepared calls (prepared.py: ``sparkle.conv2d`` on an OpenCL device, the scheduler) run the same plan with kernel
 objects and workspaces of their own.
 """
@@ -37,7 +38,8 @@ def kernel_for(device, workload, params, has_bias, relu, name=codegen.MAIN_KERNE
 
 def _steps(device, workload, params, has_bias, relu):
     """(the variant's launch plan, a kernel object per step), made once per variant on the device: rendering
-    its sources again on every call cost ~0.5 ms (Winograd's four kernels, H200 host). The template, the
+    its sources again on every launch cost ~0.5 ms (Winograd's four kernels, H200 host), for every one of a
+    tuning candidate's timed launches. The template, the
     renderer and the planner are part of the key, so another codegen (an edited template, a test's fault
     injection) never meets these kernels."""
     key = (workload, tuple(sorted(params.items())), has_bias, relu, codegen.template, codegen.render,
