@@ -119,12 +119,17 @@ def raw_call(device, prepared, image, weights):
     def call():
         return kernel(device.queue, variant.global_size, variant.local_size, *buffers)
 
+    def timed():
+        """The same launch on the profiling queue, in the queue's order: its event carries device times."""
+        return device.timed(lambda queue, after: (kernel(queue, variant.global_size, variant.local_size, *buffers,
+                                                         wait_for=after),) * 2)
+
     def result():
         host = np.empty(prepared.out_shape, prepared.dtype)
         cl.enqueue_copy(device.queue, host, out, is_blocking=True)
         return host
 
-    return call, result
+    return call, result, timed
 
 
 def torch_ways(host, conv_kwargs):
@@ -174,7 +179,7 @@ def measure(device, name, host, conv_kwargs, args):
         raise SystemExit(f"{name}: no kernel variant runs on {device.id}: {prepared.variant}")
     build_seconds = time.perf_counter() - start
     finish = device.queue.finish
-    raw, raw_result = raw_call(device, prepared, image, weights)
+    raw, raw_result, raw_timed = raw_call(device, prepared, image, weights)
     row = {"workload": name, "variant": prepared.variant, "compiled_at_prepare": compiled_before,
            "build_s": build_seconds, "gflop": spec.flops / 1e9}
     row["error"] = {"prepared": checked(name, "the prepared call", call().get(), expected),
@@ -182,8 +187,8 @@ def measure(device, name, host, conv_kwargs, args):
                     "explicit": checked(name, "sparkle.conv2d", explicit().get(), expected)}
     raw()
     row["error"]["raw"] = checked(name, "the raw kernel call", raw_result(), expected)
-    events = [raw() for _ in range(10)]
-    row["kernel_us"] = statistics.median(launch.event_seconds(event) for event in events) * 1e6
+    launches = [raw_timed() for _ in range(10)]
+    row["kernel_us"] = statistics.median(launch.Span(*events).seconds for events in launches) * 1e6
     ways = {"prepared": (call, finish), "explicit": (explicit, finish), "raw": (raw, finish)}
     torch_call = torch_ways(host, conv_kwargs) if not args.no_torch else None
     if torch_call is not None:

@@ -53,7 +53,8 @@ def _steps(device, workload, params, has_bias, relu):
 
 
 def enqueue(device, workload, params, x_buf, w_buf, bias_buf, out_buf, *, has_bias, relu, wait_for=None):
-    """Run the variant for ``workload`` with ``params`` on buffers already on ``device``; returns a Span.
+    """Run the variant for ``workload`` with ``params`` on buffers already on ``device``; returns a Span
+    (its events carry device times: the launch runs through ``device.timed``).
 
     Workspaces (split-K's partial sums, Winograd's transformed filters) come from the device's pool and go
     back once every step is enqueued: the queue is in order, so their next user runs after this call."""
@@ -64,16 +65,21 @@ def enqueue(device, workload, params, x_buf, w_buf, bias_buf, out_buf, *, has_bi
         for role, nbytes in codegen.workspaces(workload, params).items():
             buffers[role] = device.pool_buffer(nbytes)
             taken.append(buffers[role])
-        events = []
-        with device.launch_lock:
+
+        def steps(queue, after):
+            events = []
             for kernel, step in zip(kernels, plan):
-                events.append(kernel(device.queue, step.global_size, step.local_size,
-                                     *(buffers[role] for role in step.args),
-                                     wait_for=wait_for if not events else None))
+                waits = [*(wait_for or ()), *(after or ())] if not events else None
+                events.append(kernel(queue, step.global_size, step.local_size,
+                                     *(buffers[role] for role in step.args), wait_for=waits or None))
+            return events[0], events[-1]
+
+        with device.launch_lock:
+            first, last = device.timed(steps)  # every launch here is timed: on the profiling queue
     finally:
         for buffer in taken:
             device.pool.give(buffer)
-    return Span(events[0], events[-1])
+    return Span(first, last)
 
 
 def event_seconds(span):

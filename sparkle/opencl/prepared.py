@@ -107,26 +107,32 @@ class _Variant:
         self.steps = tuple(steps)
         self.kernel = steps[-1][0]
 
-    def enqueue(self, queue, x_buf, w_buf, bias_buf, out_buf):
-        """Set the arguments that change and enqueue every step (no wait); returns the first and the last
-        step's events; raises the driver's error."""
+    def enqueue(self, x_buf, w_buf, bias_buf, out_buf, timed=False):
+        """Set the arguments that change and enqueue every step (no wait) on the device's queue, or with
+        ``timed`` through ``device.timed`` (events with device times); returns the first and the last step's
+        events; raises the driver's error."""
         buffers = (x_buf, w_buf, bias_buf, out_buf)
-        first = None
         with self.lock:  # workspaces serve one call at a time (the queue is in order)
             if self.shared_workspaces:  # back to the pool once enqueued: their next user runs after this call
                 taken = tuple(self._pool.take(nbytes) for nbytes in self.shared_workspaces)
                 buffers += taken
             try:
-                for kernel, per_call, global_size, local_size in self.steps:
-                    for index, role in per_call:
-                        kernel.set_arg(index, buffers[role])
-                    last = cl.enqueue_nd_range_kernel(queue, kernel, global_size, local_size,
-                                                      None, None, False, False)  # positional: keywords cost here
-                    if first is None:
-                        first = last
+                if timed:
+                    return self._call.device.timed(lambda queue, after: self._enqueue_steps(queue, buffers, after))
+                return self._enqueue_steps(self._call._queue, buffers, None)
             finally:
                 for buffer in buffers[len(_ROLES):]:
                     self._pool.give(buffer)
+
+    def _enqueue_steps(self, queue, buffers, wait_for):
+        first = None
+        for kernel, per_call, global_size, local_size in self.steps:
+            for index, role in per_call:
+                kernel.set_arg(index, buffers[role])
+            last = cl.enqueue_nd_range_kernel(queue, kernel, global_size, local_size,
+                                              None, wait_for, False, False)  # positional: keywords cost here
+            if first is None:
+                first, wait_for = last, None
         return first, last
 
 
@@ -175,8 +181,10 @@ class PreparedCall:
                                f"({device.max_alloc / 2**20:.0f} MiB)")
         self._variant = self._no_variant = None
         self._ready = None  # the built variant while calls of resident operands may take the direct path
-        # (first, last) event of the latest launch (either path): its device time, once it has run
+        # (first, last) event of the latest timed launch (either path): its device time, once it has run.
+        # A launch is timed when request_timing() asked for it (the profiling queue costs host time on GPUs).
         self.last_launch = None
+        self._timing_requested = False
         if not self._empty:
             self._choose()
 
@@ -236,6 +244,10 @@ class PreparedCall:
                 self._choose()
         return self.variant
 
+    def request_timing(self):
+        """Time the next launch (either path): its (first, last) events become ``last_launch``."""
+        self._timing_requested = True
+
     # ---- state changes ----
 
     def _choose(self):
@@ -277,13 +289,19 @@ class PreparedCall:
         return ValueError(f"the operands must have the shapes {list(self._shapes.values())} and dtype {self.dtype} "
                           "for this prepared call")
 
+    def _enqueue(self, variant, x_buf, w_buf, bias_buf, out_buf):
+        if self._timing_requested:
+            self._timing_requested = False
+            self.last_launch = variant.enqueue(x_buf, w_buf, bias_buf, out_buf, True)
+        else:
+            variant.enqueue(x_buf, w_buf, bias_buf, out_buf)
+
     def _launch_resident(self, variant, image, weights, bias, run_on_cpu):
         """The direct path: buffers on the device already, the variant built. Returns a DeviceArray."""
         out = None
         try:
             out = self.device.pool_buffer(self._out_nbytes)
-            self.last_launch = variant.enqueue(self._queue, image.buffer, weights.buffer,
-                                               bias.buffer if bias is not None else None, out)
+            self._enqueue(variant, image.buffer, weights.buffer, bias.buffer if bias is not None else None, out)
         except (cl.Error, MemoryError) as error:
             if out is not None:
                 self._give(out)
@@ -320,8 +338,8 @@ class PreparedCall:
             w_dev = transfer.upload(device, weights, dtype)
             b_dev = transfer.upload(device, bias, dtype) if bias is not None else None
             out = transfer.empty(device, self.out_shape, dtype)
-            self.last_launch = variant.enqueue(self._queue, x_dev.buffer, w_dev.buffer,
-                                               b_dev.buffer if b_dev is not None else None, out.buffer)
+            self._enqueue(variant, x_dev.buffer, w_dev.buffer, b_dev.buffer if b_dev is not None else None,
+                          out.buffer)
             return out if on_device else out.get()
         except (cl.Error, MemoryError) as error:
             return self._fault(variant, error, on_device, run_on_cpu)

@@ -1,4 +1,5 @@
-"""OpenCL runtime: device discovery, one context and profiling queue per device, the program cache
+"""OpenCL runtime: device discovery, one context and in-order queue per device (and a profiling queue for the
+launches that are timed), the program cache
 (in memory per context, on disk by source + options + device and driver identity) and a buffer pool.
 
 Nothing here knows about tuning or scheduling.
@@ -20,6 +21,11 @@ OPENCL_ENV = "SPARKLE_OPENCL"
 # Oclgrind is a simulator for checking kernels, not a device to run on: listed only on request.
 SIMULATORS_ENV = "SPARKLE_OPENCL_SIMULATORS"
 SIMULATOR_PLATFORMS = ("Oclgrind",)
+# "separate": ordinary commands go on a queue without profiling, timed launches on a profiling queue spliced into
+# its order; "shared": one profiling queue. NVIDIA's driver spends ~16 us of host time per kernel enqueue on a
+# profiling queue against ~10 us without (H200, driver 580); PoCL the same either way. Default: separate on GPUs.
+TIMING_QUEUE_ENV = "SPARKLE_TIMING_QUEUE"
+TIMING_QUEUE_MODES = ("separate", "shared")
 
 
 def _import_pyopencl():
@@ -101,7 +107,12 @@ def _architecture(cl_device, kind):
 
 
 class OpenCLDevice:
-    """One OpenCL device with its context, in-order profiling queue, programs and buffers."""
+    """One OpenCL device with its context, in-order queue, programs and buffers.
+
+    ``queue`` takes every ordinary command. Launches whose device time is read (the tuner's, sampled calls of
+    the scheduler) go through ``timed``, which runs them on ``timing_queue`` (profiling enabled) in ``queue``'s
+    order. With ``separate_timing_queue`` False the two are one profiling queue.
+    """
 
     def __init__(self, index, cl_device):
         cl = _import_pyopencl()
@@ -131,7 +142,8 @@ class OpenCLDevice:
             platform.name, platform.version, cl_device.vendor, cl_device.name, cl_device.version,
             cl_device.driver_version))
         self._context = None
-        self._queue = None
+        self._queue = self._timing_queue = None
+        self.separate_timing_queue = _timing_queue_mode(self.kind) == "separate"
         self._programs = {}
         self._kernels = {}
         self.launch_kernels = {}  # launch.enqueue's steps and kernel objects per variant (see launch._steps)
@@ -157,16 +169,42 @@ class OpenCLDevice:
         self._ensure_context()
         return self._queue
 
+    @property
+    def timing_queue(self):
+        """The profiling queue (``queue`` itself unless ``separate_timing_queue``); enqueue on it through
+        ``timed``, which keeps ``queue``'s order."""
+        self._ensure_context()
+        return self._timing_queue
+
     def _ensure_context(self):
         if self._context is None:
             cl = _import_pyopencl()
             with self._lock:
                 if self._context is None:
                     context = cl.Context([self.cl_device])
-                    self._queue = cl.CommandQueue(
-                        context, self.cl_device, properties=cl.command_queue_properties.PROFILING_ENABLE)
+                    profiling = cl.command_queue_properties.PROFILING_ENABLE
+                    self._timing_queue = cl.CommandQueue(context, self.cl_device, properties=profiling)
+                    self._queue = cl.CommandQueue(context, self.cl_device) if self.separate_timing_queue \
+                        else self._timing_queue
                     self.pool = BufferPool(context)
                     self._context = context
+
+    def timed(self, enqueue):
+        """``enqueue(queue, wait_for)`` -> (first, last) events, run on the profiling queue as if on ``queue``:
+        after every command enqueued on ``queue`` before, and before every command enqueued there after
+        (a marker, and a barrier on the launch's last event; each queue flushed, as the OpenCL specification
+        asks of events waited for across queues). Returns the (first, last) events, which carry device times."""
+        self._ensure_context()
+        main, timing = self._queue, self._timing_queue
+        if main is timing:
+            return enqueue(timing, None)
+        cl = _import_pyopencl()
+        before = cl.enqueue_marker(main)
+        main.flush()
+        first, last = enqueue(timing, [before])
+        timing.flush()
+        cl.enqueue_barrier(main, wait_for=[last])
+        return first, last
 
     def pool_buffer(self, nbytes):
         """A device buffer of at least one byte from the pool (it goes back when its owner is collected)."""
@@ -211,6 +249,15 @@ class OpenCLDevice:
 
     def __repr__(self):
         return f"OpenCLDevice({self.id!r}, {self.name!r}, {self.kind})"
+
+
+def _timing_queue_mode(kind):
+    mode = os.environ.get(TIMING_QUEUE_ENV, "").strip().lower()
+    if not mode:
+        return "separate" if kind == "gpu" else "shared"
+    if mode not in TIMING_QUEUE_MODES:
+        raise ValueError(f"{TIMING_QUEUE_ENV} must be one of {TIMING_QUEUE_MODES}, got {mode!r}")
+    return mode
 
 
 # Cached binaries are stored as BINARY_MAGIC + sha256(binary) + binary. Drivers trust what they are given
@@ -303,7 +350,8 @@ def assign_units(devices):
 
 def opencl_devices():
     """Every usable OpenCL device (empty when OpenCL is disabled or missing)."""
-    return list(_discover((os.environ.get(OPENCL_ENV, "1"), os.environ.get(SIMULATORS_ENV, "0"))))
+    return list(_discover((os.environ.get(OPENCL_ENV, "1"), os.environ.get(SIMULATORS_ENV, "0"),
+                           os.environ.get(TIMING_QUEUE_ENV, ""))))
 
 
 def opencl_device(device_id):

@@ -166,15 +166,16 @@ def _cpu_call(op, spec, serial=False):
     return (lambda a, b: prepared(to_host(a), to_host(b))), f"cpu {prepared.variant}", prepared
 
 
-# A queued call's device time is sampled: one launch in flight is watched, its state read every this many calls.
+# A queued call's device time is sampled: one launch at a time is timed, its state read every this many calls.
 LAUNCH_CHECK_EVERY = 8
 
 
 class LaunchTimer:
     """Samples of the device time of one prepared OpenCL call's launches, read once they have run (it never
     waits): a call whose result stays on the device returns when it is enqueued, and its host time (tens of
-    microseconds) says nothing of what the device spends on it. One launch is watched at a time and its
-    state read every LAUNCH_CHECK_EVERY calls, so the hot path pays a counter, not a driver query."""
+    microseconds) says nothing of what the device spends on it. One launch at a time is timed (the source's
+    ``request_timing``: a profiling queue costs host time on every launch it takes) and its state read every
+    LAUNCH_CHECK_EVERY calls, so the hot path pays a counter, not a driver query."""
 
     def __init__(self, source):
         import pyopencl as cl
@@ -184,35 +185,43 @@ class LaunchTimer:
         self._span_seconds = span_seconds
         self._source = source
         self._complete = cl.command_execution_status.COMPLETE
-        self._watched = None  # (first, last) event of the launch being watched
+        self._read = None  # the timed launch read last (or given up on)
         self._calls = 0
+        source.request_timing()
 
     def after_call(self):
-        """After a call: the device seconds of the watched launch if it has run (first kernel's start to last
-        kernel's end; the call's own launch is watched next), else nothing."""
+        """After a call: the device seconds of the timed launch if it has run (first kernel's start to last
+        kernel's end; the next call is timed then), else nothing."""
         self._calls += 1
-        watched = self._watched
-        if watched is None:
-            self._watched = self._source.last_launch
-            return ()
         if self._calls % LAUNCH_CHECK_EVERY:
             return ()
-        first, last = watched
+        launch = self._source.last_launch
+        if launch is None or launch is self._read:
+            self._source.request_timing()  # (a call that did not launch took nothing; ask again)
+            return ()
+        first, last = launch
         status = last.command_execution_status
         if status > self._complete:  # queued, submitted or running
             return ()
-        self._watched = self._source.last_launch
+        self._read = launch
+        self._source.request_timing()
         if status < 0:  # the launch failed: no time to read (its fault surfaces on the next use)
             return ()
         return (self._span_seconds(first, last),)
 
-    def wait_for_last(self):
-        """The device seconds of the latest launch, waiting for it (the slow path's calls, which are checked
-        and read back anyway); None if there is none. The watch starts afresh."""
-        self._watched = None
+    def before_call(self):
+        """Before a call the slow path will wait for: its launch is timed. Returns a token for
+        ``wait_for_call``."""
+        self._source.request_timing()
+        return self._source.last_launch
+
+    def wait_for_call(self, token):
+        """The device seconds of the launch of the call made after ``before_call`` returned ``token``,
+        waiting for it; None if that call launched nothing (a fallback, an empty output)."""
         launch = self._source.last_launch
-        if launch is None:
+        if launch is None or launch is token:
             return None
+        self._read = launch
         first, last = launch
         last.wait()
         return self._span_seconds(first, last)

@@ -283,12 +283,15 @@ class Scheduler:
             prepared = plan.prepared_call(state)
             compiled = prepared.compiled
             first_here = state.id not in plan.primed
+            # The result stays on the device where the operands live: the call returns once queued, and its
+            # time is the launch's device time.
+            timer = plan.launch_timer(state) if plan.home is state.executor else None
+            token = timer.before_call() if timer is not None else None
             start = time.perf_counter()
             result = prepared(*operands)
             seconds = time.perf_counter() - start
-            timer = plan.launch_timer(state) if plan.home is state.executor else None
-            if timer is not None:  # the result stays on the device: its call returned once queued
-                seconds = timer.wait_for_last() or seconds
+            if timer is not None:
+                seconds = timer.wait_for_call(token) or seconds
         except Exception as error:  # noqa: BLE001 - any failure of a device is a fault (bad input re-raised)
             return safeguards.after_fault(self, plan, state, operands, error)
         prediction = next((p for p in decision.predictions if p.device == state.id), None)
