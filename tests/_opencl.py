@@ -9,6 +9,8 @@
 - ``runtime_device(device_id)``: the runtime ``OpenCLDevice`` for an id, looked up afresh each time
   (discovery is cached by environment, so a test that changes SPARKLE_OPENCL gets new device objects:
   never keep one across tests).
+- ``timing_queue_mode`` fixture: runs a test with one profiling queue per device and again with timed launches
+  on a queue apart (SPARKLE_TIMING_QUEUE), whatever the devices' defaults.
 - ``sparkle_cache`` fixture: points SPARKLE_CACHE_DIR at a test-only directory that persists between runs
   (pytest's cache directory), so program binaries built by one run make the next run fast, and the user's
   own cache and tuning database are never read or written by the tests.
@@ -127,6 +129,14 @@ def sparkle_cache(request, tmp_path_factory, monkeypatch):
     path = cache_path_for_tests(request.config, tmp_path_factory)
     monkeypatch.setenv("SPARKLE_CACHE_DIR", os.fspath(path))
     return path
+
+
+@pytest.fixture(params=["shared", "separate"], ids=["one-queue", "timing-queue-apart"])
+def timing_queue_mode(request, monkeypatch):
+    """SPARKLE_TIMING_QUEUE for this test, both ways: devices looked up after it are fresh objects (their own
+    contexts) with one profiling queue, or with timed launches on a queue apart (the default on GPUs)."""
+    monkeypatch.setenv("SPARKLE_TIMING_QUEUE", request.param)
+    return request.param
 
 
 class GuardedBuffer:

@@ -26,7 +26,7 @@ from sparkle.opencl.codegen import Workload  # noqa: E402
 from sparkle.opencl.tuning import space  # noqa: E402
 
 from _helpers import assert_close_to_reference, make_array  # noqa: E402
-from _opencl import opencl_params, runtime_device, sparkle_cache  # noqa: E402,F401
+from _opencl import opencl_params, runtime_device, sparkle_cache, timing_queue_mode  # noqa: E402,F401
 
 pytestmark = pytest.mark.usefixtures("sparkle_cache")
 
@@ -50,8 +50,10 @@ def no_failed_variants(monkeypatch):
 
 
 @pytest.fixture(params=opencl_params())
-def device(request):
-    return runtime_device(request.param)
+def device(request, timing_queue_mode):
+    device = runtime_device(request.param)
+    assert device.separate_timing_queue == (timing_queue_mode == "separate")
+    return device
 
 
 def conv_operands(name, dtype, rng, layouts=("C", "C", "C")):

@@ -166,8 +166,11 @@ def _cpu_call(op, spec, serial=False):
     return (lambda a, b: prepared(to_host(a), to_host(b))), f"cpu {prepared.variant}", prepared
 
 
-# A queued call's device time is sampled: one launch at a time is timed, its state read every this many calls.
+# A queued call's device time is sampled: one launch at a time is timed, its state read every LAUNCH_CHECK_EVERY
+# calls, and the next one timed TIME_EVERY calls after a reading. A timed launch costs more host time than another
+# on a GPU (spliced in from the profiling queue: a marker and a barrier besides the launch).
 LAUNCH_CHECK_EVERY = 8
+TIME_EVERY = 32
 
 
 class LaunchTimer:
@@ -185,26 +188,28 @@ class LaunchTimer:
         self._span_seconds = span_seconds
         self._source = source
         self._complete = cl.command_execution_status.COMPLETE
-        self._read = None  # the timed launch read last (or given up on)
+        self._read = None  # the timed launch read last
         self._calls = 0
+        self._request_at = 0  # the call from which the next launch is to be timed
         source.request_timing()
 
     def after_call(self):
         """After a call: the device seconds of the timed launch if it has run (first kernel's start to last
-        kernel's end; the next call is timed then), else nothing."""
+        kernel's end), else nothing."""
         self._calls += 1
         if self._calls % LAUNCH_CHECK_EVERY:
             return ()
         launch = self._source.last_launch
-        if launch is None or launch is self._read:
-            self._source.request_timing()  # (a call that did not launch took nothing; ask again)
+        if launch is None or launch is self._read:  # nothing new to read: time a launch once it is time to
+            if self._calls >= self._request_at:
+                self._source.request_timing()
             return ()
         first, last = launch
         status = last.command_execution_status
         if status > self._complete:  # queued, submitted or running
             return ()
         self._read = launch
-        self._source.request_timing()
+        self._request_at = self._calls + TIME_EVERY
         if status < 0:  # the launch failed: no time to read (its fault surfaces on the next use)
             return ()
         return (self._span_seconds(first, last),)
@@ -222,6 +227,7 @@ class LaunchTimer:
         if launch is None or launch is token:
             return None
         self._read = launch
+        self._request_at = self._calls + TIME_EVERY
         first, last = launch
         last.wait()
         return self._span_seconds(first, last)
