@@ -6,6 +6,8 @@ Each figure is the best of ROUNDS loops of CALLS calls, the variants interleaved
 noisy neighbour hits them alike; every result is checked against the float64 reference first.
 
     python benchmarks/dispatch_auto.py [--gpu opencl:N] [--json PATH]
+
+Run it with SPARKLE_TIMING_QUEUE=shared and =separate to compare where timed launches go (one process each).
 """
 
 from __future__ import annotations
@@ -134,8 +136,13 @@ def main():
     for name, us in report["cpu"].items():
         print(f"{name:<44} {us:>12.2f}")
     if args.gpu:
+        from sparkle.opencl import runtime
+
         report["gpu"] = gpu_figures(args.gpu)
-        print(f"\n{'device arrays on ' + args.gpu:<24} {'placed on':>10} {'since call (ms)':>16} {'queued us':>10} "
+        # where the launches go: timed ones apart on a profiling queue (SPARKLE_TIMING_QUEUE, GPUs' default)
+        report["timing_queue"] = "separate" if runtime.opencl_device(args.gpu).separate_timing_queue else "shared"
+        print(f"\ntiming queue: {report['timing_queue']}")
+        print(f"{'device arrays on ' + args.gpu:<24} {'placed on':>10} {'since call (ms)':>16} {'queued us':>10} "
               f"{'latency us':>11}")
         for name, row in report["gpu"].items():
             since = f"{row['placed_at_call']} ({row['placed_after_ms']:.0f})"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-LONGEST_INTERVAL = 256  # calls between reviews at most
+LONGEST_INTERVAL = 1024  # calls between reviews at most (the cost share decides for calls of ~10 us and more)
 CONFIDENT = 0.95  # a choice at least this likely to be the fastest is reviewed less often (_stride)
 # Scheduled reviews cost at most this share of the time of the calls between them: a review costs 0.1-0.25 ms,
 # as much as a small call; reviewing a 50 us call at its 2nd, 3rd and 5th calls doubled those calls' cost.
