@@ -9,7 +9,10 @@ Every call must run on the device: a fallback to the CPU would allocate nothing 
 
 from __future__ import annotations
 
+import copy
 import gc
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -149,6 +152,49 @@ def test_a_buffer_returns_to_the_pool_when_its_last_device_array_is_collected(de
     again = sparkle.to_device(x, device.id)
     assert again.buffer is buffer and allocations == [x.nbytes]  # reused, not allocated
     np.testing.assert_array_equal(again.get(), x)
+
+
+def test_a_copy_of_a_device_array_is_a_view_and_the_buffer_goes_back_once(device, allocations):
+    x = np.arange(4 * 6, dtype=np.float32).reshape(4, 6)
+    d = sparkle.to_device(x, device.id)
+    buffer = d.buffer
+    twin = copy.copy(d)
+    assert twin.buffer is buffer and twin.shape == d.shape and allocations == [x.nbytes]
+    del d
+    gc.collect()
+    np.testing.assert_array_equal(twin.get(), x)  # the copy keeps the buffer alive
+    assert all(buffer is not kept for kept in device.pool.free.get(x.nbytes, []))
+    del twin
+    gc.collect()
+    assert sum(buffer is kept for kept in device.pool.free.get(x.nbytes, [])) == 1
+
+
+def test_buffers_taken_and_given_back_from_eight_threads_are_never_held_twice(device):
+    """The pool's warm take and give run without a lock (list.pop and list.append are atomic): no buffer may
+    be handed to two holders at once."""
+    pool, nbytes = device.pool, 4096 + 64
+    held, lock, failures = set(), threading.Lock(), []
+
+    def worker():
+        for _ in range(500):
+            buffer = pool.take(nbytes)
+            with lock:
+                if id(buffer) in held:
+                    failures.append(buffer)
+                held.add(id(buffer))
+            time.sleep(0)  # let the other threads take and give while this one holds it
+            with lock:
+                held.discard(id(buffer))
+            pool.give(buffer)
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures
+    kept = pool.free[nbytes]
+    assert len({id(buffer) for buffer in kept}) == len(kept) <= pool.max_kept_per_size + 8
 
 
 def test_inputs_on_another_device_are_copied_through_the_host(device, monkeypatch):

@@ -168,6 +168,7 @@ class PreparedCall:
         self.out_shape = tuple(int(s) for s in out_shape)
         self._out_nbytes = math.prod(self.out_shape) * self.dtype.itemsize
         self._queue = device.queue  # makes the context and its buffer pool (no build)
+        self._pool = device.pool
         self._give = device.pool.give
         self._lock = threading.Lock()  # choosing and building
         self.faults = []  # the cause of each fault met, in order
@@ -308,7 +309,7 @@ class PreparedCall:
             return self._fault(variant, error, True, run_on_cpu)
         result = object.__new__(DeviceArray)  # DeviceArray.__init__ without re-checking shape and dtype
         result._device, result.buffer, result.shape, result.dtype = self.device, out, self.out_shape, self.dtype
-        weakref.finalize(result, self._give, out)  # back to the pool when collected, as DeviceArray does
+        result._pool = self._pool  # back to the pool when collected, as DeviceArray does
         return result
 
     def into(self, out, *operands):

@@ -55,20 +55,28 @@ class BufferPool:
     lock: threading.Lock = field(default_factory=threading.Lock)
     max_kept_per_size: int = 8
 
+    # list.pop and list.append are atomic: a warm take or give needs no lock (two of them cost 0.9 us of the
+    # 2.8 us a take and a give took on the 2-core VM); only making a size's list takes it.
+
     def take(self, nbytes):
         nbytes = max(int(nbytes), 1)
-        with self.lock:
-            kept = self.free.get(nbytes)
-            if kept:
+        kept = self.free.get(nbytes)
+        if kept:
+            try:
                 return kept.pop()
+            except IndexError:  # another thread took the last one meanwhile
+                pass
         cl = _import_pyopencl()  # only on a miss: a prepared call's warm path takes kept buffers
         return cl.Buffer(self.context, cl.mem_flags.READ_WRITE, nbytes)
 
     def give(self, buffer):
-        with self.lock:
-            kept = self.free[buffer.size]
-            if len(kept) < self.max_kept_per_size:
-                kept.append(buffer)
+        size = buffer.size
+        kept = self.free.get(size)
+        if kept is None:
+            with self.lock:
+                kept = self.free[size]
+        if len(kept) < self.max_kept_per_size:  # (two threads may both pass: a list may hold one or two more)
+            kept.append(buffer)
 
     def clear(self):
         with self.lock:
