@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import copy
 import gc
+import subprocess
+import sys
 import threading
 import time
 
@@ -195,6 +197,23 @@ def test_buffers_taken_and_given_back_from_eight_threads_are_never_held_twice(de
     assert not failures
     kept = pool.free[nbytes]
     assert len({id(buffer) for buffer in kept}) == len(kept) <= pool.max_kept_per_size + 8
+
+
+def test_device_arrays_alive_at_interpreter_exit_leave_no_error(device):
+    """Buffers go back to the pool in DeviceArray.__del__, which also runs while the interpreter shuts down."""
+    script = f"""
+import copy, numpy as np, sparkle
+x = sparkle.to_device(np.ones((1, 4, 8, 8), np.float32), {device.id!r})
+w = sparkle.to_device(np.ones((4, 4, 3, 3), np.float32), {device.id!r})
+kept = [sparkle.conv2d(x, w, padding=1, device={device.id!r}) for _ in range(3)]
+view, twin = kept[0].reshape(-1), copy.copy(kept[1])
+print(float(kept[2].get().sum()))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    x, w = np.ones((1, 4, 8, 8), np.float32), np.ones((4, 4, 3, 3), np.float32)
+    assert float(done.stdout.split()[-1]) == pytest.approx(float(reference.conv2d(x, w, padding=1).sum()))
+    assert "Exception ignored" not in done.stderr and "Error" not in done.stderr, done.stderr
 
 
 def test_inputs_on_another_device_are_copied_through_the_host(device, monkeypatch):
