@@ -86,6 +86,29 @@ def test_tuner_launches_and_uploads_keep_their_order(device):
     assert_close_to_reference(current.get(), expected, np.float32)
 
 
+def test_a_launch_that_fails_half_enqueued_still_ends_before_the_next_command(device):
+    """A timed launch whose later step fails to enqueue (split-K's reduction, say) after an earlier one was
+    enqueued: the earlier kernel still ends before the queue's next command, which here reads its output."""
+    n = 256
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((n, n)).astype(np.float32)
+    b = (rng.standard_normal((n, n)) / np.sqrt(n)).astype(np.float32)
+    prepared = backend.prepare_matmul(api.matmul_spec(a, b), device)
+    assert prepared.build()
+    variant = prepared._ready
+    a_dev, b_dev = sparkle.to_device(a, device.id), sparkle.to_device(b, device.id)
+    out = transfer.empty(device, (n, n), np.float32)
+    buffers = (b_dev.buffer, a_dev.buffer, prepared.unused_bias.buffer, out.buffer)  # b is the kernel's image
+
+    def fails_after_the_first_kernel(queue, after):
+        variant._enqueue_steps(queue, buffers, after)
+        raise RuntimeError("the next step could not be enqueued")
+
+    with pytest.raises(RuntimeError, match="could not be enqueued"):
+        device.timed(fails_after_the_first_kernel)
+    assert_close_to_reference(out.get(), a.astype(np.float64) @ b.astype(np.float64), np.float32)
+
+
 def test_scheduler_samples_device_times_from_the_timing_queue(device):
     rng = np.random.default_rng(2)
     x = rng.standard_normal((2, 32, 20, 20)).astype(np.float32)

@@ -209,9 +209,17 @@ class OpenCLDevice:
         cl = _import_pyopencl()
         before = cl.enqueue_marker(main)
         main.flush()
-        first, last = enqueue(timing, [before])
-        timing.flush()
-        cl.enqueue_barrier(main, wait_for=[last])
+        try:
+            first, last = enqueue(timing, [before])
+        except BaseException:
+            # what of the launch was enqueued (split-K's first kernel, say) must still end before the queue's
+            # next command: it may write a workspace the next call is given
+            try:
+                _join(cl, main, timing, cl.enqueue_marker(timing))
+            except cl.Error:  # a lost device: the error raised below says so
+                pass
+            raise
+        _join(cl, main, timing, last)
         return first, last
 
     def pool_buffer(self, nbytes):
@@ -257,6 +265,12 @@ class OpenCLDevice:
 
     def __repr__(self):
         return f"OpenCLDevice({self.id!r}, {self.name!r}, {self.kind})"
+
+
+def _join(cl, main, timing, event):
+    """Commands enqueued on ``main`` from now on run after ``event`` of the ``timing`` queue."""
+    timing.flush()
+    cl.enqueue_barrier(main, wait_for=[event])
 
 
 def _timing_queue_mode(kind):
