@@ -223,14 +223,27 @@ def explicit_breakdown(device, layer):
     spec = api.conv2d_spec(xd, wd, **kwargs)
     kept = backend._kept_call(PreparedConv2d, spec, device)
     kept(xd, wd)  # built
+    variant = kept._ready
+    out = device.pool_buffer(kept._out_nbytes)
+    buffers = (xd.buffer, wd.buffer, kept.unused_bias.buffer, out)
     steps = {
         "validate the arguments (api.conv2d_spec)": lambda: api.conv2d_spec(xd, wd, **kwargs),
         "resolve the device id": lambda: resolve(device.id, (xd, wd)),
         "find the kept prepared call of the signature": lambda: backend._kept_call(PreparedConv2d, spec, device),
         "the prepared call (its direct path for resident operands)": lambda: kept(xd, wd),
+        # where the launches go (SPARKLE_TIMING_QUEUE): the same kernels on each queue, and spliced in
+        "the variant's kernels enqueued on the device queue": lambda: variant._enqueue_steps(device.queue, buffers,
+                                                                                           None),
+        "the same on the profiling queue": lambda: variant._enqueue_steps(device.timing_queue, buffers, None),
+        "a timed launch (device.timed: marker, launch, barrier)": lambda: device.timed(
+            lambda queue, after: variant._enqueue_steps(queue, buffers, after)),
     }
-    rows = {name: step_seconds(call) * 1e6 for name, call in steps.items()}
-    device.queue.finish()
+    rows = {}
+    for name, call in steps.items():
+        rows[name] = step_seconds(call) * 1e6
+        device.timing_queue.finish()
+        device.queue.finish()
+    device.pool.give(out)
     rows["whole call: sparkle.conv2d(..., device=id)"] = step_seconds(
         lambda: sparkle.conv2d(xd, wd, device=device.id, **kwargs)) * 1e6
     device.queue.finish()
@@ -280,8 +293,10 @@ def main(argv=None):
     if isinstance(device, str):
         parser.error(f"--device must be an OpenCL device, got {args.device!r}")
     cuda = torch is not None and torch.cuda.is_available() and not args.no_torch
-    header = (f"Device: {device.id} {device.name} ({device.identity}); host {platform.processor() or platform.machine()}"
-              f", Python {platform.python_version()}; torch {torch.__version__ if torch else 'absent'}"
+    header = (f"Device: {device.id} {device.name} ({device.identity}); timing queue "
+              f"{'apart' if device.separate_timing_queue else 'shared'}; "
+              f"host {platform.processor() or platform.machine()}, Python {platform.python_version()}; "
+              f"torch {torch.__version__ if torch else 'absent'}"
               f"{' with CUDA ' + torch.cuda.get_device_name() if cuda else ' (no CUDA: no torch figures)'}; "
               f"{time.strftime('%Y-%m-%d %H:%M')}")
     print(header, flush=True)
