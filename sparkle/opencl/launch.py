@@ -39,9 +39,8 @@ def kernel_for(device, workload, params, has_bias, relu, name=codegen.MAIN_KERNE
 def _steps(device, workload, params, has_bias, relu):
     """(the variant's launch plan, a kernel object per step), made once per variant on the device: rendering
     its sources again on every launch cost ~0.5 ms (Winograd's four kernels, H200 host), for every one of a
-    tuning candidate's timed launches. The template, the
-    renderer and the planner are part of the key, so another codegen (an edited template, a test's fault
-    injection) never meets these kernels."""
+    tuning candidate's timed launches. The template, the renderer and the planner are part of the key, so
+    another codegen (an edited template, a test's fault injection) never meets these kernels."""
     key = (workload, tuple(sorted(params.items())), has_bias, relu, codegen.template, codegen.render,
            codegen.launch_plan)
     steps = device.launch_kernels.get(key)

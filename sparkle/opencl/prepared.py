@@ -169,7 +169,6 @@ class PreparedCall:
         self._out_nbytes = math.prod(self.out_shape) * self.dtype.itemsize
         self._queue = device.queue  # makes the context and its buffer pool (no build)
         self._pool = device.pool
-        self._give = device.pool.give
         self._lock = threading.Lock()  # choosing and building
         self.faults = []  # the cause of each fault met, in order
         self.unused_bias = None
@@ -305,7 +304,7 @@ class PreparedCall:
             self._enqueue(variant, image.buffer, weights.buffer, bias.buffer if bias is not None else None, out)
         except (cl.Error, MemoryError) as error:
             if out is not None:
-                self._give(out)
+                self._pool.give(out)
             return self._fault(variant, error, True, run_on_cpu)
         result = object.__new__(DeviceArray)  # DeviceArray.__init__ without re-checking shape and dtype
         result._device, result.buffer, result.shape, result.dtype = self.device, out, self.out_shape, self.dtype
