@@ -97,6 +97,9 @@ def as_float_array(value, name):
         raise TypeError(f"{name} must be a numpy.ndarray or sparkle DeviceArray of float32 or float64, "
                         f"got {type(value).__name__}")
     if value.dtype not in SUPPORTED_DTYPES:
+        if value.dtype.newbyteorder("=") in SUPPORTED_DTYPES:
+            raise TypeError(f"{name} must have dtype float32 or float64 in the machine's byte order, got "
+                            f"{value.dtype.str} (convert it with {name}.astype({name}.dtype.newbyteorder('=')))")
         raise TypeError(f"{name} must have dtype float32 or float64, got {value.dtype}")
     return value
 

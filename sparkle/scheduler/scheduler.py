@@ -431,8 +431,13 @@ def _default_executors():
 
 def _conv2d_key(x, w, bias=None, *, stride=1, padding=0, dilation=1, groups=1, activation=None):
     """What makes two conv2d calls one signature (the cached plan's key)."""
-    return ("conv2d", calls.layout(x), calls.layout(w), None if bias is None else calls.layout(bias), stride, padding,
-            dilation, groups, activation)
+    key = ("conv2d", calls.layout(x), calls.layout(w), None if bias is None else calls.layout(bias), stride, padding,
+           dilation, groups, activation)
+    if stride.__class__ is not int or padding.__class__ is not int or dilation.__class__ is not int or \
+            groups.__class__ is not int:
+        # 1.0 and True equal 1 as keys, yet the slow path refuses them: the types make such a call its own signature
+        key += (calls.scalar_types((stride, padding, dilation, groups)),)
+    return key
 
 
 def _matmul_key(a, b):
