@@ -15,8 +15,9 @@ float32, DeviceArray operands, N=1. For each layer (a tiny 1x4x8x8 3x3 conv, the
 The ways of calling:
 - prepared: ``sparkle.opencl.backend.prepare_conv2d(spec, device)`` (``prepare_matmul``), built once, then
   called (what the scheduler does for a repeated call signature);
-- explicit device: ``sparkle.conv2d(..., device="opencl:N")``, which validates every call and keeps the
-  prepared call of each signature (``--breakdown`` times each step of it on the tiny layer);
+- explicit device: ``sparkle.conv2d(..., device="opencl:N")``, which validates a signature's first call and
+  keeps its spec and the OpenCL backend's prepared call (``sparkle/named_device.py``; ``--breakdown`` times
+  each step of a first call on the tiny layer, and the whole kept call);
 - raw: PyOpenCL's own kernel call, ``kernel(queue, global, local, *buffers)``, on a kernel object of the
   same program (sets the four buffer arguments and enqueues: the floor for a Python caller);
 - torch: ``torch.nn.functional.conv2d`` (``@``) on CUDA tensors, TF32 off, where torch sees a CUDA GPU.
@@ -244,7 +245,7 @@ def explicit_breakdown(device, layer):
         device.timing_queue.finish()
         device.queue.finish()
     device.pool.give(out)
-    rows["whole call: sparkle.conv2d(..., device=id)"] = step_seconds(
+    rows["whole call: sparkle.conv2d(..., device=id), a kept signature"] = step_seconds(
         lambda: sparkle.conv2d(xd, wd, device=device.id, **kwargs)) * 1e6
     device.queue.finish()
     return rows

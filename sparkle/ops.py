@@ -2,8 +2,7 @@
 
 import numpy as np
 
-from . import api, reference
-from .cpu import backend as cpu_backend
+from . import api, named_device
 from .device_array import to_host
 from .devices import resolve_device
 from .scheduler.scheduler import UnscheduledDevice, default_scheduler
@@ -34,18 +33,8 @@ def conv2d(x, w, bias=None, *, stride=1, padding=0, dilation=1, groups=1, activa
                                               groups=groups, activation=activation)
         except UnscheduledDevice:
             pass  # an operand lives on a device the scheduler does not use: run there, as asked
-    spec = api.conv2d_spec(x, w, bias, stride=stride, padding=padding, dilation=dilation, groups=groups,
-                           activation=activation)
-    target = resolve_device(device, (x, w, bias))
-    if target == "reference":
-        result = reference.conv2d(to_host(x), to_host(w), to_host(bias), stride=stride, padding=padding,
-                                  dilation=dilation, groups=groups, activation=activation)
-        return np.ascontiguousarray(result, dtype=spec.dtype)
-    if target == "cpu":
-        return cpu_backend.conv2d(to_host(x), to_host(w), to_host(bias), spec)
-    from .opencl import backend as opencl_backend
-
-    return opencl_backend.conv2d(x, w, bias, spec, target)
+    return named_device.conv2d(x, w, bias, device, dict(stride=stride, padding=padding, dilation=dilation,
+                                                        groups=groups, activation=activation))
 
 
 def matmul(a, b, *, device="auto"):
@@ -59,15 +48,7 @@ def matmul(a, b, *, device="auto"):
             return default_scheduler().matmul(a, b)
         except UnscheduledDevice:
             pass
-    spec = api.matmul_spec(a, b)
-    target = resolve_device(device, (a, b))
-    if target == "reference":
-        return np.ascontiguousarray(reference.matmul(to_host(a), to_host(b)), dtype=spec.dtype)
-    if target == "cpu":
-        return cpu_backend.matmul(to_host(a), to_host(b), spec)
-    from .opencl import backend as opencl_backend
-
-    return opencl_backend.matmul(a, b, spec, target)
+    return named_device.matmul(a, b, device)
 
 
 def to_device(array, device="opencl"):

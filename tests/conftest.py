@@ -29,10 +29,12 @@ settings.load_profile(os.environ.get("SPARKLE_HYPOTHESIS_PROFILE", "sparkle"))
 
 @pytest.fixture(autouse=True)
 def fresh_kept_calls():
-    """Each test's sparkle.conv2d(device="opencl:...") calls prepare afresh: tests change the backend's
+    """Each test's sparkle.conv2d(device="cpu" / "opencl:...") calls prepare afresh: tests change the backends'
     internals (fault injection, stand-in parameters) that a kept prepared call would not see."""
+    from sparkle import named_device
     from sparkle.opencl import backend  # imports pyopencl only when a device is used
 
+    named_device.forget()
     backend.forget_kept_calls()
     yield
 

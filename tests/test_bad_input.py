@@ -22,17 +22,18 @@ def good_inputs():
     return x, w, bias
 
 
-def call_conv(entry=sparkle.conv2d, x=None, w=None, bias=None, warm=False, **kwargs):
+def call_conv(entry=sparkle.conv2d, x=None, w=None, bias=None, warm=None, **kwargs):
     """Call conv2d with good inputs except those given; check inputs are unchanged afterwards.
 
-    ``warm``: first make the valid call that the bad one most resembles a warm signature of the default
-    scheduler (same array shapes and layouts, each scalar argument as the int it equals), so that the bad call
-    is refused by the cached plan's key, not only by the first call's validation."""
+    ``warm`` ("auto" or a device): first make the valid call that the bad one most resembles (same array
+    shapes and layouts, each scalar argument as the int it equals) a warm signature on that device, so that
+    the bad call is refused by the kept signature's key, not only by the first call's validation."""
     gx, gw, gb = good_inputs()
     x = gx if x is None else x
     w = gw if w is None else w
     bias = gb if bias is None else bias
-    if warm:
+    if warm is not None:
+        kwargs["device"] = warm
         _warm_valid_twin(entry, x, w, bias, kwargs)
     unchanged = Unchanged(x, w, bias)
     try:
@@ -56,7 +57,7 @@ def _native_twin(array):
 
 
 def _warm_valid_twin(entry, x, w, bias, kwargs):
-    twin = {name: _int_twin(value) for name, value in kwargs.items() if name != "device"}
+    twin = {name: _int_twin(value) for name, value in kwargs.items()}
     arrays = [_native_twin(a) for a in (x, w, bias)]
     try:
         for _ in range(5):  # past the first call's verification: the plan's fast path is armed
@@ -117,10 +118,11 @@ def test_bad_arrays(entry, arguments, error, match):
         call_conv(entry, **arguments)
 
 
+@pytest.mark.parametrize("device", ["auto", "cpu"])
 @pytest.mark.parametrize("arguments, error, match", ARRAY_CASES)
-def test_bad_arrays_refused_after_the_valid_call_they_resemble_is_warm(arguments, error, match):
+def test_bad_arrays_refused_after_the_valid_call_they_resemble_is_warm(arguments, error, match, device):
     with pytest.raises(error, match=match):
-        call_conv(warm=True, **arguments)
+        call_conv(warm=device, **arguments)
 
 
 @pytest.mark.parametrize("position", ["x", "w"])
@@ -145,7 +147,7 @@ def test_groups_must_divide_channels():
     (0, ValueError), (-1, ValueError), (1.5, TypeError), (2.0, TypeError), (True, TypeError), ("2", TypeError),
     (None, TypeError), ((2,), TypeError), (np.float32(2), TypeError),
 ])
-@pytest.mark.parametrize("warm", [False, True], ids=["cold", "warm"])
+@pytest.mark.parametrize("warm", [None, "auto", "cpu"], ids=["cold", "warm auto", "warm cpu"])
 def test_bad_groups(value, error, warm):
     with pytest.raises(error, match=r"^groups\b"):
         call_conv(groups=value, warm=warm)
@@ -161,7 +163,7 @@ BAD_PAIRS = [
 
 @pytest.mark.parametrize("name", ["stride", "dilation"])
 @pytest.mark.parametrize("value, error", BAD_PAIRS, ids=[repr(v) for v, _ in BAD_PAIRS])
-@pytest.mark.parametrize("warm", [False, True], ids=["cold", "warm"])
+@pytest.mark.parametrize("warm", [None, "auto", "cpu"], ids=["cold", "warm auto", "warm cpu"])
 def test_bad_stride_and_dilation(name, value, error, warm):
     with pytest.raises(error, match=rf"^{name}\b"):
         call_conv(warm=warm, **{name: value})
@@ -176,7 +178,7 @@ BAD_PADDINGS = [
 
 
 @pytest.mark.parametrize("value, error", BAD_PADDINGS, ids=[repr(v) for v, _ in BAD_PADDINGS])
-@pytest.mark.parametrize("warm", [False, True], ids=["cold", "warm"])
+@pytest.mark.parametrize("warm", [None, "auto", "cpu"], ids=["cold", "warm auto", "warm cpu"])
 def test_bad_padding(value, error, warm):
     with pytest.raises(error, match=r"^padding\b"):
         call_conv(padding=value, warm=warm)

@@ -1,27 +1,11 @@
-"""What the scheduler knows of a call: its signature key, its text for humans, and how it splits into parts."""
+"""What the scheduler knows of a call: its text for humans, and how it splits into parts."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from .. import reference
-from ..device_array import DeviceArray
 from . import verify
-
-
-def layout(array):
-    """What a call signature records of an operand: type, shape, dtype and memory layout (or device)."""
-    if array.__class__ is np.ndarray:  # the dtype itself, not its char: '>f4' and '<f4' share 'f'
-        return array.shape, array.dtype, array.strides
-    if array.__class__ is DeviceArray:
-        return array.shape, array.dtype, array._device.id
-    raise TypeError("not an array")  # the slow path validates and names the argument
-
-
-def scalar_types(values):
-    """The types of a call's scalar arguments, those inside tuples too: what keeps a call with ``stride=1.0``
-    or ``padding=(True, 0)`` from sharing the plan of the valid call it equals."""
-    return tuple(tuple(map(type, value)) if value.__class__ is tuple else type(value) for value in values)
 
 
 def operands(op, args, kwargs):

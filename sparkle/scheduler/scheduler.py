@@ -25,6 +25,7 @@ from time import perf_counter
 import numpy as np
 
 from .. import api
+from .. import signature as signatures
 from ..device_array import DeviceArray
 from . import builds, calls, decisions, policy, reviews, safeguards
 from . import split as split_calls
@@ -115,8 +116,8 @@ class Scheduler:
     def conv2d(self, x, w, bias=None, *, stride=1, padding=0, dilation=1, groups=1, activation=None):
         """``sparkle.conv2d`` on the device this scheduler picks (see :func:`sparkle.conv2d`)."""
         try:
-            key = _conv2d_key(x, w, bias, stride=stride, padding=padding, dilation=dilation, groups=groups,
-                              activation=activation)
+            key = signatures.conv2d_key(x, w, bias, stride=stride, padding=padding, dilation=dilation,
+                                        groups=groups, activation=activation)
             plan = self._plans.get(key)
         except (AttributeError, TypeError):  # not arrays, or unhashable arguments: the slow path says why
             key, plan = None, None
@@ -129,7 +130,7 @@ class Scheduler:
     def matmul(self, a, b):
         """``sparkle.matmul`` on the device this scheduler picks."""
         try:
-            key = _matmul_key(a, b)
+            key = signatures.matmul_key(a, b)
             plan = self._plans.get(key)
         except (AttributeError, TypeError):
             key, plan = None, None
@@ -145,7 +146,8 @@ class Scheduler:
         spec = api.conv2d_spec(*args, **kwargs) if op == "conv2d" else api.matmul_spec(*args, **kwargs)
         operands = calls.operands(op, args, kwargs)
         try:  # the plan the call would take, if it has one: its built kernels and its calls so far count
-            plan = self._plans.get((_conv2d_key if op == "conv2d" else _matmul_key)(*args, **kwargs))
+            key_of = signatures.conv2d_key if op == "conv2d" else signatures.matmul_key
+            plan = self._plans.get(key_of(*args, **kwargs))
         except (AttributeError, TypeError):
             plan = None
         if plan is None:
@@ -427,21 +429,6 @@ def _default_executors():
             except ValueError:  # unavailable (its health check failed): not a place to run calls
                 continue
     return executors
-
-
-def _conv2d_key(x, w, bias=None, *, stride=1, padding=0, dilation=1, groups=1, activation=None):
-    """What makes two conv2d calls one signature (the cached plan's key)."""
-    key = ("conv2d", calls.layout(x), calls.layout(w), None if bias is None else calls.layout(bias), stride, padding,
-           dilation, groups, activation)
-    if stride.__class__ is not int or padding.__class__ is not int or dilation.__class__ is not int or \
-            groups.__class__ is not int:
-        # 1.0 and True equal 1 as keys, yet the slow path refuses them: the types make such a call its own signature
-        key += (calls.scalar_types((stride, padding, dilation, groups)),)
-    return key
-
-
-def _matmul_key(a, b):
-    return ("matmul", calls.layout(a), calls.layout(b))
 
 
 def _executor(device):

@@ -1,0 +1,41 @@
+"""A call's signature key: what makes two calls one for every cache in front of a prepared call (the
+scheduler's plans, the kept calls of a named device). Built on every call, so it is cheap: the operands'
+class, shape, dtype and layout (or device), and the other arguments as given. It is only a key; a call
+whose key is new is validated (api.py) before anything is kept under it."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .device_array import DeviceArray
+
+
+def layout(array):
+    """What a signature records of an operand: type, shape, dtype and memory layout (or device)."""
+    if array.__class__ is np.ndarray:  # the dtype itself, not its char: '>f4' and '<f4' share 'f'
+        return array.shape, array.dtype, array.strides
+    if array.__class__ is DeviceArray:
+        return array.shape, array.dtype, array._device.id
+    raise TypeError("not an array")  # the slow path validates and names the argument
+
+
+def scalar_types(values):
+    """The types of a call's scalar arguments, those inside tuples too: what keeps a call with ``stride=1.0``
+    or ``padding=(True, 0)`` from sharing the key of the valid call it equals."""
+    return tuple(tuple(map(type, value)) if value.__class__ is tuple else type(value) for value in values)
+
+
+def conv2d_key(x, w, bias=None, *, stride=1, padding=0, dilation=1, groups=1, activation=None):
+    """The key of a conv2d call; TypeError (or AttributeError) where an argument cannot be part of one."""
+    key = ("conv2d", layout(x), layout(w), None if bias is None else layout(bias), stride, padding, dilation,
+           groups, activation)
+    if stride.__class__ is not int or padding.__class__ is not int or dilation.__class__ is not int or \
+            groups.__class__ is not int:
+        # 1.0 and True equal 1 as keys, yet validation refuses them: their types make such a call its own key
+        key += (scalar_types((stride, padding, dilation, groups)),)
+    return key
+
+
+def matmul_key(a, b):
+    """The key of a matmul call."""
+    return ("matmul", layout(a), layout(b))
