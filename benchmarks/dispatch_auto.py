@@ -21,6 +21,7 @@ import numpy as np
 
 import sparkle
 from sparkle.cpu import backend
+from sparkle.scheduler.scheduler import UnscheduledDevice
 
 ROUNDS, CALLS = 7, 2000
 
@@ -122,8 +123,23 @@ def gpu_figures(device_id):
 
         rows[name] = {"device": placed, "placed_at_call": moved[0], "placed_after_ms": moved[1] * 1e3,
                       "queued_us": min(queued() for _ in range(5)) * 1e6,
-                      "latency_us": min(latency() for _ in range(200)) * 1e6}
+                      "latency_us": min(latency() for _ in range(200)) * 1e6,
+                      "decision": decision_record(scheduler, x_d, w_d, kwargs)}
     return rows
+
+
+def decision_record(scheduler, x, w, kwargs):
+    """Why the layer went where it went: the reason, and each device's prediction in us, broken down (None where
+    the scheduler does not use the operands' device: the call ran there, outside the scheduler)."""
+    try:
+        decision = scheduler.explain("conv2d", x, w, **kwargs)
+    except UnscheduledDevice:
+        return None
+    parts = ("seconds", "transfer", "compute", "overhead", "compile")
+    return {"summary": decision.summary(),
+            "predictions": {p.device: {**{part: getattr(p, part) * 1e6 for part in parts},
+                                       "measured_calls": p.measured_calls, "usable": p.usable, "note": p.note}
+                            for p in decision.predictions}}
 
 
 def main():
@@ -132,9 +148,9 @@ def main():
     parser.add_argument("--json", help="write the figures to this file")
     args = parser.parse_args()
     report = {"machine": platform.processor() or platform.machine(), "cpu": cpu_figures()}
-    print(f"{'CPU, warm calls':<44} {'us per call':>12}")
+    print(f"{'CPU, warm calls':<56} {'us per call':>12}")
     for name, us in report["cpu"].items():
-        print(f"{name:<44} {us:>12.2f}")
+        print(f"{name:<56} {us:>12.2f}")
     if args.gpu:
         from sparkle.opencl import runtime
 
@@ -147,6 +163,14 @@ def main():
         for name, row in report["gpu"].items():
             since = f"{row['placed_at_call']} ({row['placed_after_ms']:.0f})"
             print(f"{name:<24} {row['device']:>10} {since:>16} {row['queued_us']:>10.1f} {row['latency_us']:>11.1f}")
+        print("\npredicted us per call (transfer + compute + overhead + compile) after the timed calls:")
+        for name, row in report["gpu"].items():
+            if row["decision"] is None:
+                continue
+            predictions = ", ".join(f"{device} {p['seconds']:.1f} ({p['transfer']:.1f} + {p['compute']:.1f} + "
+                                    f"{p['overhead']:.1f} + {p['compile']:.1f}; {p['measured_calls']} measured)"
+                                    for device, p in row["decision"]["predictions"].items())
+            print(f"{name:<24} {predictions}")
     if args.json:
         with open(args.json, "w") as out:
             json.dump(report, out, indent=1)
