@@ -18,7 +18,7 @@ from _helpers import Unchanged, assert_close_to_reference, make_array, rel_l2
 
 import sparkle
 from sparkle import api, reference
-from sparkle.cpu import backend
+from sparkle.cpu import backend, prepared
 from sparkle.cpu.isa import ISAS, active_isa
 
 
@@ -206,17 +206,26 @@ def check_fused_case(name, device, dtype=np.float32):
 @pytest.fixture
 def cpu_paths(monkeypatch):
     """The CPU backend paths ("direct", "implicit", "packed") that ran, in order."""
-    ran = []
+    ran, depth = [], [0]
 
     def spy(path, real):
         def run(*args):
-            ran.append(path)
-            return real(*args)
+            if not depth[0]:  # the outermost only: the backend's paths run the prepared launches below
+                ran.append(path)
+            depth[0] += 1
+            try:
+                return real(*args)
+            finally:
+                depth[0] -= 1
 
         return run
 
     for path, function in (("direct", "_run_direct"), ("implicit", "_run_implicit"), ("packed", "_run_fused")):
         monkeypatch.setattr(backend, function, spy(path, getattr(backend, function)))
+    # sparkle.conv2d(device="cpu") runs a prepared call (named_device.py): its launch's run, bound when prepared
+    for path, launch in (("direct", prepared.DirectLaunch), ("implicit", prepared.ImplicitLaunch),
+                         ("packed", prepared.FusedLaunch)):
+        monkeypatch.setattr(launch, "run", spy(path, launch.run))
     return ran
 
 
