@@ -558,12 +558,12 @@ def test_a_per_call_overhead_the_profile_missed_is_learned_and_large_calls_keep_
 
     def predicted(model, m, n, k):
         return policy.predict("d", profile, model.shape_model("matmul"), None, matmul_features(m, n, k), 0.0, True,
-                              True, extra_overhead=model.extra_overhead).seconds
+                              True, extra_overhead=model.extra_overhead(0.0)).seconds
 
     learned = DeviceModel()
     for size in (8, 12, 16, 24, 32, 48, 64, 96):
         fold(learned, size, size, size)
-    assert learned.extra_overhead == pytest.approx(stream_overhead, rel=0.01)
+    assert learned.extra_overhead(0.0) == pytest.approx(stream_overhead, rel=0.01)
     residuals = [residual for _, residual, _ in learned.shape_model("matmul").points.values()]
     assert max(abs(r) for r in residuals) < 0.01  # the shape model has nothing left to explain
     large = 1024
@@ -571,8 +571,42 @@ def test_a_per_call_overhead_the_profile_missed_is_learned_and_large_calls_keep_
     assert predicted(learned, large, large, large) == pytest.approx(truth, rel=0.1)
     # The points are made again with the overhead it has now, whichever order the evidence came in.
     restored = DeviceModel.from_json(json.loads(json.dumps(learned.to_json())))
-    assert restored.extra_overhead == learned.extra_overhead and restored.folds == learned.folds
+    assert restored.extra_overheads == learned.extra_overheads and restored.folds == learned.folds
     assert predicted(restored, large, large, large) == pytest.approx(predicted(learned, large, large, large))
+
+
+def test_each_data_class_learns_its_own_per_call_overhead():
+    """Calls that move data (numpy operands on a GPU) and calls that move none (device arrays there, numpy on the
+    CPU) pay different per-call costs beyond the profile: each class learns its own, and a signature that changes
+    class leaves the other's evidence."""
+    from sparkle.scheduler import policy
+    from sparkle.scheduler.features import CallFeatures
+    from sparkle.scheduler.model import MOVING, RESIDENT, DeviceModel
+    from sparkle.scheduler.profile import DeviceProfile
+
+    profile = DeviceProfile("d", "d", 100.0, 4e-6, 1e9, 1e9, 1e-5, 1e-5, 0.0, 0.0)
+
+    def fold(model, size, transfer, extra):
+        features = CallFeatures("matmul", 2 * size ** 3, (4 * size * size,) * 2, 4 * size * size, (size,) * 3,
+                                "gemm", "float32")
+        fixed, compute, point = policy.prior(profile, features, transfer)
+        model.observe_fold("matmul", f"{size}|{transfer}", point, math.log(fixed + extra + compute), fixed, compute,
+                           0.01, transfer)
+
+    model = DeviceModel()
+    for size in (8, 12, 16, 24, 32):
+        fold(model, size, 3e-5, 3e-4)  # on numpy data: 0.3 ms more than the profile says
+    assert model.extra_overhead(3e-5) == pytest.approx(3e-4, rel=0.01) and model.extra_overheads[MOVING] > 0
+    assert model.extra_overhead(0.0) == 0.0
+    for size in (8, 12, 16):
+        fold(model, size, 0.0, 5e-6)  # on device arrays: 5 us more
+    assert model.extra_overhead(0.0) == pytest.approx(5e-6, rel=0.01)
+    assert model.extra_overhead(3e-5) == pytest.approx(3e-4, rel=0.01)
+    residuals = [residual for _, residual, _ in model.shape_model("matmul").points.values()]
+    assert max(abs(r) for r in residuals) < 0.01  # each point measured against its own class's overhead
+    restored = DeviceModel.from_json(json.loads(json.dumps(model.to_json())))
+    assert restored.extra_overheads == model.extra_overheads and restored.folds == model.folds
+    assert restored.overheads[RESIDENT] == model.overheads[RESIDENT]
 
 
 def test_the_shape_model_keeps_the_latest_point_of_a_signature_and_a_bounded_number_of_points():

@@ -83,7 +83,7 @@ def predict(scheduler, state, plan, part=None, features=None):
     prediction = policy.predict(state.id, state.profile, state.shape_model(plan.op), history, features, transfer,
                                 compiled, verified, plan.calls,
                                 state.model.build_seconds(state.profile.compile_seconds), rate_share, signature,
-                                state.model.extra_overhead)
+                                state.model.extra_overhead(transfer))
     if part is None and plan.primed and state.id not in plan.primed and state.first_call.seconds > 0.0:
         # The signature runs elsewhere already: moving it here pays a first call's one-time costs, shared like
         # a build among as many calls again as it has had (the kernel is primed ahead meanwhile: builds.py).

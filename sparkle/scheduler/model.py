@@ -50,6 +50,17 @@ REFIT_SHARE = 8
 # pushed up, and calls far from them (large ones) were predicted 2-4x too slow.
 OVERHEAD_EVIDENCE_SHARE = 0.25
 OVERHEADS_KEPT = 64
+# One such time per data class of a call on the device: calls whose operands and result are all where they run
+# (no bytes cross: numpy on the CPU, device arrays on their device, timed by the launch's device time) and calls
+# that move data (staging, pinned copies, waiting for the result). On the H200 machine the GPU's calls on numpy
+# data showed 0.29 ms beyond its profile; charged to a call on device arrays (20-30 us of host time), it kept
+# them on the CPU, which had to download them first (77 us a call).
+RESIDENT, MOVING = "resident", "moving"
+
+
+def data_class(transfer_seconds):
+    """A call's data class on a device, from the seconds its operands and result take to move there and back."""
+    return MOVING if transfer_seconds > 0.0 else RESIDENT
 # The points are refitted with a new overhead once it moved by this share (and at least this many seconds).
 OVERHEAD_TOLERANCE = 0.2
 OVERHEAD_TOLERANCE_SECONDS = 2e-6
@@ -260,40 +271,50 @@ class DeviceModel:
     # kernel; real workloads' kernels can take far longer (PoCL: 0.06 s probed, 3-4 s measured).
     builds: int = 0
     build_log_mean: float = 0.0
-    extra_overhead: float = 0.0  # seconds per call beyond the profile's overhead (see OVERHEAD_EVIDENCE_SHARE)
-    overheads: dict = field(default_factory=dict)  # signature -> the extra seconds its calls imply
-    # op -> signature -> (shape point, ln(typical seconds), prior fixed seconds, prior compute seconds, variance):
-    # what each shape-model point was made from, to make it again when the extra overhead moves.
+    # data class -> seconds per call beyond the profile's overhead (see OVERHEAD_EVIDENCE_SHARE, RESIDENT)
+    extra_overheads: dict = field(default_factory=lambda: {RESIDENT: 0.0, MOVING: 0.0})
+    # data class -> signature -> the extra seconds its calls imply
+    overheads: dict = field(default_factory=lambda: {RESIDENT: {}, MOVING: {}})
+    # op -> signature -> (shape point, ln(typical seconds), prior fixed seconds, prior compute seconds, variance,
+    # data class): what each shape-model point was made from, to make it again when an extra overhead moves.
     folds: dict = field(default_factory=dict)
 
-    def observe_fold(self, op, signature, point, log_seconds, fixed, compute, variance):
+    def extra_overhead(self, transfer_seconds):
+        """Seconds per call beyond the profile's overhead for a call whose data take ``transfer_seconds`` to move."""
+        return self.extra_overheads[data_class(transfer_seconds)]
+
+    def observe_fold(self, op, signature, point, log_seconds, fixed, compute, variance, transfer_seconds=0.0):
         """A signature's typical time on this device: its shape-model point, and evidence of the per-call
-        overhead where its compute is a small share of it."""
+        overhead of its data class where its compute is a small share of it."""
+        kind = data_class(transfer_seconds)
         seconds = math.exp(log_seconds)
+        overheads = self.overheads[kind]
+        for each in self.overheads.values():
+            each.pop(signature, None)
         if compute <= OVERHEAD_EVIDENCE_SHARE * seconds:
-            self.overheads.pop(signature, None)
-            self.overheads[signature] = max(seconds - fixed - compute, 0.0)
-            while len(self.overheads) > OVERHEADS_KEPT:
-                del self.overheads[next(iter(self.overheads))]
-        else:  # its compute is no longer a small share: its excess says more of its kernel than of the overhead
-            self.overheads.pop(signature, None)
+            overheads[signature] = max(seconds - fixed - compute, 0.0)
+            while len(overheads) > OVERHEADS_KEPT:
+                del overheads[next(iter(overheads))]
+        # (else its compute is no longer a small share: its excess says more of its kernel than of the overhead)
         folds = self.folds.setdefault(op, {})
         folds.pop(signature, None)
-        folds[signature] = (tuple(point), log_seconds, fixed, compute, variance)
+        folds[signature] = (tuple(point), log_seconds, fixed, compute, variance, kind)
         while len(folds) > POINTS_KEPT:
             del folds[next(iter(folds))]
-        extra = float(np.median(list(self.overheads.values()))) if self.overheads else 0.0
-        moved = abs(extra - self.extra_overhead)
-        if moved > OVERHEAD_TOLERANCE_SECONDS and moved > OVERHEAD_TOLERANCE * max(extra, self.extra_overhead):
-            self.extra_overhead = extra
+        extra = float(np.median(list(overheads.values()))) if overheads else 0.0
+        held = self.extra_overheads[kind]
+        moved = abs(extra - held)
+        if moved > OVERHEAD_TOLERANCE_SECONDS and moved > OVERHEAD_TOLERANCE * max(extra, held):
+            self.extra_overheads[kind] = extra
             for each_op, each_folds in self.folds.items():
                 for key, values in each_folds.items():
-                    self._observe_point(each_op, key, *values)
+                    if values[-1] == kind:
+                        self._observe_point(each_op, key, *values)
         else:
-            self._observe_point(op, signature, point, log_seconds, fixed, compute, variance)
+            self._observe_point(op, signature, point, log_seconds, fixed, compute, variance, kind)
 
-    def _observe_point(self, op, signature, point, log_seconds, fixed, compute, variance):
-        residual = log_seconds - math.log(fixed + self.extra_overhead + compute)
+    def _observe_point(self, op, signature, point, log_seconds, fixed, compute, variance, kind):
+        residual = log_seconds - math.log(fixed + self.extra_overheads[kind] + compute)
         self.shape_model(op).observe(signature, point, residual, variance)
 
     def observe_build(self, seconds):
@@ -313,19 +334,22 @@ class DeviceModel:
     def to_json(self):
         return {"shapes": {op: model.to_json() for op, model in self.shapes.items()},
                 "histories": {key: history.to_json() for key, history in self.histories.items()},
-                "builds": [self.builds, self.build_log_mean], "extra_overhead": self.extra_overhead,
-                "overheads": dict(self.overheads),
+                "builds": [self.builds, self.build_log_mean], "extra_overheads": dict(self.extra_overheads),
+                "overheads": {kind: dict(values) for kind, values in self.overheads.items()},
                 "folds": {op: {key: [list(point), *rest] for key, (point, *rest) in folds.items()}
                           for op, folds in self.folds.items()}}
 
     @classmethod
     def from_json(cls, data):
         builds, build_log_mean = data["builds"]
-        folds = {op: {str(key): (tuple(float(v) for v in point), *(float(v) for v in rest))
+        kinds = (RESIDENT, MOVING)
+        folds = {op: {str(key): (tuple(float(v) for v in point), *(float(v) for v in rest[:4]), str(rest[4]))
                       for key, (point, *rest) in op_folds.items()} for op, op_folds in data["folds"].items()}
-        if any(len(values) != 5 for op_folds in folds.values() for values in op_folds.values()):
+        if any(len(values) != 6 or values[5] not in kinds for op_folds in folds.values()
+               for values in op_folds.values()) or set(data["extra_overheads"]) != set(kinds):
             raise ValueError("model of another layout")
         return cls({op: ShapeModel.from_json(m) for op, m in data["shapes"].items()},
                    {key: History.from_json(h) for key, h in data["histories"].items()}, int(builds),
-                   float(build_log_mean), float(data["extra_overhead"]),
-                   {str(key): float(value) for key, value in data["overheads"].items()}, folds)
+                   float(build_log_mean), {kind: float(data["extra_overheads"][kind]) for kind in kinds},
+                   {kind: {str(key): float(value) for key, value in data["overheads"][kind].items()}
+                    for kind in kinds}, folds)

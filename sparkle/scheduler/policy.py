@@ -44,7 +44,8 @@ def predict(device, profile, shape_model, history, features, transfer, compiled,
     scheduler builds it ahead, off the caller's thread). ``build_seconds``: what a build takes on the
     device as measured so far (default: the profile's probe). ``signature``: the call's; the shape model's point
     of it is left out, so its history counts once. ``extra_overhead``: seconds per call the device's calls
-    showed beyond the profile's overhead (``DeviceModel.extra_overhead``), part of the prior's fixed cost."""
+    showed beyond the profile's overhead for calls of this one's data class (``DeviceModel.extra_overhead``), part
+    of the prior's fixed cost."""
     overhead = profile.overhead_seconds + extra_overhead
     build = profile.compile_seconds if build_seconds is None else build_seconds
     compile_seconds = 0.0 if compiled else build / (calls_so_far + 1)

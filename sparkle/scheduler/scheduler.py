@@ -395,7 +395,7 @@ class Scheduler:
                 continue
             fixed, compute, point = policy.prior(state.profile, features, transfer, rate_share)
             variance = history.spread ** 2 / min(history.count, FOLD_COUNT_LIMIT) + MIN_NOISE ** 2
-            state.model.observe_fold(op, signature, point, history.typical, fixed, compute, variance)
+            state.model.observe_fold(op, signature, point, history.typical, fixed, compute, variance, transfer)
         if unfolded:
             self._models.mark_changed(len(unfolded))
 

@@ -10,7 +10,8 @@ import time
 from .. import cache
 from .model import DeviceModel
 
-MODEL_VERSION = 5  # 4: the CPU prior counts the share of the threads a call runs on; 5: a learned per-call overhead
+MODEL_VERSION = 6  # 4: the CPU prior counts the share of the threads a call runs on; 5: a learned per-call overhead;
+# 6: one per data class (resident, moving)
 QUARANTINE_VERSION = 1
 HISTORIES_KEPT = 5000  # per device, the most-called signatures
 
