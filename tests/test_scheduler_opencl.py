@@ -86,3 +86,27 @@ def test_an_overhead_learned_from_calls_on_numpy_data_is_not_charged_to_calls_on
     # and calls placed meanwhile still give the reference's values
     result = scheduler.conv2d(x_dev, w_dev, padding=1)
     assert_close_to_reference(np.asarray(result.get()), reference.conv2d(x, w, padding=1), np.float32)
+
+
+@pytest.mark.parametrize("device_id", opencl_params())
+def test_a_signature_on_a_device_the_scheduler_does_not_use_is_refused_without_validating_it_again(
+        device_id, monkeypatch):
+    from sparkle.scheduler import scheduler as scheduler_module
+
+    rng = np.random.default_rng(3)
+    x, w = rng.standard_normal((1, 4, 8, 8)).astype(np.float32), rng.standard_normal((4, 4, 3, 3)).astype(np.float32)
+    x_dev, w_dev = sparkle.to_device(x, device_id), sparkle.to_device(w, device_id)
+    scheduler = Scheduler(["cpu"], persist=False, progress=False)
+    validations = []
+    real_spec = scheduler_module.api.conv2d_spec
+    monkeypatch.setattr(scheduler_module.api, "conv2d_spec",
+                        lambda *args, **kwargs: validations.append(1) or real_spec(*args, **kwargs))
+    for _ in range(3):
+        with pytest.raises(scheduler_module.UnscheduledDevice, match=rf"lives on {device_id}"):
+            scheduler.conv2d(x_dev, w_dev, padding=1)
+    assert len(validations) == 1
+    # sparkle.conv2d runs such a call where its operands live, and bad arguments are still refused there
+    assert_close_to_reference(sparkle.conv2d(x_dev, w_dev, padding=1).get(), reference.conv2d(x, w, padding=1),
+                              np.float32)
+    with pytest.raises(ValueError, match=r"^padding"):
+        sparkle.conv2d(x_dev, w_dev, padding=-1)

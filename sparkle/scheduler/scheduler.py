@@ -90,6 +90,7 @@ class Scheduler:
             logger.addHandler(logging.StreamHandler())
             logger.setLevel(logging.INFO)
         self._plans = {}
+        self._unscheduled = {}  # signature key -> why it is not placed here (an operand on another device)
         # (signature, device) -> (state, op, signature, features, history, transfer seconds): signatures measured
         # since the last fold into the shape models
         self._unfolded = {}
@@ -122,6 +123,7 @@ class Scheduler:
         except (AttributeError, TypeError):  # not arrays, or unhashable arguments: the slow path says why
             key, plan = None, None
         if plan is None:
+            self._refuse_unscheduled(key)
             spec = api.conv2d_spec(x, w, bias, stride=stride, padding=padding, dilation=dilation, groups=groups,
                                    activation=activation)
             plan = self._plan(key, "conv2d", spec, (x, w, bias))
@@ -135,6 +137,7 @@ class Scheduler:
         except (AttributeError, TypeError):
             key, plan = None, None
         if plan is None:
+            self._refuse_unscheduled(key)
             plan = self._plan(key, "matmul", api.matmul_spec(a, b), (a, b))
         return self._call(plan, (a, b))
 
@@ -198,8 +201,23 @@ class Scheduler:
 
     # --- the call path --------------------------------------------------------------------------------
 
+    def _refuse_unscheduled(self, key):
+        """Raise at once for a signature already found to have an operand on a device this scheduler does not
+        use (sparkle.conv2d then runs it there): validating it again on every call cost ~60 us on PoCL."""
+        message = self._unscheduled.get(key) if key is not None else None
+        if message is not None:
+            raise UnscheduledDevice(message)
+
     def _plan(self, key, op, spec, operands):
-        plan = Plan(op, spec, tuple(self._home_of(o) for o in operands))
+        try:
+            homes = tuple(self._home_of(o) for o in operands)
+        except UnscheduledDevice as error:
+            if key is not None:
+                if len(self._unscheduled) >= PLANS_KEPT:
+                    self._unscheduled.clear()
+                self._unscheduled[key] = str(error)
+            raise
+        plan = Plan(op, spec, homes)
         if key is not None:
             with self._lock:
                 if key not in self._plans and len(self._plans) >= PLANS_KEPT:
