@@ -50,7 +50,10 @@ REFIT_SHARE = 8
 # pushed up, and calls far from them (large ones) were predicted 2-4x too slow.
 OVERHEAD_EVIDENCE_SHARE = 0.25
 OVERHEADS_KEPT = 64
-# One such time per data class of a call on the device: calls whose operands and result are all where they run
+# The points are refitted with a new overhead once it moved by this share (and at least this many seconds).
+OVERHEAD_TOLERANCE = 0.2
+OVERHEAD_TOLERANCE_SECONDS = 2e-6
+# One per-call overhead per data class of a call on the device: calls whose operands and result are all where they run
 # (no bytes cross: numpy on the CPU, device arrays on their device, timed by the launch's device time) and calls
 # that move data (staging, pinned copies, waiting for the result). On the H200 machine the GPU's calls on numpy
 # data showed 0.29 ms beyond its profile; charged to a call on device arrays (20-30 us of host time), it kept
@@ -61,9 +64,6 @@ RESIDENT, MOVING = "resident", "moving"
 def data_class(transfer_seconds):
     """A call's data class on a device, from the seconds its operands and result take to move there and back."""
     return MOVING if transfer_seconds > 0.0 else RESIDENT
-# The points are refitted with a new overhead once it moved by this share (and at least this many seconds).
-OVERHEAD_TOLERANCE = 0.2
-OVERHEAD_TOLERANCE_SECONDS = 2e-6
 
 
 def _kernel(a, b, length_scale, signal_variance):
