@@ -187,17 +187,17 @@ def breakdown(args):
         first, second = operands[0], operands[1]
         x_flat, w_flat = (flat_input(first), flat_input(second)) if label == "conv" else \
             (flat_input(second), flat_input(first))
-        out = np.empty(call._shape, call._dtype).ravel()
+        out = call._new_output().ravel()
         scratch = launch.scratch.take()
         kernel, params, zero_bias = launch.kernel, launch.params, launch.inputs.zero_bias
-        shape, dtype = call._shape, call._dtype
+        new_output = call._new_output
         ways = {
             f"{label}: whole prepared call": lambda call=call, operands=operands: call(*operands),
             f"{label}: compiled kernel alone": lambda kernel=kernel, x_flat=x_flat, w_flat=w_flat, out=out,
             params=params, zero_bias=zero_bias, scratch=scratch: kernel(x_flat, w_flat, zero_bias, out, params,
                                                                          *scratch),
             f"{label}: flat read-only view of one input": lambda first=first: flat_input(first),
-            f"{label}: output np.empty + ravel": lambda shape=shape, dtype=dtype: np.empty(shape, dtype).ravel(),
+            f"{label}: output (pooled allocator) + ravel": lambda new_output=new_output: new_output().ravel(),
         }
         parts.update(best_per_call(ways, args.loops, args.calls))
     return {name: value * 1e6 for name, value in parts.items()}

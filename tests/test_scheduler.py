@@ -22,7 +22,7 @@ from sparkle import reference
 from sparkle.scheduler import Scheduler, SimulatedDevice, builds, reviews
 from sparkle.scheduler import scheduler as scheduler_module
 from sparkle.scheduler import verify as verify_module
-from sparkle.scheduler.model import History, ShapeModel
+from sparkle.scheduler.model import REGIME_STREAK, History, ShapeModel
 from sparkle.scheduler.profile import PROFILE_VERSION
 from sparkle.scheduler.store import MODEL_VERSION
 
@@ -414,7 +414,8 @@ def test_explain_runs_nothing_and_breaks_the_time_down(tmp_path):
 
 
 def test_history_records_each_measured_call(tmp_path):
-    scheduler = make([SimulatedDevice("only", 2e+08, 1e-4)], tmp_path)
+    # calls of 0.3 ms and more are each timed (faster ones are sampled: the next test)
+    scheduler = make([SimulatedDevice("only", 2e+08, 3e-4)], tmp_path)
     x, w, kwargs = single_device_conv()
     a = np.ones((8, 8), np.float32)
     for _ in range(3):
@@ -425,6 +426,41 @@ def test_history_records_each_measured_call(tmp_path):
     assert all(r["device"] == "sim:only" and r["measured"] > 0 for r in records)
     assert all(math.isfinite(r["predicted"]) for r in records[2:])
     assert "16x24x24" in records[0]["shape"]
+
+
+def test_small_calls_are_timed_one_in_a_stride_and_a_slowdown_is_still_seen(tmp_path):
+    """The fast path times and records one small call in ``plan.sample_every`` (its bookkeeping would cost 40 %
+    of a 12 us call); every call still runs right and counts, and a device that slows down is left as soon."""
+    fast, spare = SimulatedDevice("fast", 1e+09, 10e-6), SimulatedDevice("spare", 1e+09, 150e-6)
+    scheduler = make([fast, spare], tmp_path)
+    a = np.random.default_rng(3).standard_normal((8, 8)).astype(np.float32)
+    expected = reference.matmul(a, a)
+    for _ in range(40):  # decided, verified, on the fast path
+        assert_close_to_reference(scheduler.matmul(a, a), expected, np.float32)
+    plan = scheduler._plans[next(key for key in scheduler._plans if key[0] == "matmul")]
+    stride = plan.sample_every
+    assert plan.runner is not None and stride == reviews.sample_stride(plan.predicted) and stride >= 2
+    calls_before, records_before = plan.calls, len(scheduler.history())
+    fast_calls_before = fast.calls
+    for _ in range(stride * 10):
+        assert_close_to_reference(scheduler.matmul(a, a), expected, np.float32)
+    assert fast.calls - fast_calls_before == stride * 10  # all ran there
+    assert len(scheduler.history()) - records_before == 10  # one in a stride was timed and recorded
+    assert plan.calls - calls_before == stride * 10  # and all were counted (reviews are spaced in calls)
+    fast.slow_down(500.0)  # 1 us of compute -> 0.5 ms: slower than the spare's 0.15 ms
+    calls_to_leave = None
+    for call in range(1, 20 * stride):
+        spare_calls_before = spare.calls
+        assert_close_to_reference(scheduler.matmul(a, a), expected, np.float32)
+        if spare.calls > spare_calls_before:
+            calls_to_leave = call
+            break
+    # REGIME_STREAK timed calls in a row were outliers: as many timed calls as when every call is timed
+    assert calls_to_leave is not None and calls_to_leave <= (REGIME_STREAK + 1) * stride + 2, calls_to_leave
+    spare_calls_before = spare.calls
+    for _ in range(5):
+        assert_close_to_reference(scheduler.matmul(a, a), expected, np.float32)
+    assert spare.calls - spare_calls_before == 5, "the slowed device kept the calls"
 
 
 def test_reset_forgets_what_was_learned(tmp_path):

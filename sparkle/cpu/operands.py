@@ -131,27 +131,23 @@ def read_only_flat(array):
     return flat
 
 
-def flat_view(array):
-    """A read-only flat view of a plain C-contiguous aligned ndarray (about 0.5 us: ``ravel`` and
-    ``setflags``, against 2 us for ``read_only_flat``); None for any other array."""
-    if type(array) is np.ndarray:
+def flat_input(array):
+    """``read_only_flat(array)``, without its cost for the common layout: a plain C-contiguous aligned ndarray
+    becomes a read-only flat view by ``ravel`` and ``setflags`` (1.3 us on the Zen 1 VM, against 2 us for
+    ``read_only_flat``). On every prepared call's path, so written out in one function."""
+    if array.__class__ is np.ndarray:
         flags = array.flags
         if flags.c_contiguous and flags.aligned:
             flat = array.ravel()  # a view, and always a new array object: the caller's keeps its flags
             flat.setflags(write=False)
             return flat
-    return None
-
-
-def flat_input(array):
-    """``read_only_flat(array)``, without its cost for the common layout (see ``flat_view``)."""
-    flat = flat_view(array)
-    return read_only_flat(array) if flat is None else flat
+    return read_only_flat(array)
 
 
 def remembered_flat_input(array):
     """(array, its flat read-only view) to reuse while the same array object comes back (weights, bias:
     a view sees in-place changes, and holding the array keeps its id from being reused); (None, a flat
     copy) where the layout needs a copy, which a later call must make again."""
-    flat = flat_view(array)
-    return (None, read_only_flat(array)) if flat is None else (array, flat)
+    flags = array.flags if array.__class__ is np.ndarray else None
+    viewed = flags is not None and flags.c_contiguous and flags.aligned  # flat_input's view, not a copy
+    return (array if viewed else None), flat_input(array)

@@ -228,20 +228,33 @@ class Scheduler:
     def _call(self, plan, operands):
         runner = plan.runner
         if runner is not None and plan.calls < plan.next_review:
+            countdown = plan.countdown - 1
+            if countdown > 0:  # counted, not timed (reviews.sample_stride); a lost count between threads is harmless
+                plan.countdown = countdown
+                try:
+                    result = runner(*operands)
+                except Exception as error:  # noqa: BLE001 - as below
+                    return safeguards.after_fault(self, plan, plan.state, operands, error)
+                if plan.home is not None and plan.state.executor is not plan.home:
+                    result = calls.deliver(result, plan.home)
+                if self._log_decisions:
+                    logger.info("%s (cached)", plan.decision.summary())
+                return result
+            stride = plan.countdown = plan.sample_every
             start = perf_counter()
             try:
                 result = runner(*operands)
             except Exception as error:  # noqa: BLE001 - a device fault: the slow path records it, runs elsewhere
                 return safeguards.after_fault(self, plan, plan.state, operands, error)
             seconds = perf_counter() - start
-            self._spent_seconds += seconds
+            self._spent_seconds += stride * seconds
             timer = plan.timer
             # Queued on the device, a call returns before it ran: what counts is the device time of a launch
             # that has run (sampled, read without waiting), not this call's host time.
             measured = (seconds,) if timer is None else timer.after_call()
             # The hot path's bookkeeping: plain floats, a set and a deque; folded into the model on review.
             with plan.lock:
-                plan.calls += 1
+                plan.calls += stride  # this call and the untimed ones since the last timed call
                 for seconds in measured:
                     plan.fast_calls += 1
                     if self._builds_running:
@@ -394,6 +407,9 @@ class Scheduler:
             # The decision holds while calls here stay below every other usable device's prediction.
             plan.surprise_log = math.log(reviews.premise_seconds(plan.decision, device))
             plan.timer = plan.launch_timer(state) if plan.home is state.executor else None
+            # A LaunchTimer samples launches itself: it is told of every call.
+            plan.sample_every = 1 if plan.timer is not None else reviews.sample_stride(prediction.seconds)
+            plan.countdown = 1  # the first fast call is timed
             # Numpy operands (home None) skip the conversions a device array would need.
             plan.runner = prepared.host_run if plan.home is None else prepared.run
 
