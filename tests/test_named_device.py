@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import sparkle
-from sparkle import named_device, reference
+from sparkle import named_device, reference, signature
 
 from _helpers import assert_close_to_reference
 
@@ -101,7 +101,9 @@ def test_the_oldest_signatures_go_beyond_the_limit(monkeypatch):
         a = rng.standard_normal((size, 3)).astype(np.float32)
         b = rng.standard_normal((3, 4)).astype(np.float32)
         close(sparkle.matmul(a, b, device="cpu"), reference.matmul(a, b))
-    assert [key[1][1][0] for key in named_device._kept] == [(5, 3), (6, 3), (7, 3)]
+    kept = [key[1] for key in named_device._kept]
+    assert kept == [signature.matmul_key(np.empty((size, 3), np.float32), np.empty((3, 4), np.float32))
+                    for size in (5, 6, 7)]
 
 
 @pytest.mark.parametrize("bad", [dict(stride=0), dict(device="gpu"), dict(device=["cpu"])])

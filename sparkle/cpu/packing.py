@@ -22,12 +22,18 @@ def panel_count(size, panel):
 @njit(cache=True, inline="always")
 def pixel_origins(first_pixel, pixel_count, padded_count, out_w, stride_h, stride_w, pad_top, pad_left,
                   row_origin, col_origin):
-    """Top-left input coordinate of each output pixel of a block."""
+    """Top-left input coordinate of each output pixel of a block. The output row and column step along
+    (one division per block: a 64-bit division per pixel took most of a small convolution's time on Zen 1)."""
+    row = first_pixel // out_w
+    col = first_pixel - row * out_w
     for q in range(padded_count):
         if q < pixel_count:
-            pixel = first_pixel + q
-            row_origin[q] = (pixel // out_w) * stride_h - pad_top
-            col_origin[q] = (pixel % out_w) * stride_w - pad_left
+            row_origin[q] = row * stride_h - pad_top
+            col_origin[q] = col * stride_w - pad_left
+            col += 1
+            if col == out_w:
+                col = 0
+                row += 1
         else:
             row_origin[q] = _FAR_AWAY
             col_origin[q] = _FAR_AWAY
@@ -66,11 +72,15 @@ def pack_im2col_block(x, image_offset, plane, taps, first_reduction, depth, stri
     Panel by panel, so that the writes form one sequential stream; ``row_sources`` (at
     least ``depth`` entries) caches each reduction row's channel plane and tap.
     """
-    for pp in range(depth):
-        p = first_reduction + pp
-        channel = p // taps
+    channel = first_reduction // taps
+    tap = first_reduction - channel * taps
+    for pp in range(depth):  # the tap steps along, as the pixels do in pixel_origins
         row_sources[pp, 0] = image_offset + channel * plane
-        row_sources[pp, 1] = p - channel * taps
+        row_sources[pp, 1] = tap
+        tap += 1
+        if tap == taps:
+            tap = 0
+            channel += 1
     for jp in range(padded_count // nr):
         for pp in range(depth):
             source = row_sources[pp, 0]
