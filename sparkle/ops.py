@@ -32,8 +32,7 @@ def conv2d(x, w, bias=None, *, stride=1, padding=0, dilation=1, groups=1, activa
             return default_scheduler()._conv2d_positional(x, w, bias, stride, padding, dilation, groups, activation)
         except UnscheduledDevice:
             pass  # an operand lives on a device the scheduler does not use: run there, as asked
-    return named_device.conv2d(x, w, bias, device, dict(stride=stride, padding=padding, dilation=dilation,
-                                                        groups=groups, activation=activation))
+    return named_device.conv2d(x, w, bias, device, stride, padding, dilation, groups, activation)
 
 
 def matmul(a, b, *, device="auto"):
