@@ -362,7 +362,8 @@ _SEEN = {}  # id(scheduler) -> the (shape, device) pairs its calls through run_a
 def run_auto(case, scheduler, decision):
     """(seconds, device label, diagnostics) of one auto call, its result checked. The label comes from the
     history records the call added, "split a+b" for a split. ``decision``: explain's, just before the call: a
-    split's parts that compiled add no record, so a call without records that was to split is taken as split.
+    split's parts that compiled add no record, so a call without records that was to split is taken as split, and
+    one that was not ran on the decided device (the fast path times one small call in a few).
     Diagnostics: whether a kernel was being built ahead meanwhile, whether the call was its signature's first on
     that device, and how long the garbage collector ran during it (where the excess over the oracle comes from).
 
@@ -388,8 +389,10 @@ def run_auto(case, scheduler, decision):
     devices = {record["device"] for record in records}
     if any(" part " in record["shape"] for record in records) or (not records and decision.split):
         device = f"split {'+'.join(sorted(devices | set(decision.devices if decision.split else ())))}"
-    else:
-        device = "+".join(sorted(devices)) or "?"
+    elif records:
+        device = "+".join(sorted(devices))
+    else:  # a repeated small call on the fast path, not timed (one in a few is): it ran where the plan decided
+        device = decision.device or "?"
     case.check(result, f"auto ({device})")
     return seconds, device, diagnostics
 
