@@ -63,7 +63,7 @@ if __name__ == "__main__":
 import numpy as np
 
 import sparkle
-from sparkle import api, reference
+from sparkle import api, reference, signature
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script: the package
 from benchmarks import relative_error  # noqa: E402
@@ -359,11 +359,18 @@ COLLECTIONS = CollectionClock()
 _SEEN = {}  # id(scheduler) -> the (shape, device) pairs its calls through run_auto have run
 
 
+def fast_path_device(scheduler, case):
+    """The device of the fast path that ``case``'s signature has on ``scheduler``, or None."""
+    key_of = signature.conv2d_key if case.op == "conv2d" else signature.matmul_key
+    plan = scheduler._plans.get(key_of(*case.args, **case.kwargs))
+    return plan.state.id if plan is not None and plan.runner is not None and plan.state is not None else None
+
+
 def run_auto(case, scheduler, decision):
     """(seconds, device label, diagnostics) of one auto call, its result checked. The label comes from the
     history records the call added, "split a+b" for a split. ``decision``: explain's, just before the call: a
     split's parts that compiled add no record, so a call without records that was to split is taken as split, and
-    one that was not ran on the decided device (the fast path times one small call in a few).
+    one that was not ran on its plan's fast path (which times one small call in a few).
     Diagnostics: whether a kernel was being built ahead meanwhile, whether the call was its signature's first on
     that device, and how long the garbage collector ran during it (where the excess over the oracle comes from).
 
@@ -391,8 +398,8 @@ def run_auto(case, scheduler, decision):
         device = f"split {'+'.join(sorted(devices | set(decision.devices if decision.split else ())))}"
     elif records:
         device = "+".join(sorted(devices))
-    else:  # a repeated small call on the fast path, not timed (one in a few is): it ran where the plan decided
-        device = decision.device or "?"
+    else:  # a repeated small call on the fast path, not timed (one in a few is): it ran on its plan's device
+        device = fast_path_device(scheduler, case) or "?"
     case.check(result, f"auto ({device})")
     return seconds, device, diagnostics
 
