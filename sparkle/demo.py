@@ -102,7 +102,7 @@ def _devices_that_ran(records, shape):
     ran_on = {}
     for record in records:
         if record["shape"] == shape or record["shape"].startswith(f"{shape} part "):
-            ran_on[record["device"]] = ran_on.get(record["device"], 0) + 1
+            ran_on[record["device"]] = ran_on.get(record["device"], 0) + record["calls"]
     return ran_on
 
 

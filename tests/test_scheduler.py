@@ -429,23 +429,30 @@ def test_history_records_each_measured_call(tmp_path):
 
 
 def test_small_calls_are_timed_one_in_a_stride_and_a_slowdown_is_still_seen(tmp_path):
-    """The fast path times and records one small call in ``plan.sample_every`` (its bookkeeping would cost 40 %
-    of a 12 us call); every call still runs right and counts, and a device that slows down is left as soon."""
+    """Past its first SAMPLE_AFTER_CALLS calls, the fast path times and records one small call in
+    ``plan.sample_every`` (its bookkeeping would cost 40 % of a 12 us call), a record standing for the calls since
+    the last; every call still runs right and counts, and a device that slows down is left as soon."""
     fast, spare = SimulatedDevice("fast", 1e+09, 10e-6), SimulatedDevice("spare", 1e+09, 150e-6)
     scheduler = make([fast, spare], tmp_path)
     a = np.random.default_rng(3).standard_normal((8, 8)).astype(np.float32)
     expected = reference.matmul(a, a)
-    for _ in range(40):  # decided, verified, on the fast path
+    for _ in range(reviews.SAMPLE_AFTER_CALLS):  # decided, verified, on the fast path: every call recorded
         assert_close_to_reference(scheduler.matmul(a, a), expected, np.float32)
+    assert len(scheduler.history()) == reviews.SAMPLE_AFTER_CALLS
+    assert all(record["calls"] == 1 for record in scheduler.history())
     plan = scheduler._plans[next(key for key in scheduler._plans if key[0] == "matmul")]
     stride = plan.sample_every
     assert plan.runner is not None and stride == reviews.sample_stride(plan.predicted) and stride >= 2
+    for _ in range(stride):  # the period moves to the stride
+        scheduler.matmul(a, a)
     calls_before, records_before = plan.calls, len(scheduler.history())
     fast_calls_before = fast.calls
     for _ in range(stride * 10):
         assert_close_to_reference(scheduler.matmul(a, a), expected, np.float32)
     assert fast.calls - fast_calls_before == stride * 10  # all ran there
-    assert len(scheduler.history()) - records_before == 10  # one in a stride was timed and recorded
+    records = scheduler.history()[records_before:]
+    assert len(records) == 10  # one in a stride was timed and recorded, standing for the stride
+    assert [record["calls"] for record in records] == [stride] * 10 and {r["device"] for r in records} == {"sim:fast"}
     assert plan.calls - calls_before == stride * 10  # and all were counted (reviews are spaced in calls)
     fast.slow_down(500.0)  # 1 us of compute -> 0.5 ms: slower than the spare's 0.15 ms
     calls_to_leave = None

@@ -114,7 +114,7 @@ def _describe():
     names = {device.id: (device.name, device.kind) for device in all_devices()}
     placed = {}
     for record in scheduler.history():
-        placed[record["device"]] = placed.get(record["device"], 0) + 1
+        placed[record["device"]] = placed.get(record["device"], 0) + record["calls"]
     profiles = scheduler.profile()
     return {
         "plugin": _scheduler is not None,

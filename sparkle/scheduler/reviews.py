@@ -20,6 +20,9 @@ FIRST_GUESS_SECONDS = 150e-6  # a review's cost before a scheduler has timed its
 # recorded one in ceil(SAMPLE_BELOW_SECONDS / predicted), at most one in SAMPLE_EVERY_MAX; the others are counted.
 SAMPLE_BELOW_SECONDS = 200e-6
 SAMPLE_EVERY_MAX = 16
+# A signature's first calls are each timed all the same: what is learned early matters most, and a short run
+# (a notebook, a demo) sees every call in history().
+SAMPLE_AFTER_CALLS = 64
 
 
 def spacing(calls, decision, review_seconds):
@@ -30,6 +33,12 @@ def spacing(calls, decision, review_seconds):
     seconds = decision.predicted_seconds
     affordable = math.ceil(review_seconds / (COST_SHARE * seconds)) if 1e-9 < seconds < math.inf else 1
     return min(LONGEST_INTERVAL, max(geometric, affordable))
+
+
+def sample_period(calls, sample_every):
+    """How many calls the next timed call of a plan will stand for: one until SAMPLE_AFTER_CALLS calls of its
+    signature, then its ``sample_every``."""
+    return 1 if calls < SAMPLE_AFTER_CALLS else sample_every
 
 
 def sample_stride(predicted_seconds):

@@ -170,16 +170,17 @@ class Scheduler:
             return {state.id: state.profile for state in self._states}
 
     def history(self, last=None):
-        """The measured calls, oldest first: dicts of op, shape, device, predicted and measured seconds;
-        ``last``: only the latest that many. A repeated signature's calls predicted under 0.2 ms are timed one in
-        a few (``reviews.sample_stride``); longer ones, and every call that decides or verifies, each."""
+        """The measured calls, oldest first: dicts of op, shape, device, predicted and measured seconds, and
+        calls: how many calls the record stands for on that device (itself and the untimed calls before it: past
+        its first 64 calls, a repeated signature whose calls are predicted under 0.2 ms is timed one call in a
+        few, ``reviews.sample_stride``); ``last``: only the latest that many records."""
         if last is not None and (not isinstance(last, int) or isinstance(last, bool)):
             raise TypeError(f"last must be a non-negative int or None, got {last!r}")
         if last is not None and last < 0:
             raise ValueError(f"last must be a non-negative int or None, got {last!r}")
         records = list(self._records) if last is None else list(itertools.islice(reversed(self._records), last))[::-1]
-        return [dict(op=op, shape=shape, device=device, predicted=predicted, measured=measured)
-                for op, shape, device, predicted, measured in records]
+        return [dict(op=op, shape=shape, device=device, predicted=predicted, measured=measured, calls=calls)
+                for op, shape, device, predicted, measured, calls in records]
 
     def reset(self):
         """Forget everything learned (model, histories, verifications, quarantine, plans), here and on disk.
@@ -244,21 +245,22 @@ class Scheduler:
                 if self._log_decisions:
                     logger.info("%s (cached)", plan.decision.summary())
                 return result
-            stride = plan.countdown = plan.sample_every
+            covered = plan.period  # this call and the untimed ones since the last timed call
+            plan.period = plan.countdown = reviews.sample_period(plan.calls, plan.sample_every)
             start = perf_counter()
             try:
                 result = runner(*operands)
             except Exception as error:  # noqa: BLE001 - a device fault: the slow path records it, runs elsewhere
                 return safeguards.after_fault(self, plan, plan.state, operands, error)
             seconds = perf_counter() - start
-            self._spent_seconds += stride * seconds
+            self._spent_seconds += covered * seconds
             timer = plan.timer
             # Queued on the device, a call returns before it ran: what counts is the device time of a launch
             # that has run (sampled, read without waiting), not this call's host time.
             measured = (seconds,) if timer is None else timer.after_call()
             # The hot path's bookkeeping: plain floats, a set and a deque; folded into the model on review.
             with plan.lock:
-                plan.calls += stride  # this call and the untimed ones since the last timed call
+                plan.calls += covered
                 for seconds in measured:
                     plan.fast_calls += 1
                     if self._builds_running:
@@ -273,7 +275,8 @@ class Scheduler:
             if measured:
                 self._dirty.add(plan)
                 for seconds in measured:
-                    self._records.append((plan.op, plan.shape_text, plan.state.id, plan.predicted, seconds))
+                    self._records.append((plan.op, plan.shape_text, plan.state.id, plan.predicted, seconds, covered))
+                    covered = 1  # a timer's readings beyond the first stand for themselves
             if plan.home is not None and plan.state.executor is not plan.home:
                 result = calls.deliver(result, plan.home)
             if self._log_decisions:
@@ -289,7 +292,7 @@ class Scheduler:
                 plan.next_review = plan.calls  # its times changed regime: decide again on the next call
         self._note_measured(state, plan.op, plan.signature, plan.features, history, transfer_seconds,
                             plan.prepared_call(state).rate_share)
-        self._records.append((plan.op, plan.shape_text, state.id, predicted, seconds))
+        self._records.append((plan.op, plan.shape_text, state.id, predicted, seconds, 1))
         self._spent_seconds += seconds
 
     def _note_measured(self, state, op, signature, features, history, transfer_seconds, rate_share=1.0,
@@ -345,7 +348,7 @@ class Scheduler:
         else:
             with plan.lock:
                 plan.calls += 1
-            self._records.append((plan.op, plan.shape_text, state.id, predicted, seconds))
+            self._records.append((plan.op, plan.shape_text, state.id, predicted, seconds, 1))
         plan.primed.add(state.id)
         with self._lock:
             if first_here and compiled and prediction is not None:
@@ -413,7 +416,7 @@ class Scheduler:
             plan.timer = plan.launch_timer(state) if plan.home is state.executor else None
             # A LaunchTimer samples launches itself: it is told of every call.
             plan.sample_every = 1 if plan.timer is not None else reviews.sample_stride(prediction.seconds)
-            plan.countdown = 1  # the first fast call is timed
+            plan.countdown = plan.period = 1  # the first fast call is timed
             # Numpy operands (home None) skip the conversions a device array would need.
             plan.runner = prepared.host_run if plan.home is None else prepared.run
 

@@ -125,7 +125,7 @@ def _run_part(scheduler, plan, state, part, operands, out, axis, units):
             scheduler._note_measured(state, plan.op, signature, features, history,
                                      decisions.transfer_seconds(scheduler, state, plan, features), prepared.rate_share)
         scheduler._records.append((plan.op, f"{plan.shape_text} part {start}:{stop} of {axis}", state.id,
-                              float("nan"), seconds))
+                              float("nan"), seconds, 1))
 
 
 def _part_elsewhere(scheduler, plan, failed_state, part, part_operands):

@@ -95,10 +95,12 @@ class Plan:
         self.predicted = 0.0
         self.surprise_log = math.inf  # ln(seconds) above which a fast-path call questions the decision
         self.timer = None  # the fast path's LaunchTimer where calls return before the device ran them
-        # The fast path times and records one call in ``sample_every`` (reviews.sample_stride); ``countdown``
-        # calls are left until the next timed one.
+        # The fast path times and records one call in ``sample_every`` (reviews.sample_stride) once the signature
+        # has had SAMPLE_AFTER_CALLS calls; ``countdown`` calls are left until the next timed one, which stands
+        # for ``period`` calls (itself and the untimed ones before it).
         self.sample_every = 1
         self.countdown = 1
+        self.period = 1
         self.timers = {}  # device id -> LaunchTimer (None: host times are the calls' times)
 
     def launch_timer(self, state):
