@@ -131,9 +131,13 @@ class FusedLaunch:
 
     def run(self, x, w, bias, out):
         x, w, bias = self.inputs.convert(x, w, bias)
-        scratch = self.scratch.take()
+        pool = self.scratch
+        try:  # pool.take(), written out: the tiny calls' path, where a Python call costs 0.2 us of ~10
+            scratch = pool.free.pop()
+        except IndexError:
+            scratch = pool.make()
         self.kernel(x, w, bias, out, self.params, *scratch)
-        self.scratch.free.append(scratch)
+        pool.free.append(scratch)
 
 
 class ImplicitLaunch:
