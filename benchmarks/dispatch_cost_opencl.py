@@ -107,23 +107,38 @@ def time_way(call, finish, args):
 
 
 def raw_call(device, prepared, image, weights):
-    """PyOpenCL's own kernel call of the prepared variant's program, on a kernel object of its own."""
+    """PyOpenCL's own kernel calls of the prepared variant's program, on kernel objects of their own: every step
+    of its launch plan (split-K's partial products and their sum, Winograd's transforms), with workspaces of its
+    own. A single-kernel call of a split-K variant computes only partial sums (a wrong result)."""
     import pyopencl as cl
 
+    from sparkle.opencl import codegen
+
     variant = prepared._variant
-    kernel = cl.Kernel(device.program(variant.source, key=variant.program_key), "conv2d")
+    workload = variant._call.workload
+    program = device.program(variant.source, key=variant.program_key)
     bias = prepared.unused_bias if prepared.unused_bias is not None else sparkle.to_device(
         np.zeros(1, prepared.dtype), device.id)
     out = device.pool_buffer(math.prod(prepared.out_shape) * prepared.dtype.itemsize)
-    buffers = (image.buffer, weights.buffer, bias.buffer, out)
+    buffers = {"x": image.buffer, "w": weights.buffer, "bias": bias.buffer, "out": out}
+    for role, nbytes in codegen.workspaces(workload, variant.params).items():
+        buffers[role] = device.pool_buffer(nbytes)
+    steps = [(cl.Kernel(program, step.kernel), [buffers[role] for role in step.args], step.global_size,
+              step.local_size) for step in codegen.launch_plan(workload, variant.params)]
+
+    def enqueue(queue, wait_for=None):
+        events = []
+        for kernel, arguments, global_size, local_size in steps:
+            events.append(kernel(queue, global_size, local_size, *arguments, wait_for=wait_for))
+            wait_for = None  # one in-order queue: each step follows the last
+        return events[0], events[-1]
 
     def call():
-        return kernel(device.queue, variant.global_size, variant.local_size, *buffers)
+        return enqueue(device.queue)[-1]
 
     def timed():
-        """The same launch on the profiling queue, in the queue's order: its event carries device times."""
-        return device.timed(lambda queue, after: (kernel(queue, variant.global_size, variant.local_size, *buffers,
-                                                         wait_for=after),) * 2)
+        """The same launches on the profiling queue, in the queue's order: their events carry device times."""
+        return device.timed(enqueue)
 
     def result():
         host = np.empty(prepared.out_shape, prepared.dtype)
