@@ -432,8 +432,9 @@ def test_small_calls_are_timed_one_in_a_stride_and_a_slowdown_is_still_seen(tmp_
     """Past its first SAMPLE_AFTER_CALLS calls, the fast path times and records one small call in
     ``plan.sample_every`` (its bookkeeping would cost 40 % of a 12 us call), a record standing for the calls since
     the last; every call still runs right and counts, and a device that slows down is left as soon."""
-    fast, spare = SimulatedDevice("fast", 1e+09, 10e-6), SimulatedDevice("spare", 1e+09, 150e-6)
-    scheduler = make([fast, spare], tmp_path)
+    # 40 us calls (sampled) against 2 ms ones: a loaded host's stalls do not make the fast device look slower
+    fast, spare = SimulatedDevice("fast", 1e+09, 40e-6), SimulatedDevice("spare", 1e+09, 2e-3)
+    scheduler = make([fast, spare], tmp_path, explore=False)  # no trials: every call goes where the model says
     a = np.random.default_rng(3).standard_normal((8, 8)).astype(np.float32)
     expected = reference.matmul(a, a)
     for _ in range(reviews.SAMPLE_AFTER_CALLS):  # decided, verified, on the fast path: every call recorded
@@ -441,33 +442,34 @@ def test_small_calls_are_timed_one_in_a_stride_and_a_slowdown_is_still_seen(tmp_
     assert len(scheduler.history()) == reviews.SAMPLE_AFTER_CALLS
     assert all(record["calls"] == 1 for record in scheduler.history())
     plan = scheduler._plans[next(key for key in scheduler._plans if key[0] == "matmul")]
-    stride = plan.sample_every
-    assert plan.runner is not None and stride == reviews.sample_stride(plan.predicted) and stride >= 2
-    for _ in range(stride):  # the period moves to the stride
-        scheduler.matmul(a, a)
-    calls_before, records_before = plan.calls, len(scheduler.history())
-    fast_calls_before = fast.calls
-    for _ in range(stride * 10):
+    assert plan.runner is not None and plan.sample_every == reviews.sample_stride(plan.predicted) >= 2
+    most = reviews.SAMPLE_EVERY_MAX  # a review re-arms the plan: its stride follows the new prediction
+    calls_before, records_before, fast_calls_before = plan.calls, len(scheduler.history()), fast.calls
+    for _ in range(10 * most):
         assert_close_to_reference(scheduler.matmul(a, a), expected, np.float32)
-    assert fast.calls - fast_calls_before == stride * 10  # all ran there
+    assert fast.calls - fast_calls_before == 10 * most  # all ran there
     records = scheduler.history()[records_before:]
-    assert len(records) == 10  # one in a stride was timed and recorded, standing for the stride
-    assert [record["calls"] for record in records] == [stride] * 10 and {r["device"] for r in records} == {"sim:fast"}
-    assert plan.calls - calls_before == stride * 10  # and all were counted (reviews are spaced in calls)
-    fast.slow_down(500.0)  # 1 us of compute -> 0.5 ms: slower than the spare's 0.15 ms
+    assert 8 <= len(records) <= 10 * most // 2 + 2  # sampled: a stride of 2 to SAMPLE_EVERY_MAX
+    assert {r["device"] for r in records} == {"sim:fast"} and all(1 <= r["calls"] <= most for r in records)
+    # Every call is counted (reviews are spaced in calls) but the untimed ones since the last timed call; the
+    # records stand for as many calls
+    assert 10 * most - 2 * most <= plan.calls - calls_before <= 10 * most
+    assert 10 * most - 2 * most <= sum(r["calls"] for r in records) <= 10 * most
+    stride = plan.sample_every
+    fast.slow_down(10000.0)  # 1 us of compute -> 10 ms: slower than the spare's 2 ms
     calls_to_leave = None
-    for call in range(1, 20 * stride):
+    for call in range(1, 20 * most):
         spare_calls_before = spare.calls
         assert_close_to_reference(scheduler.matmul(a, a), expected, np.float32)
         if spare.calls > spare_calls_before:
             calls_to_leave = call
             break
     # REGIME_STREAK timed calls in a row were outliers: as many timed calls as when every call is timed
-    assert calls_to_leave is not None and calls_to_leave <= (REGIME_STREAK + 1) * stride + 2, calls_to_leave
+    assert calls_to_leave is not None and calls_to_leave <= (REGIME_STREAK + 1) * stride + 2, (calls_to_leave, stride)
     spare_calls_before = spare.calls
-    for _ in range(5):
+    for _ in range(20):
         assert_close_to_reference(scheduler.matmul(a, a), expected, np.float32)
-    assert spare.calls - spare_calls_before == 5, "the slowed device kept the calls"
+    assert spare.calls - spare_calls_before == 20, "the slowed device kept calls"
 
 
 def test_reset_forgets_what_was_learned(tmp_path):

@@ -232,57 +232,54 @@ class Scheduler:
 
     def _call(self, plan, operands):
         runner = plan.runner
-        if runner is not None and plan.calls < plan.next_review:
-            countdown = plan.countdown - 1
-            if countdown > 0:  # counted, not timed (reviews.sample_stride); a lost count between threads is harmless
-                plan.countdown = countdown
-                try:
-                    result = runner(*operands)
-                except Exception as error:  # noqa: BLE001 - as below
-                    return safeguards.after_fault(self, plan, plan.state, operands, error)
-                if plan.home is not None and plan.state.executor is not plan.home:
-                    result = calls.deliver(result, plan.home)
-                if self._log_decisions:
-                    logger.info("%s (cached)", plan.decision.summary())
-                return result
+        if runner is None or plan.calls >= plan.next_review:
+            return self._slow_call(plan, operands)
+        countdown = plan.countdown - 1
+        if countdown > 0:  # counted, not timed (reviews.sample_stride); a lost count between threads is harmless
+            plan.countdown = countdown
+            start = None
+        else:
             covered = plan.period  # this call and the untimed ones since the last timed call
             plan.period = plan.countdown = reviews.sample_period(plan.calls, plan.sample_every)
             start = perf_counter()
-            try:
-                result = runner(*operands)
-            except Exception as error:  # noqa: BLE001 - a device fault: the slow path records it, runs elsewhere
-                return safeguards.after_fault(self, plan, plan.state, operands, error)
-            seconds = perf_counter() - start
-            self._spent_seconds += covered * seconds
-            timer = plan.timer
-            # Queued on the device, a call returns before it ran: what counts is the device time of a launch
-            # that has run (sampled, read without waiting), not this call's host time.
-            measured = (seconds,) if timer is None else timer.after_call()
-            # The hot path's bookkeeping: plain floats, a set and a deque; folded into the model on review.
-            with plan.lock:
-                plan.calls += covered
-                for seconds in measured:
-                    plan.fast_calls += 1
-                    if self._builds_running:
-                        continue
-                    log_seconds = log(seconds) if seconds > 1e-9 else -20.7
-                    history = plan.history
-                    if history.add(log_seconds) or (log_seconds > plan.surprise_log and
-                                                    history.typical > plan.surprise_log):
-                        # Its times changed regime, or its typical time is now above what another device was
-                        # predicted to take (the premise of the decision): decide again on the next call.
-                        plan.next_review = plan.calls
-            if measured:
-                self._dirty.add(plan)
-                for seconds in measured:
-                    self._records.append((plan.op, plan.shape_text, plan.state.id, plan.predicted, seconds, covered))
-                    covered = 1  # a timer's readings beyond the first stand for themselves
-            if plan.home is not None and plan.state.executor is not plan.home:
-                result = calls.deliver(result, plan.home)
-            if self._log_decisions:
-                logger.info("%s (cached)", plan.decision.summary())
-            return result
-        return self._slow_call(plan, operands)
+        try:
+            result = runner(*operands)
+        except Exception as error:  # noqa: BLE001 - a device fault: the slow path records it, runs elsewhere
+            return safeguards.after_fault(self, plan, plan.state, operands, error)
+        if start is not None:
+            self._note_fast_call(plan, covered, perf_counter() - start)
+        if plan.home is not None and plan.state.executor is not plan.home:
+            result = calls.deliver(result, plan.home)
+        if self._log_decisions:
+            logger.info("%s (cached)", plan.decision.summary())
+        return result
+
+    def _note_fast_call(self, plan, covered, seconds):
+        """The hot path's bookkeeping of a timed call standing for ``covered`` calls: plain floats, a set and a
+        deque; folded into the model on review."""
+        self._spent_seconds += covered * seconds
+        timer = plan.timer
+        # Queued on the device, a call returns before it ran: what counts is the device time of a launch that has
+        # run (sampled, read without waiting), not this call's host time.
+        measured = (seconds,) if timer is None else timer.after_call()
+        with plan.lock:
+            plan.calls += covered
+            for seconds in measured:
+                plan.fast_calls += 1
+                if self._builds_running:
+                    continue
+                log_seconds = log(seconds) if seconds > 1e-9 else -20.7
+                history = plan.history
+                if history.add(log_seconds) or (log_seconds > plan.surprise_log and
+                                                history.typical > plan.surprise_log):
+                    # Its times changed regime, or its typical time is now above what another device was
+                    # predicted to take (the premise of the decision): decide again on the next call.
+                    plan.next_review = plan.calls
+        if measured:
+            self._dirty.add(plan)
+            for seconds in measured:
+                self._records.append((plan.op, plan.shape_text, plan.state.id, plan.predicted, seconds, covered))
+                covered = 1  # a timer's readings beyond the first stand for themselves
 
     def _record(self, plan, state, history, seconds, transfer_seconds, predicted):
         """Hot-path bookkeeping: plain floats and list appends only."""
